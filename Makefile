@@ -1,0 +1,39 @@
+# make demo: create .venv, install, segment the real Kampala scene end to end.
+# make test: create .venv, install, run ruff, mypy and the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+DEMO_OUT ?= demo-out
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck install zoo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deeplab segment $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
+		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT)
+	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, report.json)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline models flows tests bench
+	$(BIN)/ruff format --check pipeline models flows tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q
+
+zoo: $(STAMP)
+	DEEPLAB=$(BIN)/deeplab models/zoo/train_zoo.sh all
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

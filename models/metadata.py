@@ -1,0 +1,92 @@
+"""What a checkpoint says about itself: the typed metadata stored as JSON inside the .safetensors file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FORMAT_NAME = "deeplab-pipeline/checkpoint"
+FORMAT_VERSION = 1
+
+
+class ClassInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    color: tuple[int, int, int] = Field(description="RGB 0-255, used in colour tables and quicklooks")
+
+
+class BandInfo(BaseModel):
+    """One input band and the statistics used to normalise it: ``(value - mean) / std``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    mean: float
+    std: float
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("std must be positive")
+        return value
+
+
+class CRFParams(BaseModel):
+    """Fully connected CRF (Potts) parameters; defaults are the DeepLab paper's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    iterations: int = Field(10, ge=1, le=100)
+    w1: float = Field(4.0, ge=0, description="appearance (bilateral) kernel weight")
+    sigma_alpha: float = Field(121.0, gt=0, description="bilateral spatial std, pixels")
+    sigma_beta: float = Field(5.0, gt=0, description="bilateral intensity std, in the 0-255 scale")
+    w2: float = Field(3.0, ge=0, description="smoothness (Gaussian) kernel weight")
+    sigma_gamma: float = Field(3.0, gt=0, description="smoothness spatial std, pixels")
+
+
+class CheckpointMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    architecture: str
+    arch_args: dict[str, Any] = Field(description="keyword arguments of models.registry.build_model")
+    classes: list[ClassInfo]
+    bands: list[BandInfo]
+    input_dtype: str = Field("uint8", description="dtype of the imagery it was trained on")
+    input_max: float = Field(255.0, description="value of full scale in the training imagery")
+    pixel_size_m: float | None = Field(None, description="ground sample distance it was trained at")
+    ignore_index: int | None = 255
+    crf: CRFParams = Field(default_factory=CRFParams)
+    crf_tuning: dict[str, Any] | None = None
+    training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    software_version: str = ""
+    weights_dtype: str = "float32"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_bands(self) -> int:
+        return len(self.bands)
+
+
+DEFAULT_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (60, 16, 152),
+    (132, 41, 246),
+    (110, 193, 228),
+    (254, 221, 58),
+    (226, 169, 41),
+    (155, 155, 155),
+    (31, 119, 180),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+)
+
+
+def default_classes(names: list[str]) -> list[ClassInfo]:
+    return [
+        ClassInfo(name=name, color=DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)]) for i, name in enumerate(names)
+    ]

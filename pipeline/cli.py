@@ -1,0 +1,319 @@
+"""`deeplab ...`: the command line. Project errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from models.errors import DeepLabError
+
+console = Console(stderr=True)
+
+
+def _stdout() -> Console:
+    """Tables for stdout; wide when piped so that names are never wrapped."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    values = _floats(text)
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError("expected minx,miny,maxx,maxy")
+    return (values[0], values[1], values[2], values[3])
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import ARCHITECTURES
+
+    table = Table(title="DeepLab model family")
+    for column in ("architecture", "description", "default output stride"):
+        table.add_column(column)
+    for arch in ARCHITECTURES.values():
+        table.add_row(arch.name, arch.description, str(arch.default_output_stride))
+    _stdout().print(table)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from models.checkpoint import file_sha256, read_metadata
+
+    metadata = read_metadata(args.checkpoint)
+    document = {"sha256": file_sha256(args.checkpoint), **metadata.model_dump(mode="json")}
+    if not args.full:
+        document["metrics"] = {k: v for k, v in metadata.metrics.items() if k != "history"}
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.data import pairs_from_csv, pairs_from_folders, split_pairs
+    from models.train import TrainConfig, train
+
+    if args.csv:
+        pairs = pairs_from_csv(args.csv)
+    elif args.images and args.masks:
+        pairs = pairs_from_folders(args.images, args.masks)
+    else:
+        raise DeepLabError("give --csv FILE, or --images and --masks")
+    train_pairs, val_pairs = split_pairs(pairs, args.val_list, args.val_pattern, args.val_bbox)
+    colors = None
+    if args.colors:
+        colors = [tuple(int(c[i : i + 2], 16) for i in (0, 2, 4)) for c in args.colors.lstrip("#").split(",#")]
+    config = TrainConfig(
+        architecture=args.arch,
+        pretrained=args.pretrained,
+        output_stride=args.output_stride,
+        classes=args.classes.split(","),
+        colors=colors,
+        ignore_index=args.ignore_index,
+        class_weights=("auto" if args.class_weights == "auto" else
+                       _floats(args.class_weights) if args.class_weights else None),
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        amp=not args.no_amp,
+        half=not args.fp32,
+        val_every=args.val_every,
+        pixel_size_m=args.pixel_size,
+    )
+    description = {
+        "source": str(args.csv or args.images),
+        "masks": str(args.masks) if args.masks else None,
+        "train_images": len(train_pairs),
+        "val_images": len(val_pairs),
+        "val_stems": [p.stem for p in val_pairs],
+        "split": {"val_list": str(args.val_list) if args.val_list else None, "val_pattern": args.val_pattern,
+                  "val_bbox": args.val_bbox},
+    }
+    console.print(f"training {args.arch} on {len(train_pairs)} pairs, validating on {len(val_pairs)}")
+    metadata = train(config, train_pairs, val_pairs, args.out, description, console)
+    console.print(f"wrote {args.out} (val mIoU {metadata.metrics.get('val', {}).get('miou', float('nan')):.4f})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.atomic import write_text_atomically
+    from models.checkpoint import load_checkpoint, update_metadata
+    from pipeline.evaluate import evaluate, find_pairs
+
+    loaded = load_checkpoint(args.model)
+    pairs = find_pairs(args.images, args.masks)
+    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    with _bar(len(pairs), "evaluate") as (progress, task):
+        report = evaluate(loaded, pairs, args.crf, exclude_classes=exclude,
+                          on_image=lambda stem: progress.advance(task))
+    _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
+    if args.report:
+        write_text_atomically(args.report, json.dumps(report, indent=2))
+        console.print(f"wrote {args.report}")
+    if args.record_as:
+        metrics = dict(loaded.metadata.metrics)
+        metrics[args.record_as] = {"images": args.images, "masks": args.masks, "excluded": exclude, **report}
+        update_metadata(args.model, metrics=metrics)
+        console.print(f"recorded the results in {args.model} as metrics.{args.record_as}")
+    return 0
+
+
+def _cmd_tune_crf(args: argparse.Namespace) -> int:
+    from models.checkpoint import load_checkpoint, update_metadata
+    from models.metadata import CRFParams
+    from pipeline.evaluate import find_pairs, metric_classes
+    from pipeline.tune_crf import tune
+
+    loaded = load_checkpoint(args.model)
+    pairs = find_pairs(args.images, args.masks)
+    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    miou_classes = metric_classes(loaded, exclude)
+
+    def show(trial: object) -> None:
+        params = trial.params  # type: ignore[attr-defined]
+        console.print(f"w1={params.w1:g} σα={params.sigma_alpha:g} σβ={params.sigma_beta:g}: "
+                      f"mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}")  # type: ignore[attr-defined]
+
+    result = tune(loaded, pairs, objective=args.objective, crop=args.crop, iterations=args.iterations,
+                  workers=args.workers, miou_classes=miou_classes, on_trial=show)
+    best = CRFParams.model_validate(result["best"])
+    console.print(f"best: {best.model_dump()} -> {result['best_score']} (no CRF {result['no_crf']}, "
+                  f"paper defaults {result['paper_defaults']})")
+    if not args.dry_run:
+        update_metadata(args.model, crf=best, crf_tuning=result | {"images": args.images, "masks": args.masks})
+        console.print(f"wrote the tuned CRF parameters into {args.model}")
+    return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from pipeline.segment import SegmentOptions, segment_scene
+
+    options = SegmentOptions(tile=args.tile, halo=args.halo, crf=not args.no_crf, scales=tuple(args.scales),
+                             batch_size=args.batch_size, device=args.device,
+                             allow_ungeoreferenced=args.allow_ungeoreferenced)
+    failures = 0
+    for scene in args.scenes:
+        try:
+            result = segment_scene(scene, args.model, args.out, options)
+        except DeepLabError as exc:
+            failures += 1
+            console.print(f"[red]failed:[/red] {exc}", highlight=False, soft_wrap=True)
+            continue
+        tiles = result.details["tiles"]
+        console.print(f"{scene}: {result.mask} ({tiles['computed']} tiles computed, {tiles['skipped']} skipped, "
+                      f"{result.seconds:.1f} s)")
+    return 1 if failures else 0
+
+
+def _cmd_import_torchvision(args: argparse.Namespace) -> int:
+    from models.torchvision_import import import_torchvision_state_dict
+
+    metadata = import_torchvision_state_dict(args.state_dict, args.arch, args.classes.split(","), args.out)
+    console.print(f"wrote {args.out} ({metadata.architecture}, {metadata.num_classes} classes)")
+    return 0
+
+
+def _bar(total: int, label: str) -> Any:
+    from contextlib import contextmanager
+
+    from rich.progress import Progress
+
+    @contextmanager
+    def bar() -> Iterator[tuple[Progress, Any]]:
+        with Progress(console=console) as progress:
+            yield progress, progress.add_task(label, total=total)
+
+    return bar()
+
+
+def _metrics_table(report: dict[str, Any], classes: list[str]) -> Table:
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for name in report:
+        table.add_column(name.replace("_", " "), justify="right")
+    rows = [("mIoU", "miou"), ("pixel accuracy", "pixel_accuracy"), ("boundary F1", "boundary_f1")]
+    for label, key in rows:
+        table.add_row(label, *(f"{part[key]:.4f}" for part in report.values()))
+    for name in classes:
+        values = [part["per_class_iou"].get(name) for part in report.values()]
+        table.add_row(f"IoU {name}", *("-" if v is None else f"{v:.4f}" for v in values))
+    table.add_row("images", *(str(part["images"]) for part in report.values()))
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeplab", description="DeepLab segmentation of large images")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("models", help="list the model family").set_defaults(handler=_cmd_models)
+
+    info = commands.add_parser("info", help="print a checkpoint's metadata")
+    info.add_argument("checkpoint", type=Path)
+    info.add_argument("--full", action="store_true", help="include the training history")
+    info.set_defaults(handler=_cmd_info)
+
+    train = commands.add_parser("train", help="train a model on image/mask pairs")
+    source = train.add_argument_group("data")
+    source.add_argument("--images", help="folder or glob of images (GeoTIFF, PNG, JPEG)")
+    source.add_argument("--masks", help="folder or glob of masks, paired with images by file stem")
+    source.add_argument("--csv", type=Path, help="CSV whose first two columns are image and mask paths")
+    source.add_argument("--val-list", type=Path, help="file of stems (or names) that form the validation set")
+    source.add_argument("--val-pattern", action="append", help="glob on stems for the validation set")
+    source.add_argument("--val-bbox", type=_bbox, help="validation = chips centred in minx,miny,maxx,maxy")
+    train.add_argument("--classes", required=True, help="comma-separated class names, in id order")
+    train.add_argument("--colors", help="comma-separated #rrggbb colours, one per class")
+    train.add_argument("--ignore-index", type=int, default=255)
+    train.add_argument("--class-weights", help="comma-separated weights, or 'auto' (median frequency)")
+    train.add_argument("--arch", default="deeplabv3plus_efficientnet_lite0")
+    train.add_argument("--pretrained", choices=["none", "imagenet"], default="imagenet")
+    train.add_argument("--output-stride", type=int, choices=[8, 16])
+    train.add_argument("--crop-size", type=int, default=256)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    train.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
+    train.add_argument("--val-every", type=int, default=1)
+    train.add_argument("--pixel-size", type=float, help="training pixel size in metres (default: from data)")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="mIoU, per-class IoU, boundary F1 with and without CRF")
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--images", required=True, help="folder or glob of images")
+    evaluate.add_argument("--masks", required=True, help="folder or glob of masks (paired by stem)")
+    evaluate.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
+    evaluate.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
+    evaluate.add_argument("--report", type=Path, help="write the JSON report here")
+    evaluate.add_argument("--record-as", help="also store the results in the checkpoint's metrics under this name")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    tune_crf = commands.add_parser("tune-crf", help="coarse-to-fine search of the CRF's w1, σα, σβ")
+    tune_crf.add_argument("--model", type=Path, required=True)
+    tune_crf.add_argument("--images", required=True)
+    tune_crf.add_argument("--masks", required=True)
+    tune_crf.add_argument("--objective", choices=["miou", "boundary_f1"], default="miou")
+    tune_crf.add_argument("--crop", type=int, default=512, help="centre crop per image, bounds the CRF's cost")
+    tune_crf.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
+    tune_crf.add_argument("--workers", type=int, help="CRF processes (default: CPU count, at most 4)")
+    tune_crf.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
+    tune_crf.add_argument("--dry-run", action="store_true", help="report, but leave the checkpoint unchanged")
+    tune_crf.set_defaults(handler=_cmd_tune_crf)
+
+    segment = commands.add_parser("segment", help="segment georeferenced scenes into class-mask COGs")
+    segment.add_argument("scenes", nargs="+", type=Path)
+    segment.add_argument("--model", type=Path, required=True)
+    segment.add_argument("--out", type=Path, required=True)
+    segment.add_argument("--tile", type=int, default=512, help="core size in pixels")
+    segment.add_argument("--halo", type=int, default=64, help="context read around each core, pixels")
+    segment.add_argument("--no-crf", action="store_true")
+    segment.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
+    segment.add_argument("--batch-size", type=int, default=4)
+    segment.add_argument("--device", default="auto")
+    segment.add_argument("--allow-ungeoreferenced", action="store_true")
+    segment.set_defaults(handler=_cmd_segment)
+
+    imp = commands.add_parser("import-torchvision",
+                              help="convert a torchvision DeepLab state dict (COCO/VOC) into a checkpoint")
+    imp.add_argument("state_dict", type=Path, help="a .pth state dict, read with torch.load(weights_only=True)")
+    imp.add_argument("--arch", required=True, choices=["deeplabv3_resnet50", "deeplabv3_resnet101",
+                                                        "deeplabv3_mobilenet_v3_large"])
+    imp.add_argument("--classes", required=True, help="comma-separated class names of its classifier")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.set_defaults(handler=_cmd_import_torchvision)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DeepLabError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

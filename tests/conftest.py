@@ -1,0 +1,59 @@
+"""Shared fixtures: the real data in ../shared/data and the committed reference models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
+ZOO = ROOT / "models" / "zoo"
+
+torch.set_num_threads(2)
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require(DATA)
+
+
+@pytest.fixture(scope="session")
+def kampala(data_dir: Path) -> Path:
+    return _require(data_dir / "kampala-buildings")
+
+
+@pytest.fixture(scope="session")
+def dubai(data_dir: Path) -> Path:
+    return _require(data_dir / "dubai-landcover")
+
+
+@pytest.fixture(scope="session")
+def landsat(data_dir: Path) -> Path:
+    return _require(data_dir / "landsat" / "RGB.byte.tif")
+
+
+@pytest.fixture(scope="session")
+def buildings_model() -> Path:
+    path = ZOO / "buildings-kampala.safetensors"
+    assert path.exists(), f"the reference model {path} must be committed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def landcover_model() -> Path:
+    path = ZOO / "landcover-dubai.safetensors"
+    assert path.exists(), f"the reference model {path} must be committed"
+    return path
+
+
+def kampala_chip(kampala: Path, stem: str = "OAM-1238456-1046532-21") -> tuple[Path, Path]:
+    return kampala / "chips" / f"{stem}.tif", kampala / "masks" / f"{stem}.tif"
