@@ -14,8 +14,9 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix or ".tmp",
-                                         dir=final.parent)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{final.name}.", suffix=final.suffix or ".tmp", dir=final.parent
+    )
     os.close(handle)
     temp = Path(temp_name)
     try:

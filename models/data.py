@@ -55,10 +55,10 @@ def pair_by_stem(images: list[Path], masks: list[Path]) -> list[Pair]:
         masks_by_stem[mask.stem] = mask
     pairs = []
     for image in images:
-        mask = masks_by_stem.get(image.stem)
-        if mask is None:
+        found = masks_by_stem.get(image.stem)
+        if found is None:
             raise DataError(f"{image}: no mask with the stem {image.stem!r}")
-        pairs.append(Pair(image.stem, image, mask))
+        pairs.append(Pair(image.stem, image, found))
     return pairs
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 
 class DeepLab(nn.Module):
-    """``backbone(x)`` returns a dict with ``"out"`` (and ``"low"`` for a decoder); logits come back at input size.
+    """Backbone (dict with ``"out"``, and ``"low"`` for a decoder) + head; logits come back at input size.
 
     Parameter names (``backbone.*``, ``classifier.*``) match torchvision's DeepLab-v3 models so that their
     state dicts load unchanged.

@@ -34,7 +34,7 @@ def predict_probabilities(
     fuse: str = "max",
     amp: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, classes, H, W) for normalised ``batch``; several scales fused as in the paper."""
+    """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper."""
     device = next(model.parameters()).device
     batch = batch.to(device)
     height, width = batch.shape[-2:]

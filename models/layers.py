@@ -29,10 +29,10 @@ def apply_output_stride(blocks: Iterable[nn.Module], output_stride: int, stride_
             else:
                 current_stride *= factor
         if dilation > 1:
-            for conv in block.modules():
-                if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] > 1:
-                    conv.dilation = (dilation, dilation)
-                    conv.padding = (dilation * (conv.kernel_size[0] - 1) // 2,) * 2
+            for module in block.modules():
+                if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+                    module.dilation = (dilation, dilation)
+                    module.padding = (dilation * (module.kernel_size[0] - 1) // 2,) * 2
 
 
 def adapt_first_conv_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:

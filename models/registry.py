@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,11 +101,11 @@ def _build_resnet101_v2(num_classes: int, in_channels: int, output_stride: int, 
 def _build_mobilenet_v3(num_classes: int, in_channels: int, output_stride: int, pretrained: str) -> nn.Module:
     weights = _torchvision_weights("MobileNet_V3_Large_Weights", pretrained)
     net = _load_or_explain(lambda: mobilenet_v3_large(weights=weights, dilated=False), "MobileNetV3-Large")
-    features = net.features
+    features = cast(nn.Sequential, net.features)
     apply_output_stride(list(features)[1:], output_stride, stride_before=2)
     replace_first_conv(features, in_channels)
     backbone = IntermediateLayerGetter(features, return_layers={"3": "low", str(len(features) - 1): "out"})
-    # torchvision uses rates 12/24/36 on this model at output stride 16; keep them so its weights behave alike.
+    # torchvision uses rates 12/24/36 here at output stride 16; keep them so its weights behave alike.
     return DeepLab(backbone, DeepLabHead(960, num_classes, (12, 24, 36)))
 
 
@@ -135,8 +135,9 @@ def _build_vgg16_largefov(
 ) -> nn.Module:
     weights = _torchvision_weights("VGG16_Weights", pretrained)
     net = _load_or_explain(lambda: vgg16(weights=weights), "VGG-16")
-    replace_first_conv(net.features, in_channels)
-    backbone = _VGGLargeFOVBackbone(net.features, output_stride)
+    features = cast(nn.Sequential, net.features)
+    replace_first_conv(features, in_channels)
+    backbone = _VGGLargeFOVBackbone(features, output_stride)
     rate = 12 if output_stride == 8 else 6  # the same field of view at either stride
     return DeepLab(backbone, ASPPv2(512, num_classes, (rate,)))
 

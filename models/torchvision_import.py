@@ -39,16 +39,24 @@ def import_torchvision_state_dict(
     path: Path, architecture: str, classes: list[str], out: Path
 ) -> CheckpointMetadata:
     if architecture not in SUPPORTED:
-        raise CheckpointError(f"{architecture}: torchvision publishes no DeepLab weights for it ({SUPPORTED})")
+        raise CheckpointError(
+            f"{architecture}: torchvision publishes no DeepLab weights for it ({SUPPORTED})"
+        )
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("aux_classifier.")}
     head = state.get("classifier.4.weight")
     if head is None:
         raise CheckpointError(f"{path}: no classifier.4.weight; not a torchvision DeepLab-v3 state dict")
     if head.shape[0] != len(classes):
-        raise CheckpointError(f"{path}: its classifier has {head.shape[0]} classes, {len(classes)} names given")
+        raise CheckpointError(
+            f"{path}: its classifier has {head.shape[0]} classes, {len(classes)} names given"
+        )
     arch = get_architecture(architecture)
-    arch_args = {"num_classes": len(classes), "in_channels": 3, "output_stride": arch.default_output_stride}
-    model = build_model(architecture, **arch_args)
+    arch_args: dict[str, object] = {
+        "num_classes": len(classes),
+        "in_channels": 3,
+        "output_stride": arch.default_output_stride,
+    }
+    model = build_model(architecture, len(classes), 3, arch.default_output_stride)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -58,7 +66,10 @@ def import_torchvision_state_dict(
         architecture=architecture,
         arch_args=arch_args,
         classes=default_classes(classes),
-        bands=[BandInfo(name=n, mean=m, std=s) for n, m, s in zip(("red", "green", "blue"), means, stds, strict=True)],
+        bands=[
+            BandInfo(name=n, mean=m, std=s)
+            for n, m, s in zip(("red", "green", "blue"), means, stds, strict=True)
+        ],
         ignore_index=255,
         training={"source": "torchvision pretrained state dict", "file": Path(path).name},
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from models.atomic import atomic_output
 from models.augment import AugmentSettings, random_crop
 from models.checkpoint import save_checkpoint
 from models.data import Pair, pixel_size_m, read_pair
@@ -136,8 +136,13 @@ def train(
     out: Path,
     data_description: dict[str, Any],
     console: Console | None = None,
+    stop_after: int | None = None,
+    command: str = "",
 ) -> CheckpointMetadata:
-    """Train and write ``out`` (checkpoint) after every epoch, with a resumable state file beside it."""
+    """Train and write ``out`` (checkpoint) after every epoch, with a resumable state file beside it.
+
+    ``stop_after`` ends this run after that many epochs in total; running again resumes from there.
+    """
     console = console or Console(stderr=True)
     if not train_pairs:
         raise ConfigError("no training pairs left after the validation split")
@@ -177,7 +182,7 @@ def train(
         len(epoch_samples(train_data, config.crop_size, np.random.default_rng(0))) / config.batch_size
     )
     total_steps = steps_per_epoch * config.epochs
-    metadata = _metadata(config, bands, data_description, train_data)
+    metadata = _metadata(config, bands, data_description, train_data, command)
     val_summary: dict[str, Any] = history[-1].get("val", {}) if history else {}
     with _progress(console) as progress:
         task = progress.add_task(
@@ -234,6 +239,9 @@ def train(
             metadata.training["epochs_completed"] = epoch + 1
             save_checkpoint(out, model, metadata, half=config.half)
             _save_state(state_path, model, optimizer, epoch + 1, history, config)
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < config.epochs:
+                console.print(f"stopping after epoch {epoch + 1}; run the same command again to resume")
+                break
     return metadata
 
 
@@ -264,18 +272,15 @@ def _save_state(
     history: list[dict[str, Any]],
     config: TrainConfig,
 ) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "history": history,
-            "config": config.model_dump(mode="json"),
-        },
-        temp,
-    )
-    os.replace(temp, path)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "config": config.model_dump(mode="json"),
+    }
+    with atomic_output(path) as temp:
+        torch.save(state, temp)
 
 
 def _band_infos(config: TrainConfig, data: list[LoadedPair], num_bands: int) -> list[BandInfo]:
@@ -318,7 +323,11 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _metadata(
-    config: TrainConfig, bands: list[BandInfo], data_description: dict[str, Any], data: list[LoadedPair]
+    config: TrainConfig,
+    bands: list[BandInfo],
+    data_description: dict[str, Any],
+    data: list[LoadedPair],
+    command: str,
 ) -> CheckpointMetadata:
     classes = (
         default_classes(config.classes)
@@ -344,7 +353,7 @@ def _metadata(
         ignore_index=config.ignore_index,
         training={
             "data": data_description,
-            "command": " ".join(["deeplab", *sys.argv[1:]]),
+            "command": command,
             "seed": config.seed,
             "config": config.model_dump(mode="json"),
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ console = Console(stderr=True)
 def _stdout() -> Console:
     """Tables for stdout; wide when piped so that names are never wrapped."""
     return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -70,7 +73,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_pairs, val_pairs = split_pairs(pairs, args.val_list, args.val_pattern, args.val_bbox)
     colors = None
     if args.colors:
-        colors = [tuple(int(c[i : i + 2], 16) for i in (0, 2, 4)) for c in args.colors.lstrip("#").split(",#")]
+        colors = [
+            tuple(int(c[i : i + 2], 16) for i in (0, 2, 4)) for c in args.colors.lstrip("#").split(",#")
+        ]
     config = TrainConfig(
         architecture=args.arch,
         pretrained=args.pretrained,
@@ -78,8 +83,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         classes=args.classes.split(","),
         colors=colors,
         ignore_index=args.ignore_index,
-        class_weights=("auto" if args.class_weights == "auto" else
-                       _floats(args.class_weights) if args.class_weights else None),
+        class_weights=(
+            "auto"
+            if args.class_weights == "auto"
+            else _floats(args.class_weights)
+            if args.class_weights
+            else None
+        ),
         crop_size=args.crop_size,
         batch_size=args.batch_size,
         epochs=args.epochs,
@@ -99,12 +109,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "train_images": len(train_pairs),
         "val_images": len(val_pairs),
         "val_stems": [p.stem for p in val_pairs],
-        "split": {"val_list": str(args.val_list) if args.val_list else None, "val_pattern": args.val_pattern,
-                  "val_bbox": args.val_bbox},
+        "split": {
+            "val_list": str(args.val_list) if args.val_list else None,
+            "val_pattern": args.val_pattern,
+            "val_bbox": args.val_bbox,
+        },
     }
     console.print(f"training {args.arch} on {len(train_pairs)} pairs, validating on {len(val_pairs)}")
-    metadata = train(config, train_pairs, val_pairs, args.out, description, console)
-    console.print(f"wrote {args.out} (val mIoU {metadata.metrics.get('val', {}).get('miou', float('nan')):.4f})")
+    metadata = train(
+        config,
+        train_pairs,
+        val_pairs,
+        args.out,
+        description,
+        console,
+        stop_after=args.stop_after,
+        command=args.command_line,
+    )
+    console.print(
+        f"wrote {args.out} (val mIoU {metadata.metrics.get('val', {}).get('miou', float('nan')):.4f})"
+    )
     return 0
 
 
@@ -117,8 +141,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
-        report = evaluate(loaded, pairs, args.crf, exclude_classes=exclude,
-                          on_image=lambda stem: progress.advance(task))
+        report = evaluate(
+            loaded, pairs, args.crf, exclude_classes=exclude, on_image=lambda stem: progress.advance(task)
+        )
     _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
         write_text_atomically(args.report, json.dumps(report, indent=2))
@@ -135,25 +160,39 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
     from models.checkpoint import load_checkpoint, update_metadata
     from models.metadata import CRFParams
     from pipeline.evaluate import find_pairs, metric_classes
-    from pipeline.tune_crf import tune
+    from pipeline.tune_crf import Trial, tune
 
     loaded = load_checkpoint(args.model)
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     miou_classes = metric_classes(loaded, exclude)
 
-    def show(trial: object) -> None:
-        params = trial.params  # type: ignore[attr-defined]
-        console.print(f"w1={params.w1:g} σα={params.sigma_alpha:g} σβ={params.sigma_beta:g}: "
-                      f"mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}")  # type: ignore[attr-defined]
+    def show(trial: Trial) -> None:
+        params = trial.params
+        console.print(
+            f"w1={params.w1:g} σα={params.sigma_alpha:g} σβ={params.sigma_beta:g}: "
+            f"mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}"
+        )
 
-    result = tune(loaded, pairs, objective=args.objective, crop=args.crop, iterations=args.iterations,
-                  workers=args.workers, miou_classes=miou_classes, on_trial=show)
+    result = tune(
+        loaded,
+        pairs,
+        objective=args.objective,
+        crop=args.crop,
+        iterations=args.iterations,
+        workers=args.workers,
+        miou_classes=miou_classes,
+        on_trial=show,
+    )
     best = CRFParams.model_validate(result["best"])
-    console.print(f"best: {best.model_dump()} -> {result['best_score']} (no CRF {result['no_crf']}, "
-                  f"paper defaults {result['paper_defaults']})")
+    console.print(
+        f"best: {best.model_dump()} -> {result['best_score']} (no CRF {result['no_crf']}, "
+        f"paper defaults {result['paper_defaults']})"
+    )
     if not args.dry_run:
-        update_metadata(args.model, crf=best, crf_tuning=result | {"images": args.images, "masks": args.masks})
+        update_metadata(
+            args.model, crf=best, crf_tuning=result | {"images": args.images, "masks": args.masks}
+        )
         console.print(f"wrote the tuned CRF parameters into {args.model}")
     return 0
 
@@ -161,9 +200,15 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.segment import SegmentOptions, segment_scene
 
-    options = SegmentOptions(tile=args.tile, halo=args.halo, crf=not args.no_crf, scales=tuple(args.scales),
-                             batch_size=args.batch_size, device=args.device,
-                             allow_ungeoreferenced=args.allow_ungeoreferenced)
+    options = SegmentOptions(
+        tile=args.tile,
+        halo=args.halo,
+        crf=not args.no_crf,
+        scales=tuple(args.scales),
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_ungeoreferenced=args.allow_ungeoreferenced,
+    )
     failures = 0
     for scene in args.scenes:
         try:
@@ -173,8 +218,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             console.print(f"[red]failed:[/red] {exc}", highlight=False, soft_wrap=True)
             continue
         tiles = result.details["tiles"]
-        console.print(f"{scene}: {result.mask} ({tiles['computed']} tiles computed, {tiles['skipped']} skipped, "
-                      f"{result.seconds:.1f} s)")
+        console.print(
+            f"{scene}: {result.mask} ({tiles['computed']} tiles computed, {tiles['skipped']} skipped, "
+            f"{result.seconds:.1f} s)"
+        )
     return 1 if failures else 0
 
 
@@ -252,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     train.add_argument("--val-every", type=int, default=1)
     train.add_argument("--pixel-size", type=float, help="training pixel size in metres (default: from data)")
+    train.add_argument("--stop-after", type=int, help="end this run after N epochs (run again to resume)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     train.set_defaults(handler=_cmd_train)
 
@@ -262,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
     evaluate.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
     evaluate.add_argument("--report", type=Path, help="write the JSON report here")
-    evaluate.add_argument("--record-as", help="also store the results in the checkpoint's metrics under this name")
+    evaluate.add_argument(
+        "--record-as", help="also store the results in the checkpoint's metrics under this name"
+    )
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     tune_crf = commands.add_parser("tune-crf", help="coarse-to-fine search of the CRF's w1, σα, σβ")
@@ -270,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_crf.add_argument("--images", required=True)
     tune_crf.add_argument("--masks", required=True)
     tune_crf.add_argument("--objective", choices=["miou", "boundary_f1"], default="miou")
-    tune_crf.add_argument("--crop", type=int, default=512, help="centre crop per image, bounds the CRF's cost")
+    tune_crf.add_argument(
+        "--crop", type=int, default=512, help="centre crop per image, bounds the CRF's cost"
+    )
     tune_crf.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     tune_crf.add_argument("--workers", type=int, help="CRF processes (default: CPU count, at most 4)")
     tune_crf.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
@@ -290,11 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--allow-ungeoreferenced", action="store_true")
     segment.set_defaults(handler=_cmd_segment)
 
-    imp = commands.add_parser("import-torchvision",
-                              help="convert a torchvision DeepLab state dict (COCO/VOC) into a checkpoint")
-    imp.add_argument("state_dict", type=Path, help="a .pth state dict, read with torch.load(weights_only=True)")
-    imp.add_argument("--arch", required=True, choices=["deeplabv3_resnet50", "deeplabv3_resnet101",
-                                                        "deeplabv3_mobilenet_v3_large"])
+    imp = commands.add_parser(
+        "import-torchvision", help="convert a torchvision DeepLab state dict (COCO/VOC) into a checkpoint"
+    )
+    imp.add_argument(
+        "state_dict", type=Path, help="a .pth state dict, read with torch.load(weights_only=True)"
+    )
+    imp.add_argument(
+        "--arch",
+        required=True,
+        choices=["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"],
+    )
     imp.add_argument("--classes", required=True, help="comma-separated class names of its classifier")
     imp.add_argument("--out", type=Path, required=True)
     imp.set_defaults(handler=_cmd_import_torchvision)
@@ -303,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["deeplab", *argv])
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -47,7 +47,9 @@ def refine(
     else:
         crf = dcrf.DenseCRF(height * width, classes)
         crf.setUnaryEnergy(unary)
-        smooth = create_pairwise_gaussian(sdims=(params.sigma_gamma, params.sigma_gamma), shape=(height, width))
+        smooth = create_pairwise_gaussian(
+            sdims=(params.sigma_gamma, params.sigma_gamma), shape=(height, width)
+        )
         crf.addPairwiseEnergy(np.ascontiguousarray(smooth, dtype=np.float32), compat=params.w2)
         scaled = image.astype(np.float32) * np.float32(255.0 / input_max)
         appearance = create_pairwise_bilateral(

@@ -54,7 +54,7 @@ def evaluate(
     exclude_classes: list[str] | None = None,
     on_image: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """``{"no_crf": summary, "crf": summary}`` (``crf`` only when asked), mIoU over the non-excluded classes."""
+    """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded."""
     metadata = loaded.metadata
     names = [c.name for c in metadata.classes]
     miou_classes = metric_classes(loaded, exclude_classes or [])

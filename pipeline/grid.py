@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -23,8 +24,12 @@ class Tile:
     @property
     def window(self) -> tuple[int, int, int, int]:
         """(top, left, height, width) of core + halo; may extend past the scene (padded by reflection)."""
-        return (self.core_top - self.halo, self.core_left - self.halo,
-                self.core_height + 2 * self.halo, self.core_width + 2 * self.halo)
+        return (
+            self.core_top - self.halo,
+            self.core_left - self.halo,
+            self.core_height + 2 * self.halo,
+            self.core_width + 2 * self.halo,
+        )
 
 
 def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
@@ -42,8 +47,9 @@ def read_padded(source: np.ndarray, tile: Tile) -> np.ndarray:
     top, left, height, width = tile.window
     scene_h, scene_w = source.shape[-2:]
     inner = source[..., max(top, 0) : min(top + height, scene_h), max(left, 0) : min(left + width, scene_w)]
-    return pad_reflect(inner, (max(0, -top), max(0, top + height - scene_h)),
-                       (max(0, -left), max(0, left + width - scene_w)))
+    return pad_reflect(
+        inner, (max(0, -top), max(0, top + height - scene_h)), (max(0, -left), max(0, left + width - scene_w))
+    )
 
 
 def pad_reflect(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
@@ -52,7 +58,7 @@ def pad_reflect(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int])
         h, w = array.shape[-2:]
         step_rows = (min(rows[0], h - 1), min(rows[1], h - 1)) if h > 1 else rows
         step_cols = (min(cols[0], w - 1), min(cols[1], w - 1)) if w > 1 else cols
-        mode = "reflect" if h > 1 and w > 1 else "edge"
+        mode: Literal["reflect", "edge"] = "reflect" if h > 1 and w > 1 else "edge"
         widths = [(0, 0)] * (array.ndim - 2) + [step_rows, step_cols]
         array = np.pad(array, widths, mode=mode)
         rows = (rows[0] - step_rows[0], rows[1] - step_rows[1])
@@ -62,7 +68,9 @@ def pad_reflect(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int])
 
 def core_of(window_array: np.ndarray, tile: Tile) -> np.ndarray:
     """Crop a window-sized array (…, H, W) back to the tile's core."""
-    return window_array[..., tile.halo : tile.halo + tile.core_height, tile.halo : tile.halo + tile.core_width]
+    return window_array[
+        ..., tile.halo : tile.halo + tile.core_height, tile.halo : tile.halo + tile.core_width
+    ]
 
 
 def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:

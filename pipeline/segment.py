@@ -8,6 +8,7 @@ Cloud-Optimized GeoTIFF (mode overviews, colour table, provenance tags) by an at
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -83,9 +84,12 @@ def read_window(dataset: rasterio.io.DatasetReader, tile: Tile) -> np.ndarray:
     top, left, height, width = tile.window
     inner_top, inner_left = max(top, 0), max(left, 0)
     inner_bottom, inner_right = min(top + height, dataset.height), min(left + width, dataset.width)
-    inner = dataset.read(window=Window(inner_left, inner_top, inner_right - inner_left, inner_bottom - inner_top))
-    return pad_reflect(inner, (inner_top - top, top + height - inner_bottom),
-                       (inner_left - left, left + width - inner_right))
+    inner = dataset.read(
+        window=Window(inner_left, inner_top, inner_right - inner_left, inner_bottom - inner_top)
+    )
+    return pad_reflect(
+        inner, (inner_top - top, top + height - inner_bottom), (inner_left - left, left + width - inner_right)
+    )
 
 
 def core_valid(dataset: rasterio.io.DatasetReader, tile: Tile) -> np.ndarray:
@@ -104,13 +108,27 @@ def segment_scene(scene: Path, checkpoint: Path, out_dir: Path, options: Segment
         preflight(dataset, loaded, options)
         tiles = plan_tiles(dataset.height, dataset.width, options.tile, options.halo)
         profile = {
-            "driver": "GTiff", "height": dataset.height, "width": dataset.width, "count": 1, "dtype": "uint8",
-            "crs": dataset.crs, "transform": dataset.transform, "nodata": NODATA_LABEL,
-            "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate",
+            "driver": "GTiff",
+            "height": dataset.height,
+            "width": dataset.width,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": dataset.crs,
+            "transform": dataset.transform,
+            "nodata": NODATA_LABEL,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
         }
         skipped = 0
         class_pixels = np.zeros(metadata.num_classes, dtype=np.int64)
-        with atomic_output(target / "mask.tif") as published, atomic_output(target / ".mask-stage.tif") as stage:
+        target.mkdir(parents=True, exist_ok=True)
+        with (
+            atomic_output(target / "mask.tif") as published,
+            tempfile.TemporaryDirectory(prefix=".stage-", dir=target) as stage_dir,
+        ):
+            stage = Path(stage_dir) / "labels.tif"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 sink = rasterio.open(stage, "w", **profile)
@@ -121,25 +139,34 @@ def segment_scene(scene: Path, checkpoint: Path, out_dir: Path, options: Segment
                     skipped += len(group) - len(work)
                     for t, v in zip(group, valids, strict=True):
                         if not v.any():
-                            sink.write(np.full((1, t.core_height, t.core_width), NODATA_LABEL, np.uint8),
-                                       window=Window(t.core_left, t.core_top, t.core_width, t.core_height))
+                            sink.write(
+                                np.full((1, t.core_height, t.core_width), NODATA_LABEL, np.uint8),
+                                window=Window(t.core_left, t.core_top, t.core_width, t.core_height),
+                            )
                     for tile, valid, labels in _predict_group(dataset, loaded, work, options, crf_params):
                         labels = np.where(valid, labels, NODATA_LABEL).astype(np.uint8)
                         class_pixels += np.bincount(labels[valid].ravel(), minlength=metadata.num_classes)[
-                            : metadata.num_classes]
-                        sink.write(labels[None], window=Window(tile.core_left, tile.core_top,
-                                                               tile.core_width, tile.core_height))
+                            : metadata.num_classes
+                        ]
+                        sink.write(
+                            labels[None],
+                            window=Window(tile.core_left, tile.core_top, tile.core_width, tile.core_height),
+                        )
                 sink.write_colormap(1, _colormap(loaded))
                 sink.update_tags(**_provenance(loaded, options, crf_params, scene))
-            rasterio.shutil.copy(stage, published, driver="COG", compress="deflate",
-                                 overview_resampling="mode", blocksize=512)
+            rasterio.shutil.copy(
+                stage, published, driver="COG", compress="deflate", overview_resampling="mode", blocksize=512
+            )
         seconds = time.perf_counter() - started
         details = {
-            "scene": str(scene), "shape": [dataset.height, dataset.width],
+            "scene": str(scene),
+            "shape": [dataset.height, dataset.width],
             "crs": dataset.crs.to_string() if dataset.crs else None,
             "tiles": {"total": len(tiles), "computed": len(tiles) - skipped, "skipped": skipped},
             "class_pixels": {c.name: int(n) for c, n in zip(metadata.classes, class_pixels, strict=True)},
-            "model": metadata.architecture, "checkpoint_sha256": loaded.sha256, "seconds": round(seconds, 2),
+            "model": metadata.architecture,
+            "checkpoint_sha256": loaded.sha256,
+            "seconds": round(seconds, 2),
             "megapixels_per_second": round(dataset.height * dataset.width / 1e6 / seconds, 3),
             "crf": crf_params.model_dump() if options.crf else None,
         }
@@ -177,7 +204,9 @@ def _colormap(loaded: LoadedModel) -> dict[int, tuple[int, int, int, int]]:
     return colours
 
 
-def _provenance(loaded: LoadedModel, options: SegmentOptions, crf_params: CRFParams, scene: Path) -> dict[str, str]:
+def _provenance(
+    loaded: LoadedModel, options: SegmentOptions, crf_params: CRFParams, scene: Path
+) -> dict[str, str]:
     metadata = loaded.metadata
     return {
         "DEEPLAB_MODEL": metadata.architecture,

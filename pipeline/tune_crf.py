@@ -52,14 +52,20 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 def collect_samples(loaded: LoadedModel, pairs: list[Pair], crop: int) -> list[Sample]:
     """Model probabilities once per image, cut to a centre crop to bound the CRF's cost."""
     return [
-        Sample(centre_crop(p.image, crop), centre_crop(p.truth, crop), centre_crop(p.probabilities, crop).copy())
+        Sample(
+            centre_crop(p.image, crop), centre_crop(p.truth, crop), centre_crop(p.probabilities, crop).copy()
+        )
         for p in predictions(loaded, pairs)
     ]
 
 
 def score(
-    samples: list[Sample], params: CRFParams, class_names: list[str], ignore_index: int | None,
-    input_max: float, miou_classes: list[str],
+    samples: list[Sample],
+    params: CRFParams,
+    class_names: list[str],
+    ignore_index: int | None,
+    input_max: float,
+    miou_classes: list[str],
 ) -> tuple[float, float]:
     metrics = SegmentationMetrics(class_names, ignore_index)
     for sample in samples:
@@ -79,7 +85,9 @@ def _score_in_worker(params: CRFParams) -> tuple[float, float]:
     return score(_WORKER_STATE["samples"], params, **_WORKER_STATE["context"])
 
 
-def grid(w1s: Iterable[float], alphas: Iterable[float], betas: Iterable[float], iterations: int) -> list[CRFParams]:
+def grid(
+    w1s: Iterable[float], alphas: Iterable[float], betas: Iterable[float], iterations: int
+) -> list[CRFParams]:
     return [
         CRFParams(iterations=iterations, w1=w1, sigma_alpha=alpha, sigma_beta=beta)
         for w1, alpha, beta in itertools.product(w1s, alphas, betas)
@@ -107,8 +115,13 @@ def tune(
     """Search, and return the best parameters with the baseline (no CRF, paper defaults) for comparison."""
     metadata = loaded.metadata
     names = [c.name for c in metadata.classes]
-    context = {"class_names": names, "ignore_index": metadata.ignore_index, "input_max": metadata.input_max,
-               "miou_classes": miou_classes or names}
+    chosen_classes = miou_classes or names
+    context: dict[str, Any] = {
+        "class_names": names,
+        "ignore_index": metadata.ignore_index,
+        "input_max": metadata.input_max,
+        "miou_classes": chosen_classes,
+    }
     samples = collect_samples(loaded, pairs, crop)
     plain = SegmentationMetrics(names, metadata.ignore_index)
     for sample in samples:
@@ -116,7 +129,9 @@ def tune(
     pick = 0 if objective == "miou" else 1
     trials: list[Trial] = []
     workers = workers or min(4, os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(samples, context)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, initializer=_init_worker, initargs=(samples, context)
+    ) as pool:
 
         def run(candidates: list[CRFParams]) -> Trial:
             seen = {t.params for t in trials}
@@ -135,7 +150,7 @@ def tune(
         "objective": objective,
         "best": best.params.model_dump(),
         "best_score": {"miou": best.miou, "boundary_f1": best.boundary_f1},
-        "no_crf": {"miou": plain.miou(context["miou_classes"]), "boundary_f1": plain.boundary_f1()},
+        "no_crf": {"miou": plain.miou(chosen_classes), "boundary_f1": plain.boundary_f1()},
         "paper_defaults": {"miou": paper.miou, "boundary_f1": paper.boundary_f1},
         "images": len(samples),
         "crop": crop,

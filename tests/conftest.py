@@ -17,7 +17,9 @@ torch.set_num_threads(2)
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the checkout)")
+        pytest.skip(
+            f"real data not available: {path} is absent (expected ../shared/data beside the checkout)"
+        )
     return path
 
 

@@ -33,7 +33,16 @@ def test_round_trip_keeps_metadata_and_gives_identical_logits(tmp_path: Path) ->
     model = build_model(metadata.architecture, **metadata.arch_args).eval()
     path = save_checkpoint(tmp_path / "m.safetensors", model, metadata)
     loaded = load_checkpoint(path)
-    for field in ("architecture", "arch_args", "classes", "bands", "pixel_size_m", "crf", "training", "metrics"):
+    for field in (
+        "architecture",
+        "arch_args",
+        "classes",
+        "bands",
+        "pixel_size_m",
+        "crf",
+        "training",
+        "metrics",
+    ):
         assert getattr(loaded.metadata, field) == getattr(metadata, field), field
     assert loaded.metadata.software_version.startswith("deeplab-pipeline")
     x = torch.randn(2, 4, 96, 96)
@@ -70,7 +79,9 @@ def test_pickle_file_is_refused_without_unpickling(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world, not a model", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}..."])
+@pytest.mark.parametrize(
+    "content", [b"", b"hello world, not a model", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}..."]
+)
 def test_files_that_are_not_checkpoints_are_refused(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)
@@ -104,8 +115,10 @@ def test_update_metadata_keeps_weights(tmp_path: Path) -> None:
 
 
 def test_torchvision_state_dict_import_matches_torchvision(tmp_path: Path) -> None:
-    """The COCO/VOC path: a torchvision DeepLab state dict (saved here, as a user has it in the torch cache)."""
-    reference = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    """The COCO/VOC path: a torchvision DeepLab state dict, saved here as a user has it in the torch cache."""
+    reference = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
     reference.eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics so that the comparison means something
         for module in reference.modules():
@@ -116,8 +129,21 @@ def test_torchvision_state_dict_import_matches_torchvision(tmp_path: Path) -> No
     torch.save(reference.state_dict(), state_path)
     out = tmp_path / "imported.safetensors"
     classes = ",".join(f"c{i}" for i in range(21))
-    assert main(["import-torchvision", str(state_path), "--arch", "deeplabv3_mobilenet_v3_large",
-                 "--classes", classes, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "import-torchvision",
+                str(state_path),
+                "--arch",
+                "deeplabv3_mobilenet_v3_large",
+                "--classes",
+                classes,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     loaded = load_checkpoint(out)
     x = torch.randn(1, 3, 128, 160)
     with torch.inference_mode():

@@ -18,8 +18,15 @@ def test_every_model_builds_and_runs_on_1_3_4_6_bands(architecture: str) -> None
         assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("architecture", ["deeplabv3_mobilenet_v3_large", "deeplabv3_efficientnet_lite0",
-                                          "deeplab_largefov_vgg16", "deeplabv3_resnet50"])
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        "deeplabv3_mobilenet_v3_large",
+        "deeplabv3_efficientnet_lite0",
+        "deeplab_largefov_vgg16",
+        "deeplabv3_resnet50",
+    ],
+)
 def test_output_stride_8_and_16(architecture: str) -> None:
     sizes = {}
     for stride in (8, 16):

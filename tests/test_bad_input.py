@@ -1,0 +1,146 @@
+"""Bad input: one error line naming the file and the problem, a non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from tests.conftest import kampala_chip
+
+DEEPLAB = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DEEPLAB, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=None)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "failed:"))]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _write_like(source: Path, target: Path, array: np.ndarray) -> None:
+    with rasterio.open(source) as dataset:
+        profile = dataset.profile
+    profile.update(count=array.shape[0], height=array.shape[1], width=array.shape[2], dtype=array.dtype.name)
+    profile.pop("photometric", None)
+    with rasterio.open(target, "w", **profile) as out:
+        out.write(array)
+
+
+def _pair_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    for folder in (images, masks, out):
+        folder.mkdir()
+    return images, masks, out
+
+
+def _train(images: Path, masks: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return _run(
+        "train",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--classes",
+        "background,building",
+        "--arch",
+        "deeplabv3_efficientnet_lite0",
+        "--epochs",
+        "1",
+        "--out",
+        str(out / "m.safetensors"),
+        cwd=cwd,
+    )
+
+
+def test_image_and_mask_of_different_size(kampala: Path, tmp_path: Path) -> None:
+    images, masks, out = _pair_folders(tmp_path)
+    image, mask = kampala_chip(kampala)
+    shutil.copy(image, images / "chip.tif")
+    with rasterio.open(mask) as dataset:
+        _write_like(mask, masks / "chip.tif", dataset.read()[:, :200, :180])
+    line = _one_line_error(_train(images, masks, out, tmp_path), str(images / "chip.tif"), "180x200")
+    assert "256x256" in line
+    assert list(out.iterdir()) == []
+
+
+def test_mask_values_above_the_declared_classes(kampala: Path, tmp_path: Path) -> None:
+    images, masks, out = _pair_folders(tmp_path)
+    image, mask = kampala_chip(kampala)
+    shutil.copy(image, images / "chip.tif")
+    with rasterio.open(mask) as dataset:
+        values = dataset.read()
+    values[0, :10, :10] = 3
+    _write_like(mask, masks / "chip.tif", values)
+    _one_line_error(
+        _train(images, masks, out, tmp_path), str(masks / "chip.tif"), "[3]", "2 declared classes"
+    )
+    assert list(out.iterdir()) == []
+
+
+def test_missing_path(buildings_model: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = _run(
+        "evaluate",
+        "--model",
+        str(buildings_model),
+        "--images",
+        str(missing),
+        "--masks",
+        str(missing),
+        "--report",
+        str(tmp_path / "r.json"),
+        cwd=tmp_path,
+    )
+    _one_line_error(result, str(missing), "does not exist")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_checkpoint_that_is_not_one(kampala: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "model.safetensors"
+    fake.write_text("this is a text file\n" * 10)
+    image, _ = kampala_chip(kampala)
+    result = _run("segment", str(image), "--model", str(fake), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    _one_line_error(result, str(fake), "not a safetensors checkpoint")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tif"))
+
+
+def test_band_count_that_does_not_match_the_checkpoint(
+    kampala: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    image, mask = kampala_chip(kampala)
+    four_band = tmp_path / "rgbn.tif"
+    with rasterio.open(image) as dataset:
+        rgb = dataset.read()
+    _write_like(image, four_band, np.concatenate([rgb, rgb[:1]]))
+    out = tmp_path / "out"
+    result = _run("segment", str(four_band), "--model", str(buildings_model), "--out", str(out), cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert any(str(four_band) in line and "4 band(s)" in line and "expects 3" in line for line in lines)
+    assert not any(out.rglob("*.tif")) if out.exists() else True
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    shutil.copy(mask, masks / "rgbn.tif")
+    result = _run(
+        "evaluate",
+        "--model",
+        str(buildings_model),
+        "--images",
+        str(four_band),
+        "--masks",
+        str(masks),
+        cwd=tmp_path,
+    )
+    _one_line_error(result, str(four_band), "4 band(s)", "expects 3")

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.checkpoint import load_checkpoint, read_metadata
+from pipeline.cli import main
+
+HELD_OUT = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21", "OAM-1238458-1046534-21")
+
+
+def _held_out(kampala: Path, tmp_path: Path) -> tuple[Path, Path]:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for stem in HELD_OUT:
+        shutil.copy(kampala / "chips" / f"{stem}.tif", images)
+        shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
+    return images, masks
+
+
+def test_evaluate_writes_both_reports(
+    kampala: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, masks = _held_out(kampala, tmp_path)
+    report_path = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(buildings_model),
+                "--images",
+                f"{images}/*.tif",
+                "--masks",
+                f"{masks}/*.tif",
+                "--crf",
+                "--report",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(report_path.read_text())
+    assert set(report) == {"no_crf", "crf"}
+    for part in report.values():
+        assert part["images"] == 3
+        assert set(part["per_class_iou"]) == {"background", "building"}
+        for key in ("miou", "pixel_accuracy", "boundary_f1"):
+            assert 0.0 <= part[key] <= 1.0
+        assert part["per_class_iou"]["building"] > 0.3  # a trained model, not chance
+    assert "boundary F1" in capsys.readouterr().out
+
+
+def test_evaluate_without_crf_has_no_crf_part(kampala: Path, buildings_model: Path, tmp_path: Path) -> None:
+    images, masks = _held_out(kampala, tmp_path)
+    report_path = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(buildings_model),
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--report",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
+    assert set(json.loads(report_path.read_text())) == {"no_crf"}
+
+
+def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
+    kampala: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    images, masks = _held_out(kampala, tmp_path)
+    model = tmp_path / "model.safetensors"
+    shutil.copy(buildings_model, model)
+    before = load_checkpoint(model)
+    assert (
+        main(
+            [
+                "tune-crf",
+                "--model",
+                str(model),
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--crop",
+                "96",
+                "--iterations",
+                "3",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    metadata = read_metadata(model)
+    tuning = metadata.crf_tuning
+    assert tuning is not None and tuning["trials"] >= 60
+    assert metadata.crf.model_dump() == tuning["best"]
+    assert metadata.crf.iterations == 3
+    best = tuning["best_score"]["miou"]
+    assert best >= tuning["paper_defaults"]["miou"]  # the search includes the paper's setting
+    after = load_checkpoint(model)
+    assert after.metadata.classes == before.metadata.classes

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.cli import main
+from pipeline.grid import pad_reflect, plan_tiles
+
+
+def test_plan_covers_the_scene_once() -> None:
+    tiles = plan_tiles(1000, 700, 256, 32)
+    cover = np.zeros((1000, 700), int)
+    for tile in tiles:
+        cover[
+            tile.core_top : tile.core_top + tile.core_height,
+            tile.core_left : tile.core_left + tile.core_width,
+        ] += 1
+    assert (cover == 1).all()
+    assert len(tiles) == 4 * 3
+
+
+def test_reflection_padding_handles_pads_larger_than_the_array() -> None:
+    array = np.arange(12).reshape(1, 3, 4)
+    padded = pad_reflect(array, (5, 5), (6, 6))
+    assert padded.shape == (1, 13, 16)
+    np.testing.assert_array_equal(padded[:, 5:8, 6:10], array)
+
+
+@pytest.mark.slow
+def test_landsat_scene_keeps_georeferencing_and_nodata(
+    landsat: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "segment",
+                str(landsat),
+                "--model",
+                str(buildings_model),
+                "--out",
+                str(out),
+                "--tile",
+                "256",
+                "--halo",
+                "32",
+            ]
+        )
+        == 0
+    )
+    mask_path = out / "RGB.byte" / "mask.tif"
+    with rasterio.open(landsat) as source, rasterio.open(mask_path) as mask:
+        assert mask.crs == source.crs and mask.crs.to_epsg() == 32618
+        assert mask.transform == source.transform
+        assert (mask.height, mask.width) == (source.height, source.width)
+        assert mask.nodata == 255 and mask.dtypes[0] == "uint8"
+        labels = mask.read(1)
+        valid = source.dataset_mask() > 0
+        assert (labels[~valid] == 255).all()
+        assert np.isin(labels[valid], [0, 1]).all()
+        assert mask.overviews(1), "a COG carries overviews"
+        assert mask.colormap(1)[1][:3] == (227, 26, 28)
+        tags = mask.tags()
+        assert tags["DEEPLAB_CHECKPOINT_SHA256"] and tags["DEEPLAB_MODEL"].startswith("deeplab")
+        assert mask.profile.get("tiled") or mask.block_shapes[0] == (512, 512)
+    report = json.loads((out / "RGB.byte" / "report.json").read_text())
+    assert report["tiles"]["total"] == 12
+    assert report["tiles"]["skipped"] >= 1  # corner cores of the rotated footprint hold no data
+    assert not list(out.rglob(".*")), "no temporary files are left behind"
