@@ -18,7 +18,7 @@ from torch import nn
 
 from models.atomic import atomic_output
 from models.augment import AugmentSettings, random_crop
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import Pair, pixel_size_m, read_pair
 from models.errors import ConfigError, DataError
 from models.inference import autocast_for, normalise, pick_device, predict_probabilities
@@ -55,6 +55,7 @@ class TrainConfig(BaseModel):
     half: bool = True
     val_every: int = Field(1, ge=1)
     pixel_size_m: float | None = None
+    init_from: str | None = Field(None, description="fine-tune from this checkpoint (same architecture)")
 
 
 @dataclass
@@ -159,9 +160,10 @@ def train(
     val_data = load_pairs(val_pairs, num_classes, config.ignore_index)
     num_bands = train_data[0].image.shape[0]
     bands = _band_infos(config, train_data, num_bands)
-    model = build_model(
-        config.architecture, num_classes, num_bands, config.output_stride, config.pretrained
-    ).to(device)
+    model = build_model(config.architecture, num_classes, num_bands, config.output_stride, config.pretrained)
+    if config.init_from is not None:
+        bands = _initialise_from(model, Path(config.init_from), config, num_bands)
+    model = model.to(device)
     weights = _class_weights(config, train_data, num_classes)
     optimizer = _optimizer(config, model)
     start_epoch, history = 0, []
@@ -281,6 +283,21 @@ def _save_state(
     }
     with atomic_output(path) as temp:
         torch.save(state, temp)
+
+
+def _initialise_from(model: nn.Module, path: Path, config: TrainConfig, num_bands: int) -> list[BandInfo]:
+    """Start from a checkpoint's weights; a classifier of another class count is left freshly initialised."""
+    loaded = load_checkpoint(path)
+    source = loaded.metadata
+    if source.architecture != config.architecture or source.num_bands != num_bands:
+        raise ConfigError(
+            f"{path}: is a {source.num_bands}-band {source.architecture}; cannot initialise a "
+            f"{num_bands}-band {config.architecture} from it"
+        )
+    own = model.state_dict()
+    fitting = {k: v for k, v in loaded.model.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return list(source.bands)  # the weights expect the normalisation they were trained with
 
 
 def _band_infos(config: TrainConfig, data: list[LoadedPair], num_bands: int) -> list[BandInfo]:

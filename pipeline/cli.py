@@ -102,6 +102,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         half=not args.fp32,
         val_every=args.val_every,
         pixel_size_m=args.pixel_size,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     description = {
         "source": str(args.csv or args.images),
@@ -220,7 +221,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         tiles = result.details["tiles"]
         console.print(
             f"{scene}: {result.mask} ({tiles['computed']} tiles computed, {tiles['skipped']} skipped, "
-            f"{result.seconds:.1f} s)"
+            f"{result.seconds:.1f} s)",
+            soft_wrap=True,
         )
     return 1 if failures else 0
 
@@ -230,6 +232,20 @@ def _cmd_import_torchvision(args: argparse.Namespace) -> int:
 
     metadata = import_torchvision_state_dict(args.state_dict, args.arch, args.classes.split(","), args.out)
     console.print(f"wrote {args.out} ({metadata.architecture}, {metadata.num_classes} classes)")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from models.atomic import write_text_atomically
+    from models.card import render_card
+
+    attribution = args.attribution.read_text() if args.attribution else ""
+    text = render_card(args.checkpoint, attribution)
+    if args.out:
+        write_text_atomically(args.out, text)
+        console.print(f"wrote {args.out}")
+    else:
+        print(text)
     return 0
 
 
@@ -299,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     train.add_argument("--val-every", type=int, default=1)
     train.add_argument("--pixel-size", type=float, help="training pixel size in metres (default: from data)")
+    train.add_argument("--init-from", type=Path, help="fine-tune from this checkpoint's weights")
     train.add_argument("--stop-after", type=int, help="end this run after N epochs (run again to resume)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     train.set_defaults(handler=_cmd_train)
@@ -341,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto")
     segment.add_argument("--allow-ungeoreferenced", action="store_true")
     segment.set_defaults(handler=_cmd_segment)
+
+    card = commands.add_parser("card", help="render a model card (markdown) from a checkpoint's metadata")
+    card.add_argument("checkpoint", type=Path)
+    card.add_argument("--attribution", type=Path, help="markdown describing the data and its licence")
+    card.add_argument("--out", type=Path, help="write here instead of stdout")
+    card.set_defaults(handler=_cmd_card)
 
     imp = commands.add_parser(
         "import-torchvision", help="convert a torchvision DeepLab state dict (COCO/VOC) into a checkpoint"

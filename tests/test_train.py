@@ -101,3 +101,32 @@ def test_training_is_deterministic_and_resumes_exactly(kampala: Path, tmp_path: 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_fine_tuning_starts_from_a_checkpoint_and_renders_a_card(kampala: Path, tmp_path: Path) -> None:
+    images, masks = _four_chips(kampala, tmp_path)
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    assert main([*_train_args(images, masks, first, epochs=1)]) == 0
+    args = _train_args(images, masks, second, epochs=1)
+    args[args.index("--lr") + 1] = "1e-12"  # Adam steps of ~1e-12: the weights stay where they started
+    assert main([*args, "--init-from", str(first)]) == 0
+    a, b = load_file(str(first)), load_file(str(second))
+    stem = "backbone._conv_stem.weight"
+    torch.testing.assert_close(a[stem], b[stem], atol=1e-6, rtol=0)
+    assert load_checkpoint(second).metadata.bands == load_checkpoint(first).metadata.bands
+    card = tmp_path / "card.md"
+    attribution = tmp_path / "attribution.md"
+    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
+    assert main(["card", str(second), "--attribution", str(attribution), "--out", str(card)]) == 0
+    text = card.read_text()
+    assert "OpenAerialMap" in text and "deeplabv3_efficientnet_lite0" in text and "--init-from" in text
+
+
+def test_init_from_a_checkpoint_of_another_architecture_is_refused(kampala: Path, tmp_path: Path) -> None:
+    images, masks = _four_chips(kampala, tmp_path)
+    first = tmp_path / "first.safetensors"
+    assert main(_train_args(images, masks, first, epochs=1)) == 0
+    args = _train_args(images, masks, tmp_path / "other.safetensors", epochs=1)
+    args[args.index("--arch") + 1] = "deeplabv3plus_efficientnet_lite0"
+    assert main([*args, "--init-from", str(first)]) == 2
+    assert not (tmp_path / "other.safetensors").exists()

@@ -1,0 +1,131 @@
+"""Model cards: a markdown page rendered from a checkpoint's own metadata (nothing typed in by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import file_sha256, read_metadata
+from models.metadata import CheckpointMetadata
+
+
+def render_card(path: Path, attribution: str) -> str:
+    metadata = read_metadata(path)
+    lines = [
+        f"# {path.stem}",
+        "",
+        f"`{metadata.architecture}` ({_args(metadata)}), weights {metadata.weights_dtype}, "
+        f"{path.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(path)[:16]}…`, "
+        f"{metadata.software_version}.",
+        "",
+        "## Data",
+        "",
+        attribution.strip(),
+        "",
+        "## Classes and input",
+        "",
+        "| id | class | colour |",
+        "| --- | --- | --- |",
+        *(
+            f"| {i} | {c.name} | #{''.join(f'{v:02x}' for v in c.color)} |"
+            for i, c in enumerate(metadata.classes)
+        ),
+        "",
+        f"Bands: {', '.join(f'{b.name} (mean {b.mean:.1f}, std {b.std:.1f})' for b in metadata.bands)}; "
+        f"input {metadata.input_dtype}; ignore index {metadata.ignore_index}; "
+        f"training pixel size {_pixel_size(metadata)}.",
+        "",
+        "## Training",
+        "",
+        "```",
+        str(metadata.training.get("command", "")),
+        "```",
+        "",
+        f"Seed {metadata.training.get('seed')}, {metadata.training.get('epochs_completed')} epochs, "
+        f"{_training_minutes(metadata):.0f} minutes on the CPU it was trained on "
+        f"({metadata.training.get('data', {}).get('train_images')} training images, "
+        f"{metadata.training.get('data', {}).get('val_images')} held out).",
+        "",
+        "## Held-out results",
+        "",
+    ]
+    for name, label in (
+        ("held_out", "all held-out images"),
+        ("held_out_not_used_for_crf_tuning", "held-out images not used to tune the CRF"),
+    ):
+        report = metadata.metrics.get(name)
+        if report:
+            lines += [f"### {label}", "", *_metrics_table(report, metadata), ""]
+    lines += [
+        "## Dense CRF",
+        "",
+        *_crf_lines(metadata),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        "models/zoo/train_zoo.sh    # trains both reference models",
+        "models/zoo/evaluate_zoo.sh # tunes the CRF, evaluates, records metrics, renders these cards",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _args(metadata: CheckpointMetadata) -> str:
+    return ", ".join(f"{k}={v}" for k, v in metadata.arch_args.items())
+
+
+def _pixel_size(metadata: CheckpointMetadata) -> str:
+    return (
+        "unknown (not georeferenced)" if metadata.pixel_size_m is None else f"{metadata.pixel_size_m:.3f} m"
+    )
+
+
+def _training_minutes(metadata: CheckpointMetadata) -> float:
+    history = metadata.metrics.get("history", [])
+    return sum(float(record.get("seconds", 0)) for record in history) / 60
+
+
+def _metrics_table(report: dict[str, Any], metadata: CheckpointMetadata) -> list[str]:
+    parts = [key for key in ("no_crf", "crf") if key in report]
+    rows = [
+        "| metric | " + " | ".join("without CRF" if p == "no_crf" else "with CRF" for p in parts) + " |",
+        "| --- |" + " --- |" * len(parts),
+    ]
+    excluded = report.get("excluded") or []
+    label = "mIoU" + (f" (without {', '.join(excluded)})" if excluded else "")
+    for name, key in (
+        (label, "miou"),
+        ("pixel accuracy", "pixel_accuracy"),
+        ("boundary F1 (2 px)", "boundary_f1"),
+    ):
+        rows.append(f"| {name} | " + " | ".join(f"{report[p][key]:.4f}" for p in parts) + " |")
+    for cls in metadata.classes:
+        values = [report[p]["per_class_iou"].get(cls.name) for p in parts]
+        rows.append(
+            f"| IoU {cls.name} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |"
+        )
+    rows.append("| images | " + " | ".join(str(report[p]["images"]) for p in parts) + " |")
+    return rows
+
+
+def _crf_lines(metadata: CheckpointMetadata) -> list[str]:
+    crf = metadata.crf
+    line = (
+        f"Parameters stored in the checkpoint: w1 = {crf.w1:g}, σα = {crf.sigma_alpha:g}, "
+        f"σβ = {crf.sigma_beta:g}, w2 = {crf.w2:g}, σγ = {crf.sigma_gamma:g}, {crf.iterations} iterations."
+    )
+    tuning = metadata.crf_tuning
+    if not tuning:
+        return [line, "", "Not tuned: the paper's defaults."]
+    return [
+        line,
+        "",
+        f"Tuned by `deeplab tune-crf` ({tuning['trials']} settings, coarse-to-fine, objective "
+        f"{tuning['objective']}) on {tuning['images']} images ({tuning['crop']} px centre crops): "
+        f"mIoU {tuning['no_crf']['miou']:.4f} without CRF, {tuning['paper_defaults']['miou']:.4f} with "
+        f"the paper's defaults, {tuning['best_score']['miou']:.4f} tuned; boundary F1 "
+        f"{tuning['no_crf']['boundary_f1']:.4f} / {tuning['paper_defaults']['boundary_f1']:.4f} / "
+        f"{tuning['best_score']['boundary_f1']:.4f}.",
+    ]
