@@ -1,0 +1,97 @@
+"""Open a scene: a georeferenced raster through rasterio/GDAL, described by one Scene type."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from models.errors import DataError
+
+
+@dataclass(frozen=True)
+class Scene:
+    path: Path
+    height: int
+    width: int
+    bands: int
+    dtype: str
+    crs: CRS | None
+    transform: Affine
+    nodata: float | None
+    has_mask: bool  # alpha band or internal/external mask
+
+    @property
+    def scene_id(self) -> str:
+        return self.path.stem
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None and not self.transform.is_identity
+
+    def pixel_size_m(self) -> float | None:
+        """Ground sample distance in metres; geographic CRSs are converted at the scene's centre latitude."""
+        if not self.georeferenced or self.crs is None:
+            return None
+        res_x = math.hypot(self.transform.a, self.transform.d)
+        if self.crs.is_geographic:
+            centre_y = (self.transform * (self.width / 2, self.height / 2))[1]
+            return float(res_x * 111_320.0 * math.cos(math.radians(centre_y)))
+        factor = self.crs.linear_units_factor[1] if self.crs.linear_units_factor else 1.0
+        return float(res_x * factor)
+
+
+@contextmanager
+def open_raster(path: Path | str) -> Iterator[DatasetReader]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: scene does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise DataError(f"{path}: not a readable raster ({exc})") from None
+    with dataset:
+        yield dataset
+
+
+def describe(path: Path | str) -> Scene:
+    with open_raster(path) as dataset:
+        alpha = [c.name == "alpha" for c in dataset.colorinterp]
+        flags = dataset.mask_flag_enums[0] if dataset.count else []
+        has_mask = any(alpha) or any(flag.name == "per_dataset" for flag in flags)
+        return Scene(
+            path=Path(path),
+            height=dataset.height,
+            width=dataset.width,
+            bands=dataset.count - sum(alpha),
+            dtype=dataset.dtypes[0],
+            crs=dataset.crs,
+            transform=dataset.transform,
+            nodata=dataset.nodata,
+            has_mask=has_mask,
+        )
+
+
+def read_block(dataset: DatasetReader, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """Image bands only (an alpha band is mask, not data)."""
+    window = Window(left, top, width, height)
+    indexes = [i + 1 for i, c in enumerate(dataset.colorinterp) if c.name != "alpha"] or None
+    return np.asarray(dataset.read(indexes=indexes, window=window))
+
+
+def read_valid(dataset: DatasetReader, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """True where the source has data: nodata value, alpha band and internal masks all honoured."""
+    return np.asarray(dataset.dataset_mask(window=Window(left, top, width, height))) > 0

@@ -1,0 +1,108 @@
+"""Stage a scene into chunked zarr stores: ``image.zarr`` (bands, H, W) and ``valid.zarr`` (H, W).
+
+Chunks are the tile cores, so later reads of a core plus halo touch at most nine chunks and writes of one
+core never overlap another's. Memory is bounded by one chunk whatever the scene size. The stores are built
+under a temporary name and renamed into place, with a marker that records the input's checksum; staging
+again with the same input and tile reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from models.atomic import write_text_atomically
+from models.checkpoint import file_sha256
+from pipeline.sources import Scene, describe, open_raster, read_block, read_valid
+
+MARKER = "staged.json"
+
+
+@dataclass(frozen=True)
+class StagedScene:
+    scene: Scene
+    folder: Path
+    tile: int
+    checksum: str
+
+    @property
+    def image_path(self) -> Path:
+        return self.folder / "image.zarr"
+
+    @property
+    def valid_path(self) -> Path:
+        return self.folder / "valid.zarr"
+
+    def image(self) -> Any:
+        return zarr.open_array(self.image_path, mode="r")
+
+    def valid(self) -> Any:
+        return zarr.open_array(self.valid_path, mode="r")
+
+
+def stage_scene(
+    path: Path | str, work_dir: Path | str, tile: int, checksum: str | None = None
+) -> StagedScene:
+    scene = describe(path)
+    checksum = checksum or file_sha256(Path(path))
+    folder = Path(work_dir) / scene.scene_id
+    staged = StagedScene(scene, folder, tile, checksum)
+    if _is_current(folder, checksum, tile):
+        return staged
+    partial = folder / ".staging"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    attributes = {"source": str(path), "checksum": checksum, "tile": tile}
+    image = zarr.create_array(
+        store=partial / "image.zarr",
+        shape=(scene.bands, scene.height, scene.width),
+        chunks=(scene.bands, tile, tile),
+        dtype=scene.dtype,
+        attributes=attributes,
+    )
+    valid = zarr.create_array(
+        store=partial / "valid.zarr",
+        shape=(scene.height, scene.width),
+        chunks=(tile, tile),
+        dtype="bool",
+        attributes=attributes,
+    )
+    with open_raster(path) as dataset:
+        for top in range(0, scene.height, tile):
+            for left in range(0, scene.width, tile):
+                height, width = min(tile, scene.height - top), min(tile, scene.width - left)
+                image[:, top : top + height, left : left + width] = read_block(
+                    dataset, top, left, height, width
+                )
+                valid[top : top + height, left : left + width] = read_valid(dataset, top, left, height, width)
+    for name in ("image.zarr", "valid.zarr"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        (partial / name).rename(folder / name)
+    shutil.rmtree(partial, ignore_errors=True)
+    write_text_atomically(folder / MARKER, json.dumps(attributes | {"shape": [scene.height, scene.width]}))
+    return staged
+
+
+def _is_current(folder: Path, checksum: str, tile: int) -> bool:
+    marker = folder / MARKER
+    if not marker.exists():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    complete = (folder / "image.zarr").exists() and (folder / "valid.zarr").exists()
+    return complete and recorded.get("checksum") == checksum and recorded.get("tile") == tile
+
+
+def count_valid(staged: StagedScene) -> int:
+    valid = staged.valid()
+    return int(
+        sum(np.count_nonzero(valid[top : top + staged.tile]) for top in range(0, valid.shape[0], staged.tile))
+    )
