@@ -58,7 +58,7 @@ def stage_scene(
     partial = folder / ".staging"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    attributes = {"source": str(path), "checksum": checksum, "tile": tile}
+    attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile}
     image = zarr.create_array(
         store=partial / "image.zarr",
         shape=(scene.bands, scene.height, scene.width),
