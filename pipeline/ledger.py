@@ -1,0 +1,89 @@
+"""Resume state of one scene: ``labels.zarr`` (chunk == core) plus a ledger of finished cores.
+
+A core is recorded only after its chunk is written, so a killed run never records a half-written core.
+The ledger is keyed by everything that changes the result (input checksum, checkpoint, options): a
+different key starts a fresh ledger and label store instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from models.atomic import write_text_atomically
+
+NODATA_LABEL = 255
+
+
+def result_key(**parts: Any) -> str:
+    """A stable hash of the inputs that determine a scene's output."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class Ledger:
+    def __init__(self, folder: Path, key: str, shape: tuple[int, int], tile: int) -> None:
+        self.folder = Path(folder)
+        self.key = key
+        self.tile = tile
+        self.labels_path = self.folder / "labels.zarr"
+        self.log_path = self.folder / "ledger.jsonl"
+        header_path = self.folder / "ledger.json"
+        header = {"key": key, "shape": list(shape), "tile": tile}
+        current = json.loads(header_path.read_text()) if header_path.exists() else None
+        if current != header or not self.labels_path.exists():
+            self._reset(header, shape)
+            write_text_atomically(header_path, json.dumps(header))
+        self._done = self._read_done()
+
+    def _reset(self, header: dict[str, Any], shape: tuple[int, int]) -> None:
+        shutil.rmtree(self.labels_path, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        zarr.create_array(
+            store=self.labels_path,
+            shape=shape,
+            chunks=(self.tile, self.tile),
+            dtype="uint8",
+            fill_value=NODATA_LABEL,
+            attributes={"key": header["key"]},
+        )
+
+    def _read_done(self) -> set[tuple[int, int]]:
+        done: set[tuple[int, int]] = set()
+        if not self.log_path.exists():
+            return done
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that core is simply computed again
+            done.add((int(record["row"]), int(record["col"])))
+        return done
+
+    def is_done(self, row: int, col: int) -> bool:
+        return (row, col) in self._done
+
+    @property
+    def done_count(self) -> int:
+        return len(self._done)
+
+    def write_core(self, row: int, col: int, labels: np.ndarray, **stats: Any) -> None:
+        """Write one core's labels, then record it (fsync'd) in the ledger."""
+        array = zarr.open_array(self.labels_path, mode="r+")
+        top, left = row * self.tile, col * self.tile
+        array[top : top + labels.shape[0], left : left + labels.shape[1]] = labels
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps({"row": row, "col": col, **stats}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._done.add((row, col))
+
+    def labels(self) -> Any:
+        return zarr.open_array(self.labels_path, mode="r")
