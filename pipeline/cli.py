@@ -206,6 +206,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         halo=args.halo,
         crf=not args.no_crf,
         scales=tuple(args.scales),
+        fuse=args.fuse,
         batch_size=args.batch_size,
         device=args.device,
         allow_ungeoreferenced=args.allow_ungeoreferenced,
@@ -220,9 +221,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             continue
         tiles = result.details["tiles"]
         console.print(
-            f"{scene}: {result.mask} ({tiles['computed']} tiles computed, {tiles['skipped']} skipped, "
-            f"{result.seconds:.1f} s)",
+            f"{scene}: {result.mask.parent}/ mask.tif, report.json, quicklook.png ({tiles['computed']} tiles "
+            f"computed, {tiles['skipped']} skipped, {tiles['resumed']} resumed; "
+            f"{result.details['seconds']['total']:.1f} s)",
             soft_wrap=True,
+            highlight=False,
         )
     return 1 if failures else 0
 
@@ -354,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--halo", type=int, default=64, help="context read around each core, pixels")
     segment.add_argument("--no-crf", action="store_true")
     segment.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
+    segment.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
     segment.add_argument("--batch-size", type=int, default=4)
     segment.add_argument("--device", default="auto")
     segment.add_argument("--allow-ungeoreferenced", action="store_true")

@@ -1,38 +1,35 @@
-"""Segment one georeferenced scene into a class mask GeoTIFF (single process, windowed, bounded memory).
+"""Segment scenes: preflight -> stage into zarr -> tile -> model -> dense CRF -> ledger -> publish.
 
-Reads core+halo windows straight from the source, predicts, optionally refines each window with the dense
-CRF, writes cores into a tiled GeoTIFF with the source's CRS and transform, then publishes it as a
-Cloud-Optimized GeoTIFF (mode overviews, colour table, provenance tags) by an atomic rename.
+This is the single-process engine: the same stages and resume semantics the Ray engine distributes.
+Each finished core is written into ``labels.zarr`` and recorded in the scene's ledger; running the same
+command again computes only missing cores, and the published mask is identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-import rasterio.shutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.windows import Window
 
-from models.atomic import atomic_output, write_text_atomically
-from models.checkpoint import LoadedModel, load_checkpoint
+from models.atomic import write_text_atomically
+from models.checkpoint import LoadedModel, file_sha256, load_checkpoint
 from models.errors import DataError
 from models.inference import normalise, pick_device, predict_probabilities
 from models.metadata import CRFParams
 from models.version import software_version
+from pipeline.areas import class_areas_m2
 from pipeline.crf import refine
-from pipeline.grid import Tile, batches, core_of, pad_reflect, plan_tiles
-
-NODATA_LABEL = 255
+from pipeline.grid import Tile, core_of, plan_tiles, read_padded
+from pipeline.ledger import NODATA_LABEL, Ledger, result_key
+from pipeline.publish import write_mask_cog, write_quicklook
+from pipeline.sources import Scene, describe
+from pipeline.stage import StagedScene, stage_scene
 
 
 class SegmentOptions(BaseModel):
@@ -42,6 +39,7 @@ class SegmentOptions(BaseModel):
     crf: bool = True
     crf_params: CRFParams | None = None
     scales: tuple[float, ...] = (1.0,)
+    fuse: str = Field("max", pattern="^(max|mean)$")
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     allow_ungeoreferenced: bool = False
@@ -52,160 +50,172 @@ class SegmentResult:
     scene: Path
     mask: Path
     report: Path
-    tiles_total: int
-    tiles_skipped: int
-    seconds: float
+    quicklook: Path
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def open_scene(path: Path) -> rasterio.io.DatasetReader:
-    if not Path(path).exists():
-        raise DataError(f"{path}: scene does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise DataError(f"{path}: not a readable raster ({exc})") from None
-
-
-def preflight(dataset: rasterio.io.DatasetReader, loaded: LoadedModel, options: SegmentOptions) -> None:
-    path, metadata = dataset.name, loaded.metadata
-    problems = []
-    if dataset.count != metadata.num_bands:
-        problems.append(f"has {dataset.count} band(s) but the model expects {metadata.num_bands}")
-    if (dataset.crs is None or dataset.transform.is_identity) and not options.allow_ungeoreferenced:
+def preflight(scene: Scene, loaded: LoadedModel, options: SegmentOptions) -> None:
+    """Every problem on its own line, each naming the file."""
+    metadata, problems = loaded.metadata, []
+    if scene.bands != metadata.num_bands:
+        problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
+    if not scene.georeferenced and not options.allow_ungeoreferenced:
         problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
     if problems:
-        raise DataError("; ".join(f"{path}: {p}" for p in problems))
+        raise DataError("\n".join(f"{scene.path}: {p}" for p in problems))
 
 
-def read_window(dataset: rasterio.io.DatasetReader, tile: Tile) -> np.ndarray:
-    top, left, height, width = tile.window
-    inner_top, inner_left = max(top, 0), max(left, 0)
-    inner_bottom, inner_right = min(top + height, dataset.height), min(left + width, dataset.width)
-    inner = dataset.read(
-        window=Window(inner_left, inner_top, inner_right - inner_left, inner_bottom - inner_top)
-    )
-    return pad_reflect(
-        inner, (inner_top - top, top + height - inner_bottom), (inner_left - left, left + width - inner_right)
-    )
-
-
-def core_valid(dataset: rasterio.io.DatasetReader, tile: Tile) -> np.ndarray:
-    """True where the source has data (nodata value, alpha band or internal mask all honoured)."""
-    window = Window(tile.core_left, tile.core_top, tile.core_width, tile.core_height)
-    return np.asarray(dataset.dataset_mask(window=window)) > 0
-
-
-def segment_scene(scene: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions) -> SegmentResult:
-    started = time.perf_counter()
+def segment_scene(
+    scene_path: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions
+) -> SegmentResult:
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
     loaded = load_checkpoint(checkpoint, device=pick_device(options.device))
-    metadata = loaded.metadata
-    crf_params = options.crf_params or metadata.crf
-    target = Path(out_dir) / Path(scene).stem
-    with open_scene(scene) as dataset:
-        preflight(dataset, loaded, options)
-        tiles = plan_tiles(dataset.height, dataset.width, options.tile, options.halo)
-        profile = {
-            "driver": "GTiff",
-            "height": dataset.height,
-            "width": dataset.width,
-            "count": 1,
-            "dtype": "uint8",
-            "crs": dataset.crs,
-            "transform": dataset.transform,
-            "nodata": NODATA_LABEL,
-            "tiled": True,
-            "blockxsize": 512,
-            "blockysize": 512,
-            "compress": "deflate",
-        }
-        skipped = 0
-        class_pixels = np.zeros(metadata.num_classes, dtype=np.int64)
-        target.mkdir(parents=True, exist_ok=True)
-        with (
-            atomic_output(target / "mask.tif") as published,
-            tempfile.TemporaryDirectory(prefix=".stage-", dir=target) as stage_dir,
-        ):
-            stage = Path(stage_dir) / "labels.tif"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                sink = rasterio.open(stage, "w", **profile)
-            with sink:
-                for group in batches(tiles, options.batch_size):
-                    valids = [core_valid(dataset, t) for t in group]
-                    work = [(t, v) for t, v in zip(group, valids, strict=True) if v.any()]
-                    skipped += len(group) - len(work)
-                    for t, v in zip(group, valids, strict=True):
-                        if not v.any():
-                            sink.write(
-                                np.full((1, t.core_height, t.core_width), NODATA_LABEL, np.uint8),
-                                window=Window(t.core_left, t.core_top, t.core_width, t.core_height),
-                            )
-                    for tile, valid, labels in _predict_group(dataset, loaded, work, options, crf_params):
-                        labels = np.where(valid, labels, NODATA_LABEL).astype(np.uint8)
-                        class_pixels += np.bincount(labels[valid].ravel(), minlength=metadata.num_classes)[
-                            : metadata.num_classes
-                        ]
-                        sink.write(
-                            labels[None],
-                            window=Window(tile.core_left, tile.core_top, tile.core_width, tile.core_height),
-                        )
-                sink.write_colormap(1, _colormap(loaded))
-                sink.update_tags(**_provenance(loaded, options, crf_params, scene))
-            rasterio.shutil.copy(
-                stage, published, driver="COG", compress="deflate", overview_resampling="mode", blocksize=512
-            )
-        seconds = time.perf_counter() - started
-        details = {
-            "scene": str(scene),
-            "shape": [dataset.height, dataset.width],
-            "crs": dataset.crs.to_string() if dataset.crs else None,
-            "tiles": {"total": len(tiles), "computed": len(tiles) - skipped, "skipped": skipped},
-            "class_pixels": {c.name: int(n) for c, n in zip(metadata.classes, class_pixels, strict=True)},
-            "model": metadata.architecture,
-            "checkpoint_sha256": loaded.sha256,
-            "seconds": round(seconds, 2),
-            "megapixels_per_second": round(dataset.height * dataset.width / 1e6 / seconds, 3),
-            "crf": crf_params.model_dump() if options.crf else None,
-        }
-    report = target / "report.json"
-    write_text_atomically(report, json.dumps(details, indent=2))
-    return SegmentResult(Path(scene), target / "mask.tif", report, len(tiles), skipped, seconds, details)
+    scene = describe(scene_path)
+    preflight(scene, loaded, options)
+    checksum = file_sha256(Path(scene_path))
+    timings["preflight"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    work = Path(out_dir) / ".work"
+    staged = stage_scene(scene_path, work, options.tile, checksum)
+    timings["stage"] = time.perf_counter() - clock
+
+    crf_params = options.crf_params or loaded.metadata.crf
+    key = result_key(
+        input=checksum,
+        checkpoint=loaded.sha256,
+        tile=options.tile,
+        halo=options.halo,
+        crf=crf_params.model_dump() if options.crf else None,
+        scales=options.scales,
+        fuse=options.fuse,
+    )
+    ledger = Ledger(staged.folder, key, (scene.height, scene.width), options.tile)
+    resumed = ledger.done_count
+
+    clock = time.perf_counter()
+    tiles = plan_tiles(scene.height, scene.width, options.tile, options.halo)
+    valid_store = staged.valid()
+    todo, skipped = [], 0
+    for tile in tiles:
+        if ledger.is_done(tile.row, tile.col):
+            continue
+        core_valid = valid_store[
+            tile.core_top : tile.core_top + tile.core_height,
+            tile.core_left : tile.core_left + tile.core_width,
+        ]
+        if not core_valid.any():
+            skipped += 1  # left nodata, never computed
+            continue
+        todo.append((tile, np.asarray(core_valid)))
+    computed = _compute(staged, loaded, ledger, todo, options, crf_params)
+    timings["segment"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    target = Path(out_dir) / scene.scene_id
+    labels = ledger.labels()
+    mask_path, quicklook_path, report_path = (
+        target / "mask.tif",
+        target / "quicklook.png",
+        target / "report.json",
+    )
+    write_mask_cog(
+        labels, scene, loaded.metadata.classes, _provenance(loaded, options, crf_params, checksum), mask_path
+    )
+    write_quicklook(staged.image(), labels, loaded.metadata.classes, quicklook_path)
+    timings["publish"] = time.perf_counter() - clock
+    total = time.perf_counter() - started
+    details = _report(
+        scene,
+        loaded,
+        labels,
+        options,
+        crf_params,
+        checksum,
+        timings,
+        total,
+        {"total": len(tiles), "computed": computed, "skipped": skipped, "resumed": resumed},
+    )
+    write_text_atomically(report_path, json.dumps(details, indent=2))
+    return SegmentResult(Path(scene_path), mask_path, report_path, quicklook_path, details)
 
 
-def _predict_group(
-    dataset: rasterio.io.DatasetReader,
+def _compute(
+    staged: StagedScene,
     loaded: LoadedModel,
-    work: list[tuple[Tile, np.ndarray]],
+    ledger: Ledger,
+    todo: list[tuple[Tile, np.ndarray]],
     options: SegmentOptions,
     crf_params: CRFParams,
-) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
-    """Windows of equal size are batched through the model; each is refined and cropped to its core."""
-    results = []
-    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = {}
-    for tile, valid in work:
-        window = read_window(dataset, tile)
-        by_shape.setdefault(window.shape[-2:], []).append((tile, valid, window))
-    for items in by_shape.values():
-        batch = np.stack([normalise(window, loaded.metadata.bands).numpy() for _, _, window in items])
-        probabilities = predict_probabilities(loaded.model, torch.from_numpy(batch), scales=options.scales)
-        for (tile, valid, window), probs in zip(items, probabilities.cpu().numpy(), strict=True):
-            if options.crf:
-                probs = refine(probs, window, crf_params, loaded.metadata.input_max)
-            results.append((tile, valid, core_of(probs, tile).argmax(0).astype(np.uint8)))
-    return results
+) -> int:
+    image, metadata = staged.image(), loaded.metadata
+    for start in range(0, len(todo), options.batch_size):
+        group = todo[start : start + options.batch_size]
+        windows = [read_padded(image, tile) for tile, _ in group]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, window in enumerate(windows):
+            by_shape.setdefault(window.shape, []).append(index)
+        for indexes in by_shape.values():
+            batch = torch.stack([normalise(windows[i], metadata.bands) for i in indexes])
+            probabilities = predict_probabilities(
+                loaded.model, batch, scales=options.scales, fuse=options.fuse
+            )
+            for i, probs in zip(indexes, probabilities.cpu().numpy(), strict=True):
+                tile, valid = group[i]
+                if options.crf:
+                    probs = refine(probs, windows[i], crf_params, metadata.input_max)
+                labels = core_of(probs, tile).argmax(0).astype(np.uint8)
+                ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))
+    return len(todo)
 
 
-def _colormap(loaded: LoadedModel) -> dict[int, tuple[int, int, int, int]]:
-    colours = {i: (*c.color, 255) for i, c in enumerate(loaded.metadata.classes)}
-    colours[NODATA_LABEL] = (0, 0, 0, 0)
-    return colours
+def _report(
+    scene: Scene,
+    loaded: LoadedModel,
+    labels: Any,
+    options: SegmentOptions,
+    crf_params: CRFParams,
+    checksum: str,
+    timings: dict[str, float],
+    total: float,
+    tiles: dict[str, int],
+) -> dict[str, Any]:
+    classes = loaded.metadata.classes
+    per_row = np.zeros((scene.height, len(classes)), dtype=np.int64)
+    for top in range(0, scene.height, options.tile):
+        rows = np.asarray(labels[top : top + options.tile])
+        for offset, row in enumerate(rows):
+            per_row[top + offset] = np.bincount(row[row < len(classes)], minlength=len(classes))[
+                : len(classes)
+            ]
+    areas = class_areas_m2(per_row, scene.crs, scene.transform)
+    return {
+        "scene": str(scene.path),
+        "input_sha256": checksum,
+        "shape": [scene.height, scene.width],
+        "crs": scene.crs.to_string() if scene.crs else None,
+        "pixel_size_m": scene.pixel_size_m(),
+        "tiles": tiles,
+        "tile": options.tile,
+        "halo": options.halo,
+        "class_pixels": {c.name: int(n) for c, n in zip(classes, per_row.sum(0), strict=True)},
+        "class_areas_m2": None
+        if areas is None
+        else {c.name: float(a) for c, a in zip(classes, areas, strict=True)},
+        "model": loaded.metadata.architecture,
+        "checkpoint": loaded.path.name,
+        "checkpoint_sha256": loaded.sha256,
+        "crf": crf_params.model_dump() if options.crf else None,
+        "scales": list(options.scales),
+        "seconds": {k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
+        "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
+        "software_version": software_version(),
+    }
 
 
 def _provenance(
-    loaded: LoadedModel, options: SegmentOptions, crf_params: CRFParams, scene: Path
+    loaded: LoadedModel, options: SegmentOptions, crf_params: CRFParams, checksum: str
 ) -> dict[str, str]:
     metadata = loaded.metadata
     return {
@@ -216,6 +226,7 @@ def _provenance(
         "DEEPLAB_CRF": json.dumps(crf_params.model_dump()) if options.crf else "off",
         "DEEPLAB_TILE": str(options.tile),
         "DEEPLAB_HALO": str(options.halo),
-        "DEEPLAB_SOURCE": Path(scene).name,
+        "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in options.scales),
+        "DEEPLAB_INPUT_SHA256": checksum,
         "DEEPLAB_VERSION": software_version(),
     }

@@ -70,4 +70,34 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
     report = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert report["tiles"]["total"] == 12
     assert report["tiles"]["skipped"] >= 1  # corner cores of the rotated footprint hold no data
-    assert not list(out.rglob(".*")), "no temporary files are left behind"
+    assert report["tiles"]["computed"] + report["tiles"]["skipped"] == 12
+    assert report["crs"] == "EPSG:32618"
+    counted = sum(report["class_pixels"].values())
+    assert counted == int(valid.sum())
+    assert sum(report["class_areas_m2"].values()) == pytest.approx(counted * 300.0379 * 300.0417, rel=1e-3)
+    assert (out / "RGB.byte" / "quicklook.png").stat().st_size > 1000
+    published = [p for p in (out / "RGB.byte").iterdir()]
+    assert sorted(p.name for p in published) == ["mask.tif", "quicklook.png", "report.json"]
+
+    # Running again resumes: nothing is computed and the mask is byte-identical.
+    before = mask_path.read_bytes()
+    assert (
+        main(
+            [
+                "segment",
+                str(landsat),
+                "--model",
+                str(buildings_model),
+                "--out",
+                str(out),
+                "--tile",
+                "256",
+                "--halo",
+                "32",
+            ]
+        )
+        == 0
+    )
+    again = json.loads((out / "RGB.byte" / "report.json").read_text())
+    assert again["tiles"]["computed"] == 0 and again["tiles"]["resumed"] == report["tiles"]["computed"]
+    assert mask_path.read_bytes() == before

@@ -1,0 +1,121 @@
+"""Publish a scene's labels: a Cloud-Optimized GeoTIFF mask and a quicklook picture, written atomically."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from PIL import Image, ImageDraw
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from models.atomic import atomic_output
+from models.metadata import ClassInfo
+from pipeline.ledger import NODATA_LABEL
+from pipeline.sources import Scene
+
+BLOCK = 512
+
+
+def write_mask_cog(
+    labels: Any, scene: Scene, classes: Sequence[ClassInfo], tags: dict[str, str], out: Path
+) -> None:
+    """``labels`` (H, W) uint8, any array that slices (a zarr array streams block rows)."""
+    height, width = labels.shape
+    profile = {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": scene.crs,
+        "transform": scene.transform,
+        "nodata": NODATA_LABEL,
+        "tiled": True,
+        "blockxsize": BLOCK,
+        "blockysize": BLOCK,
+        "compress": "deflate",
+    }
+    with (
+        atomic_output(out) as published,
+        tempfile.TemporaryDirectory(prefix=".stage-", dir=out.parent) as stage,
+    ):
+        staged = Path(stage) / "labels.tif"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            sink = rasterio.open(staged, "w", **profile)
+        with sink:
+            for top in range(0, height, BLOCK):
+                rows = np.asarray(labels[top : top + BLOCK])
+                sink.write(rows[None], window=Window(0, top, width, rows.shape[0]))
+            colours = {i: (*c.color, 255) for i, c in enumerate(classes)}
+            colours[NODATA_LABEL] = (0, 0, 0, 0)
+            sink.write_colormap(1, colours)
+            sink.update_tags(**tags)
+            sink.set_band_description(1, "class id")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            rasterio.shutil.copy(
+                staged,
+                published,
+                driver="COG",
+                compress="deflate",
+                overview_resampling="mode",
+                blocksize=BLOCK,
+            )
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """(bands, h, w) of any dtype -> (h, w, 3) uint8: first three bands, 2-98% stretch unless uint8."""
+    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    if rgb.dtype == np.uint8:
+        return np.ascontiguousarray(np.moveaxis(rgb, 0, -1))
+    values = rgb.astype(np.float32)
+    low, high = float(np.percentile(values, 2)), float(np.percentile(values, 98))
+    scaled = np.clip((values - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(scaled, 0, -1))
+
+
+def subsample(array: Any, step: int, block: int = BLOCK) -> np.ndarray:
+    """Every ``step``-th pixel of a (..., H, W) array, read a band of rows at a time (bounded memory)."""
+    height = array.shape[-2]
+    rows = []
+    block = max(step, (block // step) * step)
+    for top in range(0, height, block):
+        part = np.asarray(array[..., top : top + block, :])
+        rows.append(part[..., ::step, ::step])
+    return np.concatenate(rows, axis=-2)
+
+
+def write_quicklook(
+    image: Any,
+    labels: Any,
+    classes: Sequence[ClassInfo],
+    out: Path,
+    max_size: int = 1024,
+    opacity: float = 0.45,
+) -> None:
+    """The scene with the mask overlaid (nodata left clear) and a legend of class colours."""
+    step = max(1, int(np.ceil(max(labels.shape) / max_size)))
+    picture = to_display(subsample(image, step)).astype(np.float32)
+    small_labels = subsample(labels, step)
+    palette = np.array([c.color for c in classes], dtype=np.float32)
+    known = small_labels < len(classes)
+    picture[known] = (1 - opacity) * picture[known] + opacity * palette[small_labels[known]]
+    canvas = Image.fromarray(picture.astype(np.uint8))
+    legend_height = 18 * len(classes) + 8
+    framed = Image.new("RGB", (max(canvas.width, 180), canvas.height + legend_height), (255, 255, 255))
+    framed.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(framed)
+    for index, info in enumerate(classes):
+        y = canvas.height + 4 + 18 * index
+        draw.rectangle((6, y, 20, y + 13), fill=tuple(info.color), outline=(0, 0, 0))
+        draw.text((26, y), info.name, fill=(0, 0, 0))
+    with atomic_output(out) as temp:
+        framed.save(temp, format="PNG")
