@@ -199,7 +199,7 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from pipeline.segment import SegmentOptions, segment_scene
+    from pipeline.segment import SegmentOptions, segment_scenes
 
     options = SegmentOptions(
         tile=args.tile,
@@ -210,14 +210,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         allow_ungeoreferenced=args.allow_ungeoreferenced,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        max_in_flight=args.max_in_flight,
     )
     failures = 0
-    for scene in args.scenes:
-        try:
-            result = segment_scene(scene, args.model, args.out, options)
-        except DeepLabError as exc:
+    for scene, result in segment_scenes(args.scenes, args.model, args.out, options):
+        if isinstance(result, DeepLabError):
             failures += 1
-            console.print(f"[red]failed:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]failed:[/red] {result}", highlight=False, soft_wrap=True)
             continue
         tiles = result.details["tiles"]
         console.print(
@@ -361,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--batch-size", type=int, default=4)
     segment.add_argument("--device", default="auto")
     segment.add_argument("--allow-ungeoreferenced", action="store_true")
+    segment.add_argument(
+        "--engine",
+        choices=["ray", "local"],
+        default="ray",
+        help="ray (local cluster started by itself, or --ray-address) or one local process",
+    )
+    segment.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
+    segment.add_argument("--max-in-flight", type=int, default=8, help="windows queued on actors at once")
     segment.set_defaults(handler=_cmd_segment)
 
     card = commands.add_parser("card", help="render a model card (markdown) from a checkpoint's metadata")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
 from models.checkpoint import LoadedModel, file_sha256, load_checkpoint
-from models.errors import DataError
+from models.errors import DataError, DeepLabError
 from models.inference import normalise, pick_device, predict_probabilities
 from models.metadata import CRFParams
 from models.version import software_version
@@ -43,6 +44,10 @@ class SegmentOptions(BaseModel):
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     allow_ungeoreferenced: bool = False
+    engine: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    max_in_flight: int = Field(8, ge=1)
+    amp: bool = True
 
 
 @dataclass
@@ -66,8 +71,9 @@ def preflight(scene: Scene, loaded: LoadedModel, options: SegmentOptions) -> Non
 
 
 def segment_scene(
-    scene_path: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions
+    scene_path: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any = None
 ) -> SegmentResult:
+    """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``."""
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
     loaded = load_checkpoint(checkpoint, device=pick_device(options.device))
@@ -109,7 +115,10 @@ def segment_scene(
             skipped += 1  # left nodata, never computed
             continue
         todo.append((tile, np.asarray(core_valid)))
-    computed = _compute(staged, loaded, ledger, todo, options, crf_params)
+    if options.engine == "ray" and ray is not None:
+        computed = _compute_on_ray(ray, staged, loaded, ledger, todo, options, crf_params)
+    else:
+        computed = _compute(staged, loaded, ledger, todo, options, crf_params)
     timings["segment"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -168,6 +177,61 @@ def _compute(
                 labels = core_of(probs, tile).argmax(0).astype(np.uint8)
                 ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))
     return len(todo)
+
+
+def _compute_on_ray(
+    ray: Any,
+    staged: StagedScene,
+    loaded: LoadedModel,
+    ledger: Ledger,
+    todo: list[tuple[Tile, np.ndarray]],
+    options: SegmentOptions,
+    crf_params: CRFParams,
+) -> int:
+    from pipeline.ray_engine import ActorPlan, run_tiles
+
+    resources = ray.cluster_resources()
+    plan = ActorPlan.for_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), options.crf)
+    return run_tiles(
+        ray,
+        staged.image(),
+        todo,
+        ledger,
+        loaded.path,
+        plan,
+        crf_params if options.crf else None,
+        loaded.metadata.input_max,
+        options.scales,
+        options.fuse,
+        options.batch_size,
+        options.device,
+        options.max_in_flight,
+        options.amp,
+    )
+
+
+def segment_scenes(
+    scenes: list[Path], checkpoint: Path, out_dir: Path, options: SegmentOptions
+) -> Iterator[tuple[Path, SegmentResult | DeepLabError]]:
+    """Every scene in turn on one Ray session; a failed scene is reported and the others go on."""
+    if options.engine == "local":
+        for scene in scenes:
+            yield scene, _attempt(scene, checkpoint, out_dir, options, None)
+        return
+    from pipeline.ray_engine import ray_session
+
+    with ray_session(Path(out_dir) / ".work", options.ray_address) as ray:
+        for scene in scenes:
+            yield scene, _attempt(scene, checkpoint, out_dir, options, ray)
+
+
+def _attempt(
+    scene: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any
+) -> SegmentResult | DeepLabError:
+    try:
+        return segment_scene(scene, checkpoint, out_dir, options, ray)
+    except DeepLabError as exc:
+        return exc
 
 
 def _report(

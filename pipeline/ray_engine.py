@@ -1,0 +1,202 @@
+"""The Ray engine: model actors (GPU when there is one) feed dense-CRF actors; cores stream to the ledger.
+
+The driver reads core+halo windows from the staged zarr store and keeps at most ``max_in_flight`` tasks
+outstanding (explicit backpressure), so memory stays bounded whatever the scene size. Ray starts locally by
+itself (temp dir under the work dir, dashboard and usage stats off) or joins ``address`` / ``RAY_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.metadata import CRFParams
+from pipeline.grid import Tile, core_of, read_padded
+from pipeline.ledger import NODATA_LABEL, Ledger
+
+_MAX_SOCKET_PATH = 80  # Ray's session sockets live deep under the temp dir; Unix sockets allow ~107 bytes
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    model_actors: int
+    crf_actors: int
+    model_cpus: float
+    crf_cpus: float
+    model_gpus: float
+    model_threads: int
+
+    @classmethod
+    def for_resources(cls, cpus: float, gpus: float, crf: bool) -> ActorPlan:
+        """GPU: one model actor per GPU. CPU: one model actor; the rest of the CPUs refine."""
+        if gpus >= 1:
+            return cls(int(gpus), max(1, int(cpus) - 1) if crf else 0, 0.5, 1.0, 1.0, 1)
+        if not crf:
+            return cls(1, 0, max(1.0, float(int(cpus))), 0.0, 0.0, max(1, int(cpus)))
+        # Fractional CPUs so that the model actor and the CRF actors fit on a 2-core machine together.
+        crf_actors = max(1, int(cpus) - 1) if cpus >= 3 else 1
+        return cls(1, crf_actors, 0.5, 0.5 if cpus < 3 else 1.0, 0.0, max(1, int(cpus) // 2))
+
+
+def ray_temp_dir(work_dir: Path) -> str:
+    """Under the work dir when the path is short enough for Ray's sockets, else a stable /tmp path."""
+    preferred = (Path(work_dir) / "ray").resolve()
+    if len(str(preferred)) <= _MAX_SOCKET_PATH:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return str(preferred)
+    digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:10]
+    fallback = Path(tempfile.gettempdir()) / f"deeplab-ray-{digest}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return str(fallback)
+
+
+@contextmanager
+def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Join a cluster or start a local one; a local one is shut down again on exit."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _temp_dir=ray_temp_dir(work_dir),
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class ModelWorker:
+    """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
+
+    def __init__(self, checkpoint: str, device: str, threads: int, amp: bool) -> None:
+        import torch
+
+        from models.checkpoint import load_checkpoint
+        from models.inference import pick_device
+
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
+        self.device = pick_device(device)
+        self.loaded = load_checkpoint(Path(checkpoint), device=self.device)
+        self.amp = amp
+
+    def predict(
+        self, windows: list[np.ndarray], scales: tuple[float, ...], fuse: str, as_probabilities: bool
+    ) -> list[np.ndarray]:
+        import torch
+
+        from models.inference import normalise, predict_probabilities
+
+        batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
+        probabilities = predict_probabilities(
+            self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
+        )
+        if as_probabilities:
+            return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
+        return list(probabilities.argmax(1).to(torch.uint8).cpu().numpy())
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+
+class CRFWorker:
+    def refine_core(
+        self, probabilities: np.ndarray, window: np.ndarray, params: CRFParams, input_max: float, tile: Tile
+    ) -> np.ndarray:
+        from pipeline.crf import refine
+
+        refined = refine(probabilities.astype(np.float32), window, params, input_max)
+        return core_of(refined, tile).argmax(0).astype(np.uint8)
+
+
+def run_tiles(
+    ray: Any,
+    image: Any,
+    todo: list[tuple[Tile, np.ndarray]],
+    ledger: Ledger,
+    checkpoint: Path,
+    plan: ActorPlan,
+    crf_params: CRFParams | None,
+    input_max: float,
+    scales: tuple[float, ...],
+    fuse: str,
+    batch_size: int,
+    device: str,
+    max_in_flight: int,
+    amp: bool = True,
+) -> int:
+    """Compute every core in ``todo`` on actors, writing each to the ledger as it completes."""
+    if not todo:
+        return 0
+    model_cls = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(ModelWorker)
+    models = [
+        model_cls.remote(str(checkpoint), device, plan.model_threads, amp) for _ in range(plan.model_actors)
+    ]
+    crf_cls = ray.remote(num_cpus=plan.crf_cpus)(CRFWorker) if crf_params else None
+    crfs = [crf_cls.remote() for _ in range(plan.crf_actors)] if crf_cls else []
+    batches = same_shape_batches(todo, batch_size)
+    model_jobs: dict[Any, tuple[list[tuple[Tile, np.ndarray]], list[np.ndarray]]] = {}
+    crf_jobs: dict[Any, tuple[Tile, np.ndarray]] = {}
+    submitted = finished = 0
+    next_batch = 0
+    try:
+        while finished < len(todo):
+            while next_batch < len(batches) and len(model_jobs) * batch_size + len(crf_jobs) < max_in_flight:
+                group = batches[next_batch]
+                windows = [read_padded(image, tile) for tile, _ in group]
+                actor = models[next_batch % len(models)]
+                ref = actor.predict.remote(windows, scales, fuse, crf_params is not None)
+                model_jobs[ref] = (group, windows)
+                next_batch += 1
+            ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1)
+            for ref in ready:
+                if ref in model_jobs:
+                    group, windows = model_jobs.pop(ref)
+                    for (tile, valid), window, result in zip(group, windows, ray.get(ref), strict=True):
+                        if crf_params is not None:
+                            crf_ref = crfs[submitted % len(crfs)].refine_core.remote(
+                                result, window, crf_params, input_max, tile
+                            )
+                            crf_jobs[crf_ref] = (tile, valid)
+                            submitted += 1
+                        else:
+                            _write(ledger, tile, valid, core_of(result, tile))
+                            finished += 1
+                else:
+                    tile, valid = crf_jobs.pop(ref)
+                    _write(ledger, tile, valid, ray.get(ref))
+                    finished += 1
+    finally:
+        for actor in [*models, *crfs]:
+            ray.kill(actor)
+    return len(todo)
+
+
+def same_shape_batches(todo: list[tuple[Tile, np.ndarray]], size: int) -> list[list[tuple[Tile, np.ndarray]]]:
+    """Batches of windows of one shape (edge windows are smaller), in scan order within each shape."""
+    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    for item in todo:
+        by_shape.setdefault(item[0].window[2:], []).append(item)
+    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
+
+
+def _write(ledger: Ledger, tile: Tile, valid: np.ndarray, labels: np.ndarray) -> None:
+    ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))
