@@ -19,10 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
-from models.checkpoint import LoadedModel, file_sha256, load_checkpoint
+from models.checkpoint import LoadedModel, file_sha256, load_checkpoint, read_metadata
 from models.errors import DataError, DeepLabError
 from models.inference import normalise, pick_device, predict_probabilities
-from models.metadata import CRFParams
+from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.crf import refine
@@ -59,9 +59,9 @@ class SegmentResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def preflight(scene: Scene, loaded: LoadedModel, options: SegmentOptions) -> None:
+def preflight(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> None:
     """Every problem on its own line, each naming the file."""
-    metadata, problems = loaded.metadata, []
+    problems = []
     if scene.bands != metadata.num_bands:
         problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
     if not scene.georeferenced and not options.allow_ungeoreferenced:
@@ -78,7 +78,7 @@ def segment_scene(
     started = clock = time.perf_counter()
     loaded = load_checkpoint(checkpoint, device=pick_device(options.device))
     scene = describe(scene_path)
-    preflight(scene, loaded, options)
+    preflight(scene, loaded.metadata, options)
     checksum = file_sha256(Path(scene_path))
     timings["preflight"] = time.perf_counter() - clock
 
@@ -213,15 +213,29 @@ def _compute_on_ray(
 def segment_scenes(
     scenes: list[Path], checkpoint: Path, out_dir: Path, options: SegmentOptions
 ) -> Iterator[tuple[Path, SegmentResult | DeepLabError]]:
-    """Every scene in turn on one Ray session; a failed scene is reported and the others go on."""
+    """Every scene in turn on one Ray session; a failed scene is reported and the others go on.
+
+    The checkpoint and every scene are checked before Ray starts: a bad checkpoint stops the batch at once,
+    and a scene that fails its preflight never costs a cluster start.
+    """
+    metadata = read_metadata(checkpoint)
+    ready = []
+    for scene in scenes:
+        try:
+            preflight(describe(scene), metadata, options)
+            ready.append(scene)
+        except DeepLabError as exc:
+            yield scene, exc
+    if not ready:
+        return
     if options.engine == "local":
-        for scene in scenes:
+        for scene in ready:
             yield scene, _attempt(scene, checkpoint, out_dir, options, None)
         return
     from pipeline.ray_engine import ray_session
 
     with ray_session(Path(out_dir) / ".work", options.ray_address) as ray:
-        for scene in scenes:
+        for scene in ready:
             yield scene, _attempt(scene, checkpoint, out_dir, options, ray)
 
 

@@ -34,6 +34,8 @@ def _write_like(source: Path, target: Path, array: np.ndarray) -> None:
         profile = dataset.profile
     profile.update(count=array.shape[0], height=array.shape[1], width=array.shape[2], dtype=array.dtype.name)
     profile.pop("photometric", None)
+    if array.shape[0] != 3:
+        profile["photometric"] = "MINISBLACK"  # a 4th band is data (NIR), not alpha
     with rasterio.open(target, "w", **profile) as out:
         out.write(array)
 
