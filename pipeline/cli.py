@@ -192,7 +192,7 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
     )
     if not args.dry_run:
         update_metadata(
-            args.model, crf=best, crf_tuning=result | {"images": args.images, "masks": args.masks}
+            args.model, crf=best, crf_tuning=result | {"image_glob": args.images, "mask_glob": args.masks}
         )
         console.print(f"wrote the tuned CRF parameters into {args.model}")
     return 0

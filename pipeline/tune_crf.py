@@ -145,7 +145,9 @@ def tune(
 
         coarse_best = run(grid(COARSE_W1, COARSE_SIGMA_ALPHA, COARSE_SIGMA_BETA, iterations))
         best = run(fine_grid(coarse_best.params, iterations))
-        paper = run([CRFParams(iterations=iterations)])
+        paper_params = CRFParams(iterations=iterations)
+        run([paper_params])
+        paper = next(t for t in trials if t.params == paper_params)  # run() returns the best, not this one
     return {
         "objective": objective,
         "best": best.params.model_dump(),
