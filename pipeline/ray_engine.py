@@ -22,7 +22,8 @@ from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of, read_padded
 from pipeline.ledger import NODATA_LABEL, Ledger
 
-_MAX_SOCKET_PATH = 80  # Ray's session sockets live deep under the temp dir; Unix sockets allow ~107 bytes
+# Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
+_MAX_SOCKET_PATH = 40
 
 
 @dataclass(frozen=True)
