@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,20 +70,24 @@ def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None
     if ray.is_initialized():
         yield ray
         return
+    temp_dir = None
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
+        temp_dir = ray_temp_dir(work_dir)
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            _temp_dir=ray_temp_dir(work_dir),
+            _temp_dir=temp_dir,
         )
     try:
         yield ray
     finally:
         ray.shutdown()
+        if temp_dir is not None and not temp_dir.startswith(str(Path(work_dir).resolve())):
+            shutil.rmtree(temp_dir, ignore_errors=True)  # the /tmp fallback is ours alone: leave nothing
 
 
 class ModelWorker:
