@@ -21,7 +21,8 @@ import numpy as np
 
 from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of, read_padded
-from pipeline.ledger import NODATA_LABEL, Ledger
+from pipeline.ledger import Ledger
+from pipeline.workers import CRFWorker, ModelWorker, same_shape_batches, write_core
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
@@ -90,49 +91,6 @@ def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None
             shutil.rmtree(temp_dir, ignore_errors=True)  # the /tmp fallback is ours alone: leave nothing
 
 
-class ModelWorker:
-    """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
-
-    def __init__(self, checkpoint: str, device: str, threads: int, amp: bool) -> None:
-        import torch
-
-        from models.checkpoint import load_checkpoint
-        from models.inference import pick_device
-
-        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
-        self.device = pick_device(device)
-        self.loaded = load_checkpoint(Path(checkpoint), device=self.device)
-        self.amp = amp
-
-    def predict(
-        self, windows: list[np.ndarray], scales: tuple[float, ...], fuse: str, as_probabilities: bool
-    ) -> list[np.ndarray]:
-        import torch
-
-        from models.inference import normalise, predict_probabilities
-
-        batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
-        probabilities = predict_probabilities(
-            self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
-        )
-        if as_probabilities:
-            return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
-        return list(probabilities.argmax(1).to(torch.uint8).cpu().numpy())
-
-    def device_name(self) -> str:
-        return str(self.device)
-
-
-class CRFWorker:
-    def refine_core(
-        self, probabilities: np.ndarray, window: np.ndarray, params: CRFParams, input_max: float, tile: Tile
-    ) -> np.ndarray:
-        from pipeline.crf import refine
-
-        refined = refine(probabilities.astype(np.float32), window, params, input_max)
-        return core_of(refined, tile).argmax(0).astype(np.uint8)
-
-
 def run_tiles(
     ray: Any,
     image: Any,
@@ -184,25 +142,13 @@ def run_tiles(
                             crf_jobs[crf_ref] = (tile, valid)
                             submitted += 1
                         else:
-                            _write(ledger, tile, valid, core_of(result, tile))
+                            write_core(ledger, tile, valid, core_of(result, tile))
                             finished += 1
                 else:
                     tile, valid = crf_jobs.pop(ref)
-                    _write(ledger, tile, valid, ray.get(ref))
+                    write_core(ledger, tile, valid, ray.get(ref))
                     finished += 1
     finally:
         for actor in [*models, *crfs]:
             ray.kill(actor)
     return len(todo)
-
-
-def same_shape_batches(todo: list[tuple[Tile, np.ndarray]], size: int) -> list[list[tuple[Tile, np.ndarray]]]:
-    """Batches of windows of one shape (edge windows are smaller), in scan order within each shape."""
-    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
-    for item in todo:
-        by_shape.setdefault(item[0].window[2:], []).append(item)
-    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
-
-
-def _write(ledger: Ledger, tile: Tile, valid: np.ndarray, labels: np.ndarray) -> None:
-    ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))

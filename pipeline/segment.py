@@ -15,22 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
 from models.checkpoint import LoadedModel, file_sha256, load_checkpoint, read_metadata
 from models.errors import DataError, DeepLabError
-from models.inference import normalise, pick_device, predict_probabilities
+from models.inference import pick_device
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.crf import refine
 from pipeline.grid import Tile, core_of, plan_tiles, read_padded
-from pipeline.ledger import NODATA_LABEL, Ledger, result_key
+from pipeline.ledger import Ledger, result_key
 from pipeline.publish import write_mask_cog, write_quicklook
 from pipeline.sources import Scene, describe
 from pipeline.stage import StagedScene, stage_scene
+from pipeline.workers import CRFWorker, ModelWorker, same_shape_batches, write_core
 
 
 class SegmentOptions(BaseModel):
@@ -158,24 +157,19 @@ def _compute(
     options: SegmentOptions,
     crf_params: CRFParams,
 ) -> int:
-    image, metadata = staged.image(), loaded.metadata
-    for start in range(0, len(todo), options.batch_size):
-        group = todo[start : start + options.batch_size]
+    """The local engine: the Ray engine's workers, called in this process."""
+    image = staged.image()
+    model = ModelWorker(str(loaded.path), options.device, None, options.amp, loaded=loaded)
+    crf = CRFWorker()
+    for group in same_shape_batches(todo, options.batch_size):
         windows = [read_padded(image, tile) for tile, _ in group]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, window in enumerate(windows):
-            by_shape.setdefault(window.shape, []).append(index)
-        for indexes in by_shape.values():
-            batch = torch.stack([normalise(windows[i], metadata.bands) for i in indexes])
-            probabilities = predict_probabilities(
-                loaded.model, batch, scales=options.scales, fuse=options.fuse
-            )
-            for i, probs in zip(indexes, probabilities.cpu().numpy(), strict=True):
-                tile, valid = group[i]
-                if options.crf:
-                    probs = refine(probs, windows[i], crf_params, metadata.input_max)
-                labels = core_of(probs, tile).argmax(0).astype(np.uint8)
-                ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))
+        results = model.predict(windows, options.scales, options.fuse, options.crf)
+        for (tile, valid), window, result in zip(group, windows, results, strict=True):
+            if options.crf:
+                labels = crf.refine_core(result, window, crf_params, loaded.metadata.input_max, tile)
+            else:
+                labels = core_of(result, tile)
+            write_core(ledger, tile, valid, labels)
     return len(todo)
 
 

@@ -101,3 +101,26 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
     again = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert again["tiles"]["computed"] == 0 and again["tiles"]["resumed"] == report["tiles"]["computed"]
     assert mask_path.read_bytes() == before
+
+    # The local engine runs the same workers in one process: the same mask, byte for byte.
+    local = tmp_path / "local"
+    assert (
+        main(
+            [
+                "segment",
+                str(landsat),
+                "--model",
+                str(buildings_model),
+                "--out",
+                str(local),
+                "--tile",
+                "256",
+                "--halo",
+                "32",
+                "--engine",
+                "local",
+            ]
+        )
+        == 0
+    )
+    assert (local / "RGB.byte" / "mask.tif").read_bytes() == before
