@@ -30,28 +30,30 @@ def test_reflection_padding_handles_pads_larger_than_the_array() -> None:
     np.testing.assert_array_equal(padded[:, 5:8, 6:10], array)
 
 
+def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "segment",
+            str(scene),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--tile",
+            "256",
+            "--halo",
+            "32",
+            *extra,
+        ]
+    )
+
+
 @pytest.mark.slow
 def test_landsat_scene_keeps_georeferencing_and_nodata(
     landsat: Path, buildings_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "segment",
-                str(landsat),
-                "--model",
-                str(buildings_model),
-                "--out",
-                str(out),
-                "--tile",
-                "256",
-                "--halo",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert _segment(landsat, buildings_model, out) == 0
     mask_path = out / "RGB.byte" / "mask.tif"
     with rasterio.open(landsat) as source, rasterio.open(mask_path) as mask:
         assert mask.crs == source.crs and mask.crs.to_epsg() == 32618
@@ -81,46 +83,12 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
 
     # Running again resumes: nothing is computed and the mask is byte-identical.
     before = mask_path.read_bytes()
-    assert (
-        main(
-            [
-                "segment",
-                str(landsat),
-                "--model",
-                str(buildings_model),
-                "--out",
-                str(out),
-                "--tile",
-                "256",
-                "--halo",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert _segment(landsat, buildings_model, out) == 0
     again = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert again["tiles"]["computed"] == 0 and again["tiles"]["resumed"] == report["tiles"]["computed"]
     assert mask_path.read_bytes() == before
 
     # The local engine runs the same workers in one process: the same mask, byte for byte.
     local = tmp_path / "local"
-    assert (
-        main(
-            [
-                "segment",
-                str(landsat),
-                "--model",
-                str(buildings_model),
-                "--out",
-                str(local),
-                "--tile",
-                "256",
-                "--halo",
-                "32",
-                "--engine",
-                "local",
-            ]
-        )
-        == 0
-    )
+    assert _segment(landsat, buildings_model, local, "--engine", "local") == 0
     assert (local / "RGB.byte" / "mask.tif").read_bytes() == before
