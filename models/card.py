@@ -46,6 +46,7 @@ def render_card(path: Path, attribution: str) -> str:
         f"({metadata.training.get('data', {}).get('train_images')} training images, "
         f"{metadata.training.get('data', {}).get('val_images')} held out).",
         "",
+        *_stage_lines(metadata.training.get("initialised_from")),
         "## Held-out results",
         "",
     ]
@@ -70,6 +71,22 @@ def render_card(path: Path, attribution: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stage_lines(source: dict[str, Any] | None) -> list[str]:
+    """Fine-tuned models: how the checkpoint they started from was trained, stage by stage."""
+    if not source:
+        return []
+    lines = [
+        f"Fine-tuned from `{source['file']}` (sha256 `{str(source['sha256'])[:16]}…`), itself trained by "
+        f"({source.get('epochs')} epochs, {source.get('minutes')} minutes, seed {source.get('seed')}):",
+        "",
+        "```",
+        str(source.get("command", "")),
+        "```",
+        "",
+    ]
+    return lines + _stage_lines(source.get("initialised_from"))
 
 
 def _args(metadata: CheckpointMetadata) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 
 from models.atomic import atomic_output
 from models.augment import AugmentSettings, random_crop
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import file_sha256, load_checkpoint, read_metadata, save_checkpoint
 from models.data import Pair, pixel_size_m, read_pair
 from models.errors import ConfigError, DataError
 from models.inference import autocast_for, normalise, pick_device, predict_probabilities
@@ -285,6 +285,21 @@ def _save_state(
         torch.save(state, temp)
 
 
+def initialised_from(path: Path) -> dict[str, Any]:
+    """What a fine-tuned model started from: its file, hash, and how that was trained."""
+    source = read_metadata(path)
+    history = source.metrics.get("history", [])
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "command": source.training.get("command"),
+        "seed": source.training.get("seed"),
+        "epochs": source.training.get("epochs_completed"),
+        "minutes": round(sum(float(r.get("seconds", 0)) for r in history) / 60, 1),
+        "initialised_from": source.training.get("initialised_from"),
+    }
+
+
 def _initialise_from(model: nn.Module, path: Path, config: TrainConfig, num_bands: int) -> list[BandInfo]:
     """Start from a checkpoint's weights; a classifier of another class count is left freshly initialised."""
     loaded = load_checkpoint(path)
@@ -373,5 +388,6 @@ def _metadata(
             "command": command,
             "seed": config.seed,
             "config": config.model_dump(mode="json"),
+            "initialised_from": initialised_from(Path(config.init_from)) if config.init_from else None,
         },
     )
