@@ -78,8 +78,8 @@ def _stage_lines(source: dict[str, Any] | None) -> list[str]:
     if not source:
         return []
     lines = [
-        f"Fine-tuned from `{source['file']}` (sha256 `{str(source['sha256'])[:16]}…`), itself trained by "
-        f"({source.get('epochs')} epochs, {source.get('minutes')} minutes, seed {source.get('seed')}):",
+        f"Fine-tuned from `{source['file']}` (sha256 `{str(source['sha256'])[:16]}…`), itself trained "
+        f"({source.get('epochs')} epochs, {source.get('minutes')} minutes, seed {source.get('seed')}) by:",
         "",
         "```",
         str(source.get("command", "")),
