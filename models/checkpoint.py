@@ -112,17 +112,20 @@ def _read_header(path: Path) -> dict[str, dict[str, str]]:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if head.startswith(_PICKLE_MAGIC):
-            raise CheckpointError(
-                f"{path}: is a pickle/torch.save file; deeplab-pipeline never unpickles model files. "
-                "Convert torchvision state dicts with `deeplab import-torchvision`."
-            )
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a checkpoint (file too short)")
-        (length,) = struct.unpack("<Q", head)
-        if length > 100_000_000 or length > path.stat().st_size:
+        head = handle.read(9)
+        # Header length (8 bytes), then JSON: decided first, as its low byte can be 0x80 like a pickle.
+        length = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < length <= path.stat().st_size - 8
+        if not looks_safetensors:
+            if head.startswith(_PICKLE_MAGIC):
+                raise CheckpointError(
+                    f"{path}: is a pickle/torch.save file; deeplab-pipeline never unpickles model files. "
+                    "Convert torchvision state dicts with `deeplab import-torchvision`."
+                )
+            if len(head) < 9:
+                raise CheckpointError(f"{path}: not a checkpoint (file too short)")
             raise CheckpointError(f"{path}: not a safetensors checkpoint (bad header)")
+        handle.seek(8)
         raw = handle.read(length)
     try:
         header = json.loads(raw)

@@ -143,11 +143,11 @@ def tune(
                     on_trial(trial)
             return max(trials, key=lambda t: t.score)
 
-        coarse_best = run(grid(COARSE_W1, COARSE_SIGMA_ALPHA, COARSE_SIGMA_BETA, iterations))
-        best = run(fine_grid(coarse_best.params, iterations))
+        # The paper's setting is a candidate too: the search never returns something worse than it.
         paper_params = CRFParams(iterations=iterations)
-        run([paper_params])
-        paper = next(t for t in trials if t.params == paper_params)  # run() returns the best, not this one
+        coarse_best = run([paper_params, *grid(COARSE_W1, COARSE_SIGMA_ALPHA, COARSE_SIGMA_BETA, iterations)])
+        best = run(fine_grid(coarse_best.params, iterations))
+        paper = next(t for t in trials if t.params == paper_params)
     return {
         "objective": objective,
         "best": best.params.model_dump(),

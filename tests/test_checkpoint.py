@@ -159,3 +159,16 @@ def test_import_refuses_a_state_dict_with_objects(tmp_path: Path) -> None:
         from models.torchvision_import import read_state_dict
 
         read_state_dict(path)
+
+
+def test_header_length_whose_low_byte_looks_like_pickle_still_loads(tmp_path: Path) -> None:
+    """A safetensors header length such as 0x9980 starts with the byte 0x80, as a pickle does."""
+    metadata = _metadata()
+    model = build_model(metadata.architecture, **metadata.arch_args).eval()
+    path = tmp_path / "m.safetensors"
+    for pad in range(0, 600):
+        save_checkpoint(path, model, metadata.model_copy(update={"training": {"pad": "x" * pad}}))
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert "pad" in load_checkpoint(path).metadata.training
