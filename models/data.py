@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.transform import Affine
 
 from models.errors import DataError
 
@@ -169,12 +171,17 @@ def read_pair(pair: Pair, num_classes: int, ignore_index: int | None) -> tuple[n
 
 
 def pixel_size_m(path: Path) -> float | None:
-    """Ground sample distance in metres (geographic CRSs converted at the image centre), or None."""
+    """Ground sample distance in metres of a raster file, or None when it is not georeferenced."""
     with _open(path) as dataset:
-        if dataset.crs is None or dataset.transform.is_identity:
-            return None
-        res_x = abs(dataset.transform.a)
-        if dataset.crs.is_geographic:
-            latitude = (dataset.bounds.bottom + dataset.bounds.top) / 2
-            return float(res_x * 111_320.0 * math.cos(math.radians(latitude)))
-        return float(res_x * (dataset.crs.linear_units_factor[1] if dataset.crs.linear_units_factor else 1.0))
+        return ground_pixel_size(dataset.crs, dataset.transform, dataset.height, dataset.width)
+
+
+def ground_pixel_size(crs: CRS | None, transform: Affine, height: int, width: int) -> float | None:
+    """Pixel width in metres; a geographic CRS is converted at the raster's centre latitude."""
+    if crs is None or transform.is_identity:
+        return None
+    res_x = math.hypot(transform.a, transform.d)
+    if crs.is_geographic:
+        latitude = (transform * (width / 2, height / 2))[1]
+        return float(res_x * 111_320.0 * math.cos(math.radians(latitude)))
+    return float(res_x * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0))

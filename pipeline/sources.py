@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from models.data import ground_pixel_size
 from models.errors import DataError
 
 
@@ -42,14 +42,9 @@ class Scene:
 
     def pixel_size_m(self) -> float | None:
         """Ground sample distance in metres; geographic CRSs are converted at the scene's centre latitude."""
-        if not self.georeferenced or self.crs is None:
+        if not self.georeferenced:
             return None
-        res_x = math.hypot(self.transform.a, self.transform.d)
-        if self.crs.is_geographic:
-            centre_y = (self.transform * (self.width / 2, self.height / 2))[1]
-            return float(res_x * 111_320.0 * math.cos(math.radians(centre_y)))
-        factor = self.crs.linear_units_factor[1] if self.crs.linear_units_factor else 1.0
-        return float(res_x * factor)
+        return ground_pixel_size(self.crs, self.transform, self.height, self.width)
 
 
 @contextmanager
