@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,14 @@ def landcover_model() -> Path:
 
 def kampala_chip(kampala: Path, stem: str = "OAM-1238456-1046532-21") -> tuple[Path, Path]:
     return kampala / "chips" / f"{stem}.tif", kampala / "masks" / f"{stem}.tif"
+
+
+def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> tuple[Path, Path]:
+    """Copy chips and masks into ``target/images`` and ``target/masks``; returns the two folders."""
+    images, masks = target / "images", target / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for stem in stems:
+        shutil.copy(kampala / "chips" / f"{stem}.tif", images)
+        shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
+    return images, masks

@@ -8,18 +8,13 @@ import pytest
 
 from models.checkpoint import load_checkpoint, read_metadata
 from pipeline.cli import main
+from tests.conftest import copy_kampala_pairs
 
 HELD_OUT = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21", "OAM-1238458-1046534-21")
 
 
 def _held_out(kampala: Path, tmp_path: Path) -> tuple[Path, Path]:
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for stem in HELD_OUT:
-        shutil.copy(kampala / "chips" / f"{stem}.tif", images)
-        shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
-    return images, masks
+    return copy_kampala_pairs(kampala, tmp_path, HELD_OUT)
 
 
 def test_evaluate_writes_both_reports(

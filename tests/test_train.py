@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from models.inference import normalise
 from models.metadata import BandInfo
 from models.registry import build_model
 from pipeline.cli import main
+from tests.conftest import copy_kampala_pairs
 
 CHIPS = (
     "OAM-1238448-1046528-21",
@@ -25,13 +25,7 @@ CHIPS = (
 
 
 def _four_chips(kampala: Path, tmp_path: Path) -> tuple[Path, Path]:
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for stem in CHIPS:
-        shutil.copy(kampala / "chips" / f"{stem}.tif", images)
-        shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
-    return images, masks
+    return copy_kampala_pairs(kampala, tmp_path, CHIPS)
 
 
 def _train_args(images: Path, masks: Path, out: Path, epochs: int) -> list[str]:
