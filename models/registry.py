@@ -33,6 +33,12 @@ class Architecture:
     build: Callable[[int, int, int, str], nn.Module]  # (num_classes, in_channels, output_stride, pretrained)
     default_output_stride: int
     imagenet_normalisation: tuple[tuple[float, ...], tuple[float, ...]]  # mean, std on the 0-255 scale
+    head_rate: Callable[[int], int]  # largest atrous rate of the head at an output stride
+
+    def head_reach(self, output_stride: int | None = None) -> int:
+        """Half-width in input pixels of the atrous head's field of view (largest rate x output stride)."""
+        stride = output_stride or self.default_output_stride
+        return self.head_rate(stride) * stride
 
 
 _IMAGENET = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
@@ -41,6 +47,29 @@ _LITE = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))  # EfficientNet-Lite was 
 
 def _v3_rates(output_stride: int) -> tuple[int, int, int]:
     return (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+
+
+def _v2_rates(output_stride: int) -> tuple[int, int, int, int]:
+    return (6, 12, 18, 24) if output_stride == 8 else (3, 6, 9, 12)
+
+
+def _largefov_rate(output_stride: int) -> int:
+    return 12 if output_stride == 8 else 6  # the same field of view at either stride
+
+
+def _max_v3_rate(output_stride: int) -> int:
+    return max(_v3_rates(output_stride))
+
+
+_MOBILENET_RATES = (12, 24, 36)
+
+
+def _max_mobilenet_rate(output_stride: int) -> int:
+    return max(_MOBILENET_RATES)
+
+
+def _max_v2_rate(output_stride: int) -> int:
+    return max(_v2_rates(output_stride))
 
 
 def _resnet_dilation(output_stride: int) -> list[bool]:
@@ -94,7 +123,7 @@ def _build_resnet101_v2(num_classes: int, in_channels: int, output_stride: int, 
     replace_first_conv(net, in_channels)
     backbone = IntermediateLayerGetter(net, return_layers={"layer4": "out"})
     # The paper's rates are for output stride 8; halve them at 16 to keep the same field of view.
-    rates = (6, 12, 18, 24) if output_stride == 8 else (3, 6, 9, 12)
+    rates = _v2_rates(output_stride)
     return DeepLab(backbone, ASPPv2(2048, num_classes, rates, hidden=None))
 
 
@@ -106,7 +135,7 @@ def _build_mobilenet_v3(num_classes: int, in_channels: int, output_stride: int, 
     replace_first_conv(features, in_channels)
     backbone = IntermediateLayerGetter(features, return_layers={"3": "low", str(len(features) - 1): "out"})
     # torchvision uses rates 12/24/36 here at output stride 16; keep them so its weights behave alike.
-    return DeepLab(backbone, DeepLabHead(960, num_classes, (12, 24, 36)))
+    return DeepLab(backbone, DeepLabHead(960, num_classes, _MOBILENET_RATES))
 
 
 class _VGGLargeFOVBackbone(nn.Module):
@@ -138,7 +167,7 @@ def _build_vgg16_largefov(
     features = cast(nn.Sequential, net.features)
     replace_first_conv(features, in_channels)
     backbone = _VGGLargeFOVBackbone(features, output_stride)
-    rate = 12 if output_stride == 8 else 6  # the same field of view at either stride
+    rate = _largefov_rate(output_stride)
     return DeepLab(backbone, ASPPv2(512, num_classes, (rate,)))
 
 
@@ -169,6 +198,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_resnet_v3(50),
             8,
             _IMAGENET,
+            _max_v3_rate,
         ),
         Architecture(
             "deeplabv3_resnet101",
@@ -176,6 +206,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_resnet_v3(101),
             8,
             _IMAGENET,
+            _max_v3_rate,
         ),
         Architecture(
             "deeplabv3_mobilenet_v3_large",
@@ -183,6 +214,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_mobilenet_v3,
             16,
             _IMAGENET,
+            _max_mobilenet_rate,
         ),
         Architecture(
             "deeplabv2_resnet101",
@@ -190,6 +222,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_resnet101_v2,
             8,
             _IMAGENET,
+            _max_v2_rate,
         ),
         Architecture(
             "deeplab_largefov_vgg16",
@@ -197,6 +230,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_vgg16_largefov,
             8,
             _IMAGENET,
+            _largefov_rate,
         ),
         Architecture(
             "deeplabv3_efficientnet_lite0",
@@ -204,6 +238,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_lite0(decoder=False),
             16,
             _LITE,
+            _max_v3_rate,
         ),
         Architecture(
             "deeplabv3plus_efficientnet_lite0",
@@ -211,6 +246,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _build_lite0(decoder=True),
             16,
             _LITE,
+            _max_v3_rate,
         ),
     )
 }

@@ -199,6 +199,7 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from pipeline.progress import ConsoleProgress
     from pipeline.segment import SegmentOptions, segment_scenes
 
     options = SegmentOptions(
@@ -213,9 +214,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         engine=args.engine,
         ray_address=args.ray_address,
         max_in_flight=args.max_in_flight,
+        match_resolution=args.match_resolution,
+        probabilities=args.probabilities,
+        vectorize=args.vectorize,
     )
+    if args.dry_run:
+        return _dry_run(args.scenes, args.model, options)
     failures = 0
-    for scene, result in segment_scenes(args.scenes, args.model, args.out, options):
+    progress = ConsoleProgress(console)
+    for scene, result in segment_scenes(args.scenes, args.model, args.out, options, progress):
         if isinstance(result, DeepLabError):
             failures += 1
             console.print(f"[red]failed:[/red] {result}", highlight=False, soft_wrap=True)
@@ -228,6 +235,21 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             soft_wrap=True,
             highlight=False,
         )
+    return 1 if failures else 0
+
+
+def _dry_run(scenes: list[Path], model: Path, options: Any) -> int:
+    """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
+    from pipeline.segment import check_scenes, count_nodata_cores
+
+    failures = 0
+    for scene, plan in check_scenes(scenes, model, options):
+        if isinstance(plan, DeepLabError):
+            failures += 1
+            console.print(f"[red]refused:[/red] {plan}", highlight=False, soft_wrap=True)
+            continue
+        for line in plan.describe(count_nodata_cores(scene, plan)):
+            _stdout().print(line, highlight=False, soft_wrap=True)
     return 1 if failures else 0
 
 
@@ -355,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument("--out", type=Path, required=True)
     segment.add_argument("--tile", type=int, default=512, help="core size in pixels")
-    segment.add_argument("--halo", type=int, default=64, help="context read around each core, pixels")
+    segment.add_argument(
+        "--halo",
+        type=int,
+        help="context read around each core, pixels (default: the model head's field of view and 3 σα of "
+        "the CRF, up to a quarter of the core)",
+    )
     segment.add_argument("--no-crf", action="store_true")
     segment.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
     segment.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
@@ -370,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
     segment.add_argument("--max-in-flight", type=int, default=8, help="windows queued on actors at once")
+    segment.add_argument(
+        "--match-resolution", action="store_true", help="resample to the model's training pixel size"
+    )
+    segment.add_argument(
+        "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
+    )
+    segment.add_argument("--vectorize", action="store_true", help="also write polygons.gpkg (per class)")
+    segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
 
     card = commands.add_parser("card", help="render a model card (markdown) from a checkpoint's metadata")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -30,6 +31,21 @@ class Tile:
             self.core_height + 2 * self.halo,
             self.core_width + 2 * self.halo,
         )
+
+
+HALO_ALIGN = 32  # a multiple of every output stride: tiles sample the feature grid in phase with the scene
+
+
+def default_halo(head_reach: int, crf_sigma_alpha: float | None, tile: int) -> int:
+    """Context around each core: the atrous head's field of view and 3 σα of the CRF's appearance kernel.
+
+    Capped at a quarter of the core (window area at most 2.25x the core's): past that, the extra context
+    costs more than the little it changes (the seam figures in bench/ measure what remains).
+    """
+    crf_reach = math.ceil(3 * crf_sigma_alpha) if crf_sigma_alpha else 0
+    needed = -(-max(head_reach, crf_reach) // HALO_ALIGN) * HALO_ALIGN
+    cap = tile // 4 // HALO_ALIGN * HALO_ALIGN
+    return max(HALO_ALIGN, min(needed, cap))
 
 
 def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:

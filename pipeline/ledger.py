@@ -28,32 +28,42 @@ def result_key(**parts: Any) -> str:
 
 
 class Ledger:
-    def __init__(self, folder: Path, key: str, shape: tuple[int, int], tile: int) -> None:
+    def __init__(
+        self, folder: Path, key: str, shape: tuple[int, int], tile: int, confidence: bool = False
+    ) -> None:
         self.folder = Path(folder)
         self.key = key
         self.tile = tile
         self.labels_path = self.folder / "labels.zarr"
+        self.confidence_path = self.folder / "confidence.zarr" if confidence else None
         self.log_path = self.folder / "ledger.jsonl"
         header_path = self.folder / "ledger.json"
-        header = {"key": key, "shape": list(shape), "tile": tile}
+        header = {"key": key, "shape": list(shape), "tile": tile, "confidence": confidence}
         current = json.loads(header_path.read_text()) if header_path.exists() else None
-        if current != header or not self.labels_path.exists():
+        if current != header or not all(p.exists() for p in self._stores):
             self._reset(header, shape)
             write_text_atomically(header_path, json.dumps(header))
         self._done = self._read_done()
 
     def _reset(self, header: dict[str, Any], shape: tuple[int, int]) -> None:
-        shutil.rmtree(self.labels_path, ignore_errors=True)
-        self.log_path.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)  # first: a kill mid-reset must not leave stale records
+        for old in (self.folder / "labels.zarr", self.folder / "confidence.zarr"):
+            shutil.rmtree(old, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
-        zarr.create_array(
-            store=self.labels_path,
-            shape=shape,
-            chunks=(self.tile, self.tile),
-            dtype="uint8",
-            fill_value=NODATA_LABEL,
-            attributes={"key": header["key"]},
-        )
+        for store in self._stores:
+            zarr.create_array(
+                store=store,
+                shape=shape,
+                chunks=(self.tile, self.tile),
+                dtype="uint8",
+                fill_value=NODATA_LABEL,
+                attributes={"key": header["key"]},
+            )
+
+    @property
+    def _stores(self) -> list[Path]:
+        """labels.zarr, then confidence.zarr when kept: one per plane of a core."""
+        return [p for p in (self.labels_path, self.confidence_path) if p is not None]
 
     def _read_done(self) -> set[tuple[int, int]]:
         done: set[tuple[int, int]] = set()
@@ -74,11 +84,15 @@ class Ledger:
     def done_count(self) -> int:
         return len(self._done)
 
-    def write_core(self, row: int, col: int, labels: np.ndarray, **stats: Any) -> None:
-        """Write one core's labels, then record it (fsync'd) in the ledger."""
-        array = zarr.open_array(self.labels_path, mode="r+")
+    def write_core(self, row: int, col: int, planes: np.ndarray, **stats: Any) -> None:
+        """Write one core's labels (and confidence, as a second plane), then record it (fsync'd)."""
+        planes = planes[None] if planes.ndim == 2 else planes
         top, left = row * self.tile, col * self.tile
-        array[top : top + labels.shape[0], left : left + labels.shape[1]] = labels
+        height, width = planes.shape[-2:]
+        if planes.shape[0] != len(self._stores):
+            raise ValueError(f"expected {len(self._stores)} plane(s) per core, got {planes.shape[0]}")
+        for path, plane in zip(self._stores, planes, strict=True):
+            zarr.open_array(path, mode="r+")[top : top + height, left : left + width] = plane
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps({"row": row, "col": col, **stats}) + "\n")
             handle.flush()
@@ -87,3 +101,8 @@ class Ledger:
 
     def labels(self) -> Any:
         return zarr.open_array(self.labels_path, mode="r")
+
+    def confidence(self) -> Any:
+        if self.confidence_path is None:
+            raise ValueError("this ledger keeps no confidence")
+        return zarr.open_array(self.confidence_path, mode="r")

@@ -19,6 +19,7 @@ from models.atomic import atomic_output
 from models.metadata import ClassInfo
 from pipeline.ledger import NODATA_LABEL
 from pipeline.sources import Scene
+from pipeline.workers import CONFIDENCE_SCALE
 
 BLOCK = 512
 
@@ -26,8 +27,28 @@ BLOCK = 512
 def write_mask_cog(
     labels: Any, scene: Scene, classes: Sequence[ClassInfo], tags: dict[str, str], out: Path
 ) -> None:
-    """``labels`` (H, W) uint8, any array that slices (a zarr array streams block rows)."""
-    height, width = labels.shape
+    """``labels`` (H, W) uint8 class ids, any array that slices (a zarr array streams block rows)."""
+    colours = {i: (*c.color, 255) for i, c in enumerate(classes)}
+    colours[NODATA_LABEL] = (0, 0, 0, 0)
+    write_cog(labels, scene, tags, out, "class id", colours=colours)
+
+
+def write_confidence_cog(confidence: Any, scene: Scene, tags: dict[str, str], out: Path) -> None:
+    """Top-class probability quantised to 0-254 (255 nodata); the band's scale turns it back into 0-1."""
+    write_cog(confidence, scene, tags, out, "top-class probability x 254", scale=1 / CONFIDENCE_SCALE)
+
+
+def write_cog(
+    array: Any,
+    scene: Scene,
+    tags: dict[str, str],
+    out: Path,
+    description: str,
+    colours: dict[int, tuple[int, int, int, int]] | None = None,
+    scale: float | None = None,
+) -> None:
+    """A uint8 (H, W) raster on the scene's grid as a COG: a tiled GTiff streamed first, then the COG."""
+    height, width = array.shape
     profile = {
         "driver": "GTiff",
         "height": height,
@@ -46,19 +67,20 @@ def write_mask_cog(
         atomic_output(out) as published,
         tempfile.TemporaryDirectory(prefix=".stage-", dir=out.parent) as stage,
     ):
-        staged = Path(stage) / "labels.tif"
+        staged = Path(stage) / "raster.tif"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             sink = rasterio.open(staged, "w", **profile)
         with sink:
             for top in range(0, height, BLOCK):
-                rows = np.asarray(labels[top : top + BLOCK])
+                rows = np.asarray(array[top : top + BLOCK])
                 sink.write(rows[None], window=Window(0, top, width, rows.shape[0]))
-            colours = {i: (*c.color, 255) for i, c in enumerate(classes)}
-            colours[NODATA_LABEL] = (0, 0, 0, 0)
-            sink.write_colormap(1, colours)
+            if colours:
+                sink.write_colormap(1, colours)
+            if scale is not None:
+                sink.scales = (scale,)
             sink.update_tags(**tags)
-            sink.set_band_description(1, "class id")
+            sink.set_band_description(1, description)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             rasterio.shutil.copy(
@@ -66,7 +88,8 @@ def write_mask_cog(
                 published,
                 driver="COG",
                 compress="deflate",
-                overview_resampling="mode",
+                # class ids and confidences are not averaged: the most frequent value represents a block
+                overview_resampling="mode" if colours else "average",
                 blocksize=BLOCK,
             )
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of, read_padded
 from pipeline.ledger import Ledger
-from pipeline.workers import CRFWorker, ModelWorker, same_shape_batches, write_core
+from pipeline.workers import CoreDone, CRFWorker, ModelWorker, WorkSpec, same_shape_batches, write_core
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
@@ -98,36 +97,45 @@ def run_tiles(
     ledger: Ledger,
     checkpoint: Path,
     plan: ActorPlan,
-    crf_params: CRFParams | None,
-    input_max: float,
-    scales: tuple[float, ...],
-    fuse: str,
-    batch_size: int,
-    device: str,
+    spec: WorkSpec,
     max_in_flight: int,
-    amp: bool = True,
+    on_core: CoreDone | None = None,
 ) -> int:
     """Compute every core in ``todo`` on actors, writing each to the ledger as it completes."""
     if not todo:
         return 0
     model_cls = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(ModelWorker)
     models = [
-        model_cls.remote(str(checkpoint), device, plan.model_threads, amp) for _ in range(plan.model_actors)
+        model_cls.remote(str(checkpoint), spec.device, plan.model_threads, spec.amp)
+        for _ in range(plan.model_actors)
     ]
-    crf_cls = ray.remote(num_cpus=plan.crf_cpus)(CRFWorker) if crf_params else None
+    crf_cls = ray.remote(num_cpus=plan.crf_cpus)(CRFWorker) if spec.crf else None
     crfs = [crf_cls.remote() for _ in range(plan.crf_actors)] if crf_cls else []
-    batches = same_shape_batches(todo, batch_size)
+    batches = same_shape_batches(todo, spec.batch_size)
     model_jobs: dict[Any, tuple[list[tuple[Tile, np.ndarray]], list[np.ndarray]]] = {}
     crf_jobs: dict[Any, tuple[Tile, np.ndarray]] = {}
     submitted = finished = 0
     next_batch = 0
+
+    def done(tile: Tile, valid: np.ndarray, planes: np.ndarray) -> None:
+        nonlocal finished
+        write_core(ledger, tile, valid, planes)
+        finished += 1
+        if on_core:
+            on_core()
+
     try:
         while finished < len(todo):
-            while next_batch < len(batches) and len(model_jobs) * batch_size + len(crf_jobs) < max_in_flight:
+            while (
+                next_batch < len(batches)
+                and len(model_jobs) * spec.batch_size + len(crf_jobs) < max_in_flight
+            ):
                 group = batches[next_batch]
                 windows = [read_padded(image, tile) for tile, _ in group]
                 actor = models[next_batch % len(models)]
-                ref = actor.predict.remote(windows, scales, fuse, crf_params is not None)
+                ref = actor.predict.remote(
+                    windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence
+                )
                 model_jobs[ref] = (group, windows)
                 next_batch += 1
             ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1)
@@ -135,19 +143,17 @@ def run_tiles(
                 if ref in model_jobs:
                     group, windows = model_jobs.pop(ref)
                     for (tile, valid), window, result in zip(group, windows, ray.get(ref), strict=True):
-                        if crf_params is not None:
+                        if spec.crf is not None:
                             crf_ref = crfs[submitted % len(crfs)].refine_core.remote(
-                                result, window, crf_params, input_max, tile
+                                result, window, spec.crf, spec.input_max, tile, spec.with_confidence
                             )
                             crf_jobs[crf_ref] = (tile, valid)
                             submitted += 1
                         else:
-                            write_core(ledger, tile, valid, core_of(result, tile))
-                            finished += 1
+                            done(tile, valid, core_of(result, tile))
                 else:
                     tile, valid = crf_jobs.pop(ref)
-                    write_core(ledger, tile, valid, ray.get(ref))
-                    finished += 1
+                    done(tile, valid, ray.get(ref))
     finally:
         for actor in [*models, *crfs]:
             ray.kill(actor)

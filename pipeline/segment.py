@@ -12,30 +12,41 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
 from models.checkpoint import LoadedModel, file_sha256, load_checkpoint, read_metadata
-from models.errors import DataError, DeepLabError
+from models.errors import DeepLabError
 from models.inference import pick_device
 from models.metadata import CheckpointMetadata, CRFParams
+from models.registry import get_architecture
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import Tile, core_of, plan_tiles, read_padded
+from pipeline.grid import Tile, core_of, default_halo, plan_tiles, read_padded
 from pipeline.ledger import Ledger, result_key
-from pipeline.publish import write_mask_cog, write_quicklook
-from pipeline.sources import Scene, describe
+from pipeline.preflight import PreflightResult, preflight
+from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
+from pipeline.regrid import NearestView
+from pipeline.sources import Scene, describe, open_raster, read_valid, resampled_shape
 from pipeline.stage import StagedScene, stage_scene
-from pipeline.workers import CRFWorker, ModelWorker, same_shape_batches, write_core
+from pipeline.vectorize import vectorize_mask
+from pipeline.workers import (
+    CoreDone,
+    CRFWorker,
+    ModelWorker,
+    WorkSpec,
+    same_shape_batches,
+    write_core,
+)
 
 
 class SegmentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tile: int = Field(512, ge=16)
-    halo: int = Field(64, ge=0)
+    halo: int | None = Field(None, ge=0, description="None: derived from the model's head and the CRF")
     crf: bool = True
     crf_params: CRFParams | None = None
     scales: tuple[float, ...] = (1.0,)
@@ -47,6 +58,9 @@ class SegmentOptions(BaseModel):
     ray_address: str | None = None
     max_in_flight: int = Field(8, ge=1)
     amp: bool = True
+    match_resolution: bool = False
+    probabilities: bool = False
+    vectorize: bool = False
 
 
 @dataclass
@@ -58,95 +72,200 @@ class SegmentResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def preflight(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> None:
-    """Every problem on its own line, each naming the file."""
-    problems = []
-    if scene.bands != metadata.num_bands:
-        problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
-    if not scene.georeferenced and not options.allow_ungeoreferenced:
-        problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
-    if problems:
-        raise DataError("\n".join(f"{scene.path}: {p}" for p in problems))
+class Progress(Protocol):
+    """Where a run reports its stages and finished cores (the CLI draws them; tests may record them)."""
+
+    def stage(self, scene: str, stage: str, detail: str = "") -> None: ...
+
+    def cores(self, scene: str, total: int) -> CoreDone: ...
+
+
+class Silent:
+    def stage(self, scene: str, stage: str, detail: str = "") -> None:
+        return None
+
+    def cores(self, scene: str, total: int) -> CoreDone:
+        return lambda: None
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """What a run will do for one scene, before any of it is done (``--dry-run`` prints this)."""
+
+    check: PreflightResult
+    shape: tuple[int, int]  # the grid the model runs on (the source's unless --match-resolution)
+    halo: int
+    tiles: list[Tile]
+    crf: CRFParams | None
+
+    @property
+    def window(self) -> int:
+        return max(t.window[2] for t in self.tiles) if self.tiles else 0
+
+    def describe(self, nodata_cores: int | None = None) -> list[str]:
+        scene = self.check.scene
+        lines = [
+            f"{scene.path}: {scene.height}x{scene.width} px, {scene.bands} band(s) {scene.dtype}, "
+            f"CRS {scene.crs.to_string() if scene.crs else 'none'}, pixel {_metres(scene.pixel_size_m())}",
+        ]
+        if self.shape != (scene.height, scene.width):
+            lines.append(f"  resampled to {self.shape[0]}x{self.shape[1]} px (x{self.check.scale:.3g})")
+        cores = f"{len(self.tiles)} cores of {self.tiles[0].core_height if self.tiles else 0} px"
+        if nodata_cores is not None:
+            cores += f" ({nodata_cores} wholly nodata, skipped)"
+        lines.append(f"  {cores}, halo {self.halo} px, windows up to {self.window} px")
+        lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
+        lines += [f"  warning: {w}" for w in self.check.warnings]
+        return lines
+
+
+def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> ScenePlan:
+    """Preflight (raises on problems) and the tile plan; reads no pixels."""
+    check = preflight(scene, metadata, options.allow_ungeoreferenced, options.match_resolution)
+    check.raise_if_refused()
+    crf = (options.crf_params or metadata.crf) if options.crf else None
+    shape = resampled_shape(scene.height, scene.width, check.scale)
+    halo = options.halo
+    if halo is None:
+        reach = get_architecture(metadata.architecture).head_reach(metadata.arch_args.get("output_stride"))
+        halo = default_halo(reach, crf.sigma_alpha if crf else None, options.tile)
+    return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
+
+
+def count_nodata_cores(scene_path: Path, plan: ScenePlan) -> int:
+    """Cores without one valid pixel, read from the source's mask (what a dry run can know unstaged)."""
+    with open_raster(scene_path) as dataset:
+        return sum(
+            not read_valid(
+                dataset, t.core_top, t.core_left, t.core_height, t.core_width, plan.check.scale
+            ).any()
+            for t in plan.tiles
+        )
+
+
+def _metres(value: float | None) -> str:
+    return f"{value:.3g} m" if value else "unknown"
 
 
 def segment_scene(
-    scene_path: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any = None
+    scene_path: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    options: SegmentOptions,
+    ray: Any = None,
+    progress: Progress | None = None,
 ) -> SegmentResult:
     """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``."""
+    progress = progress or Silent()
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
     loaded = load_checkpoint(checkpoint, device=pick_device(options.device))
     scene = describe(scene_path)
-    preflight(scene, loaded.metadata, options)
+    plan = plan_scene(scene, loaded.metadata, options)
+    name = scene.scene_id
+    progress.stage(name, "preflight", "; ".join(plan.check.warnings))
     checksum = file_sha256(Path(scene_path))
     timings["preflight"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    work = Path(out_dir) / ".work"
-    staged = stage_scene(scene_path, work, options.tile, checksum)
+    progress.stage(name, "stage")
+    staged = stage_scene(scene_path, Path(out_dir) / ".work", options.tile, checksum, plan.check.scale)
     timings["stage"] = time.perf_counter() - clock
 
-    crf_params = options.crf_params or loaded.metadata.crf
     key = result_key(
         input=checksum,
         checkpoint=loaded.sha256,
         tile=options.tile,
-        halo=options.halo,
-        crf=crf_params.model_dump() if options.crf else None,
+        halo=plan.halo,
+        crf=plan.crf.model_dump() if plan.crf else None,
         scales=options.scales,
         fuse=options.fuse,
+        scale=plan.check.scale,
     )
-    ledger = Ledger(staged.folder, key, (scene.height, scene.width), options.tile)
+    ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
     resumed = ledger.done_count
 
     clock = time.perf_counter()
-    tiles = plan_tiles(scene.height, scene.width, options.tile, options.halo)
     valid_store = staged.valid()
     todo, skipped = [], 0
-    for tile in tiles:
-        if ledger.is_done(tile.row, tile.col):
-            continue
-        core_valid = valid_store[
-            tile.core_top : tile.core_top + tile.core_height,
-            tile.core_left : tile.core_left + tile.core_width,
-        ]
+    for tile in plan.tiles:
+        core_valid = np.asarray(
+            valid_store[
+                tile.core_top : tile.core_top + tile.core_height,
+                tile.core_left : tile.core_left + tile.core_width,
+            ]
+        )
         if not core_valid.any():
             skipped += 1  # left nodata, never computed
-            continue
-        todo.append((tile, np.asarray(core_valid)))
+        elif not ledger.is_done(tile.row, tile.col):
+            todo.append((tile, core_valid))
+    progress.stage(name, "segment", f"{len(todo)} cores to compute, {resumed} resumed, {skipped} nodata")
+    spec = WorkSpec(
+        crf=plan.crf,
+        input_max=loaded.metadata.input_max,
+        scales=options.scales,
+        fuse=options.fuse,
+        batch_size=options.batch_size,
+        device=options.device,
+        amp=options.amp,
+        with_confidence=options.probabilities,
+    )
+    on_core = progress.cores(name, len(todo))
     if options.engine == "ray" and ray is not None:
-        computed = _compute_on_ray(ray, staged, loaded, ledger, todo, options, crf_params)
+        computed = _compute_on_ray(ray, staged, loaded, ledger, todo, spec, options.max_in_flight, on_core)
     else:
-        computed = _compute(staged, loaded, ledger, todo, options, crf_params)
+        computed = _compute(staged, loaded, ledger, todo, spec, on_core)
     timings["segment"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    progress.stage(name, "publish")
     target = Path(out_dir) / scene.scene_id
-    labels = ledger.labels()
-    mask_path, quicklook_path, report_path = (
-        target / "mask.tif",
-        target / "quicklook.png",
-        target / "report.json",
-    )
-    write_mask_cog(
-        labels, scene, loaded.metadata.classes, _provenance(loaded, options, crf_params, checksum), mask_path
-    )
-    write_quicklook(staged.image(), labels, loaded.metadata.classes, quicklook_path)
+    outputs = {name: target / file for name, file in _OUTPUT_FILES.items()}
+    labels = _on_source_grid(ledger.labels(), scene, plan)
+    tags = _provenance(loaded, options, plan, checksum)
+    write_mask_cog(labels, scene, loaded.metadata.classes, tags, outputs["mask"])
+    if options.probabilities:
+        outputs["probabilities"] = target / "probabilities.tif"
+        confidence = _on_source_grid(ledger.confidence(), scene, plan)
+        write_confidence_cog(confidence, scene, tags, outputs["probabilities"])
+    write_quicklook(staged.image(), ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
+    polygons = None
+    if options.vectorize:
+        clock = time.perf_counter()
+        progress.stage(name, "vectorize")
+        outputs["polygons"] = target / "polygons.gpkg"
+        polygons = vectorize_mask(
+            labels, loaded.metadata.classes, scene.crs, scene.transform, outputs["polygons"], options.tile
+        )
+        timings["vectorize"] = time.perf_counter() - clock
     total = time.perf_counter() - started
     details = _report(
         scene,
         loaded,
         labels,
         options,
-        crf_params,
+        plan,
         checksum,
         timings,
         total,
-        {"total": len(tiles), "computed": computed, "skipped": skipped, "resumed": resumed},
+        {"total": len(plan.tiles), "computed": computed, "skipped": skipped, "resumed": resumed},
     )
-    write_text_atomically(report_path, json.dumps(details, indent=2))
-    return SegmentResult(Path(scene_path), mask_path, report_path, quicklook_path, details)
+    details["outputs"] = {k: v.name for k, v in outputs.items()}
+    if polygons is not None:
+        details["polygons"] = polygons
+    write_text_atomically(outputs["report"], json.dumps(details, indent=2))
+    progress.stage(name, "done", f"{total:.1f} s")
+    return SegmentResult(Path(scene_path), outputs["mask"], outputs["report"], outputs["quicklook"], details)
+
+
+_OUTPUT_FILES = {"mask": "mask.tif", "quicklook": "quicklook.png", "report": "report.json"}
+
+
+def _on_source_grid(array: Any, scene: Scene, plan: ScenePlan) -> Any:
+    if plan.shape == (scene.height, scene.width):
+        return array
+    return NearestView(array, (scene.height, scene.width), plan.check.scale)
 
 
 def _compute(
@@ -154,22 +273,23 @@ def _compute(
     loaded: LoadedModel,
     ledger: Ledger,
     todo: list[tuple[Tile, np.ndarray]],
-    options: SegmentOptions,
-    crf_params: CRFParams,
+    spec: WorkSpec,
+    on_core: CoreDone,
 ) -> int:
     """The local engine: the Ray engine's workers, called in this process."""
     image = staged.image()
-    model = ModelWorker(str(loaded.path), options.device, None, options.amp, loaded=loaded)
+    model = ModelWorker(str(loaded.path), spec.device, None, spec.amp, loaded=loaded)
     crf = CRFWorker()
-    for group in same_shape_batches(todo, options.batch_size):
+    for group in same_shape_batches(todo, spec.batch_size):
         windows = [read_padded(image, tile) for tile, _ in group]
-        results = model.predict(windows, options.scales, options.fuse, options.crf)
+        results = model.predict(windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence)
         for (tile, valid), window, result in zip(group, windows, results, strict=True):
-            if options.crf:
-                labels = crf.refine_core(result, window, crf_params, loaded.metadata.input_max, tile)
+            if spec.crf is not None:
+                planes = crf.refine_core(result, window, spec.crf, spec.input_max, tile, spec.with_confidence)
             else:
-                labels = core_of(result, tile)
-            write_core(ledger, tile, valid, labels)
+                planes = core_of(result, tile)
+            write_core(ledger, tile, valid, planes)
+            on_core()
     return len(todo)
 
 
@@ -179,65 +299,65 @@ def _compute_on_ray(
     loaded: LoadedModel,
     ledger: Ledger,
     todo: list[tuple[Tile, np.ndarray]],
-    options: SegmentOptions,
-    crf_params: CRFParams,
+    spec: WorkSpec,
+    max_in_flight: int,
+    on_core: CoreDone,
 ) -> int:
     from pipeline.ray_engine import ActorPlan, run_tiles
 
     resources = ray.cluster_resources()
-    plan = ActorPlan.for_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), options.crf)
-    return run_tiles(
-        ray,
-        staged.image(),
-        todo,
-        ledger,
-        loaded.path,
-        plan,
-        crf_params if options.crf else None,
-        loaded.metadata.input_max,
-        options.scales,
-        options.fuse,
-        options.batch_size,
-        options.device,
-        options.max_in_flight,
-        options.amp,
-    )
+    plan = ActorPlan.for_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), spec.crf is not None)
+    return run_tiles(ray, staged.image(), todo, ledger, loaded.path, plan, spec, max_in_flight, on_core)
+
+
+def check_scenes(
+    scenes: list[Path], checkpoint: Path, options: SegmentOptions
+) -> Iterator[tuple[Path, ScenePlan | DeepLabError]]:
+    """Each scene's plan, or why it is refused: reads the checkpoint's metadata and the scenes' headers."""
+    metadata = read_metadata(checkpoint)
+    for scene in scenes:
+        try:
+            yield scene, plan_scene(describe(scene), metadata, options)
+        except DeepLabError as exc:
+            yield scene, exc
 
 
 def segment_scenes(
-    scenes: list[Path], checkpoint: Path, out_dir: Path, options: SegmentOptions
+    scenes: list[Path],
+    checkpoint: Path,
+    out_dir: Path,
+    options: SegmentOptions,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[Path, SegmentResult | DeepLabError]]:
     """Every scene in turn on one Ray session; a failed scene is reported and the others go on.
 
     The checkpoint and every scene are checked before Ray starts: a bad checkpoint stops the batch at once,
     and a scene that fails its preflight never costs a cluster start.
     """
-    metadata = read_metadata(checkpoint)
     ready = []
-    for scene in scenes:
-        try:
-            preflight(describe(scene), metadata, options)
+    for scene, plan in check_scenes(scenes, checkpoint, options):
+        if isinstance(plan, DeepLabError):
+            yield scene, plan
+        else:
             ready.append(scene)
-        except DeepLabError as exc:
-            yield scene, exc
     if not ready:
         return
     if options.engine == "local":
         for scene in ready:
-            yield scene, _attempt(scene, checkpoint, out_dir, options, None)
+            yield scene, _attempt(scene, checkpoint, out_dir, options, None, progress)
         return
     from pipeline.ray_engine import ray_session
 
     with ray_session(Path(out_dir) / ".work", options.ray_address) as ray:
         for scene in ready:
-            yield scene, _attempt(scene, checkpoint, out_dir, options, ray)
+            yield scene, _attempt(scene, checkpoint, out_dir, options, ray, progress)
 
 
 def _attempt(
-    scene: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any
+    scene: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any, progress: Progress | None
 ) -> SegmentResult | DeepLabError:
     try:
-        return segment_scene(scene, checkpoint, out_dir, options, ray)
+        return segment_scene(scene, checkpoint, out_dir, options, ray, progress)
     except DeepLabError as exc:
         return exc
 
@@ -247,7 +367,7 @@ def _report(
     loaded: LoadedModel,
     labels: Any,
     options: SegmentOptions,
-    crf_params: CRFParams,
+    plan: ScenePlan,
     checksum: str,
     timings: dict[str, float],
     total: float,
@@ -270,7 +390,9 @@ def _report(
         "pixel_size_m": scene.pixel_size_m(),
         "tiles": tiles,
         "tile": options.tile,
-        "halo": options.halo,
+        "halo": plan.halo,
+        "model_grid": list(plan.shape),
+        "warnings": plan.check.warning_lines(),
         "class_pixels": {c.name: int(n) for c, n in zip(classes, per_row.sum(0), strict=True)},
         "class_areas_m2": None
         if areas is None
@@ -278,7 +400,7 @@ def _report(
         "model": loaded.metadata.architecture,
         "checkpoint": loaded.path.name,
         "checkpoint_sha256": loaded.sha256,
-        "crf": crf_params.model_dump() if options.crf else None,
+        "crf": plan.crf.model_dump() if plan.crf else None,
         "scales": list(options.scales),
         "seconds": {k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
         "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
@@ -287,7 +409,7 @@ def _report(
 
 
 def _provenance(
-    loaded: LoadedModel, options: SegmentOptions, crf_params: CRFParams, checksum: str
+    loaded: LoadedModel, options: SegmentOptions, plan: ScenePlan, checksum: str
 ) -> dict[str, str]:
     metadata = loaded.metadata
     return {
@@ -295,9 +417,10 @@ def _provenance(
         "DEEPLAB_CHECKPOINT": loaded.path.name,
         "DEEPLAB_CHECKPOINT_SHA256": loaded.sha256,
         "DEEPLAB_CLASSES": json.dumps([c.name for c in metadata.classes]),
-        "DEEPLAB_CRF": json.dumps(crf_params.model_dump()) if options.crf else "off",
+        "DEEPLAB_CRF": json.dumps(plan.crf.model_dump()) if plan.crf else "off",
         "DEEPLAB_TILE": str(options.tile),
-        "DEEPLAB_HALO": str(options.halo),
+        "DEEPLAB_HALO": str(plan.halo),
+        "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",
         "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in options.scales),
         "DEEPLAB_INPUT_SHA256": checksum,
         "DEEPLAB_VERSION": software_version(),

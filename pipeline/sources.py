@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine
@@ -31,6 +32,12 @@ class Scene:
     transform: Affine
     nodata: float | None
     has_mask: bool  # alpha band or internal/external mask
+    bits: int | None = None  # significant bits per sample (GDAL NBITS), None for floats
+
+    @property
+    def full_scale(self) -> float | None:
+        """Largest value the samples can hold: from NBITS when set, else the dtype; None for floats."""
+        return float(2**self.bits - 1) if self.bits else None
 
     @property
     def scene_id(self) -> str:
@@ -77,16 +84,54 @@ def describe(path: Path | str) -> Scene:
             transform=dataset.transform,
             nodata=dataset.nodata,
             has_mask=has_mask,
+            bits=_sample_bits(dataset),
         )
 
 
-def read_block(dataset: DatasetReader, top: int, left: int, height: int, width: int) -> np.ndarray:
-    """Image bands only (an alpha band is mask, not data)."""
-    window = Window(left, top, width, height)
+def _sample_bits(dataset: DatasetReader) -> int | None:
+    dtype = np.dtype(dataset.dtypes[0])
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    declared = dataset.tags(1, ns="IMAGE_STRUCTURE").get("NBITS")  # a band-level item in GDAL
+    sign_bit = 1 if np.issubdtype(dtype, np.signedinteger) else 0
+    return int(declared) if declared else dtype.itemsize * 8 - sign_bit
+
+
+def read_block(
+    dataset: DatasetReader, top: int, left: int, height: int, width: int, scale: float = 1.0
+) -> np.ndarray:
+    """Image bands only (an alpha band is mask, not data), on a grid ``scale`` times finer than the source.
+
+    ``top, left, height, width`` are on that grid; with ``scale != 1`` GDAL resamples bilinearly.
+    """
     indexes = [i + 1 for i, c in enumerate(dataset.colorinterp) if c.name != "alpha"] or None
-    return np.asarray(dataset.read(indexes=indexes, window=window))
+    if scale == 1.0:
+        return np.asarray(dataset.read(indexes=indexes, window=Window(left, top, width, height)))
+    bands = len(indexes) if indexes else dataset.count
+    return np.asarray(
+        dataset.read(
+            indexes=indexes,
+            window=_source_window(top, left, height, width, scale),
+            out_shape=(bands, height, width),
+            resampling=Resampling.bilinear,
+        )
+    )
 
 
-def read_valid(dataset: DatasetReader, top: int, left: int, height: int, width: int) -> np.ndarray:
+def read_valid(
+    dataset: DatasetReader, top: int, left: int, height: int, width: int, scale: float = 1.0
+) -> np.ndarray:
     """True where the source has data: nodata value, alpha band and internal masks all honoured."""
-    return np.asarray(dataset.dataset_mask(window=Window(left, top, width, height))) > 0
+    if scale == 1.0:
+        return np.asarray(dataset.dataset_mask(window=Window(left, top, width, height))) > 0
+    window = _source_window(top, left, height, width, scale)
+    return np.asarray(dataset.dataset_mask(window=window, out_shape=(height, width))) > 0
+
+
+def _source_window(top: int, left: int, height: int, width: int, scale: float) -> Window:
+    return Window(left / scale, top / scale, width / scale, height / scale)
+
+
+def resampled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The grid a scene is staged on when resampled by ``scale`` (staged pixels per source pixel)."""
+    return max(1, round(height * scale)), max(1, round(width * scale))

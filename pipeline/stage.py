@@ -19,7 +19,7 @@ import zarr
 
 from models.atomic import write_text_atomically
 from models.checkpoint import file_sha256
-from pipeline.sources import Scene, describe, open_raster, read_block, read_valid
+from pipeline.sources import Scene, describe, open_raster, read_block, read_valid, resampled_shape
 
 MARKER = "staged.json"
 
@@ -30,6 +30,12 @@ class StagedScene:
     folder: Path
     tile: int
     checksum: str
+    scale: float = 1.0  # staged pixels per source pixel (--match-resolution)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the staged grid: the source's unless resampled."""
+        return resampled_shape(self.scene.height, self.scene.width, self.scale)
 
     @property
     def image_path(self) -> Path:
@@ -47,49 +53,52 @@ class StagedScene:
 
 
 def stage_scene(
-    path: Path | str, work_dir: Path | str, tile: int, checksum: str | None = None
+    path: Path | str, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
 ) -> StagedScene:
     scene = describe(path)
     checksum = checksum or file_sha256(Path(path))
     folder = Path(work_dir) / scene.scene_id
-    staged = StagedScene(scene, folder, tile, checksum)
-    if _is_current(folder, checksum, tile):
+    staged = StagedScene(scene, folder, tile, checksum, scale)
+    height_px, width_px = staged.shape
+    attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile, "scale": scale}
+    if _is_current(folder, attributes):
         return staged
     partial = folder / ".staging"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile}
     image = zarr.create_array(
         store=partial / "image.zarr",
-        shape=(scene.bands, scene.height, scene.width),
+        shape=(scene.bands, height_px, width_px),
         chunks=(scene.bands, tile, tile),
         dtype=scene.dtype,
         attributes=attributes,
     )
     valid = zarr.create_array(
         store=partial / "valid.zarr",
-        shape=(scene.height, scene.width),
+        shape=(height_px, width_px),
         chunks=(tile, tile),
         dtype="bool",
         attributes=attributes,
     )
     with open_raster(path) as dataset:
-        for top in range(0, scene.height, tile):
-            for left in range(0, scene.width, tile):
-                height, width = min(tile, scene.height - top), min(tile, scene.width - left)
+        for top in range(0, height_px, tile):
+            for left in range(0, width_px, tile):
+                height, width = min(tile, height_px - top), min(tile, width_px - left)
                 image[:, top : top + height, left : left + width] = read_block(
-                    dataset, top, left, height, width
+                    dataset, top, left, height, width, scale
                 )
-                valid[top : top + height, left : left + width] = read_valid(dataset, top, left, height, width)
+                valid[top : top + height, left : left + width] = read_valid(
+                    dataset, top, left, height, width, scale
+                )
     for name in ("image.zarr", "valid.zarr"):
         shutil.rmtree(folder / name, ignore_errors=True)
         (partial / name).rename(folder / name)
     shutil.rmtree(partial, ignore_errors=True)
-    write_text_atomically(folder / MARKER, json.dumps(attributes | {"shape": [scene.height, scene.width]}))
+    write_text_atomically(folder / MARKER, json.dumps(attributes | {"shape": [height_px, width_px]}))
     return staged
 
 
-def _is_current(folder: Path, checksum: str, tile: int) -> bool:
+def _is_current(folder: Path, attributes: dict[str, Any]) -> bool:
     marker = folder / MARKER
     if not marker.exists():
         return False
@@ -98,7 +107,7 @@ def _is_current(folder: Path, checksum: str, tile: int) -> bool:
     except json.JSONDecodeError:
         return False
     complete = (folder / "image.zarr").exists() and (folder / "valid.zarr").exists()
-    return complete and recorded.get("checksum") == checksum and recorded.get("tile") == tile
+    return complete and all(recorded.get(k) == v for k, v in attributes.items() if k != "source")
 
 
 def count_valid(staged: StagedScene) -> int:

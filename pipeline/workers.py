@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,26 @@ from models.checkpoint import LoadedModel
 from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of
 from pipeline.ledger import NODATA_LABEL, Ledger
+
+# Confidence is stored as uint8 0-254 (255 is nodata); the published raster carries the 1/254 scale.
+CONFIDENCE_SCALE = 254.0
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """What each window goes through: the same for the Ray and the local engine."""
+
+    crf: CRFParams | None
+    input_max: float
+    scales: tuple[float, ...] = (1.0,)
+    fuse: str = "max"
+    batch_size: int = 4
+    device: str = "auto"
+    amp: bool = True
+    with_confidence: bool = False
+
+
+CoreDone = Callable[[], None]  # progress callback, once per finished core
 
 
 class ModelWorker:
@@ -30,8 +52,14 @@ class ModelWorker:
         self.amp = amp
 
     def predict(
-        self, windows: list[np.ndarray], scales: tuple[float, ...], fuse: str, as_probabilities: bool
+        self,
+        windows: list[np.ndarray],
+        scales: tuple[float, ...],
+        fuse: str,
+        as_probabilities: bool,
+        with_confidence: bool = False,
     ) -> list[np.ndarray]:
+        """Per window: float16 probabilities (classes, H, W) for the CRF, else ``labels_of`` them."""
         import torch
 
         from models.inference import normalise, predict_probabilities
@@ -42,7 +70,11 @@ class ModelWorker:
         )
         if as_probabilities:
             return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
-        return list(probabilities.argmax(1).to(torch.uint8).cpu().numpy())
+        top, labels = probabilities.max(1)
+        planes = [labels.to(torch.uint8)]
+        if with_confidence:
+            planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
+        return list(torch.stack(planes, 1).cpu().numpy())
 
     def device_name(self) -> str:
         return str(self.device)
@@ -50,12 +82,27 @@ class ModelWorker:
 
 class CRFWorker:
     def refine_core(
-        self, probabilities: np.ndarray, window: np.ndarray, params: CRFParams, input_max: float, tile: Tile
+        self,
+        probabilities: np.ndarray,
+        window: np.ndarray,
+        params: CRFParams,
+        input_max: float,
+        tile: Tile,
+        with_confidence: bool = False,
     ) -> np.ndarray:
+        """The core's ``labels_of`` the CRF's marginals."""
         from pipeline.crf import refine
 
         refined = refine(probabilities.astype(np.float32), window, params, input_max)
-        return core_of(refined, tile).argmax(0).astype(np.uint8)
+        return labels_of(core_of(refined, tile), with_confidence)
+
+
+def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
+    """(classes, H, W) probabilities -> (1 or 2, H, W) uint8: class ids, then the top probability x 254."""
+    planes = [probabilities.argmax(0).astype(np.uint8)]
+    if with_confidence:
+        planes.append(np.round(probabilities.max(0) * CONFIDENCE_SCALE).astype(np.uint8))
+    return np.stack(planes)
 
 
 def same_shape_batches(todo: list[tuple[Tile, np.ndarray]], size: int) -> list[list[tuple[Tile, np.ndarray]]]:
@@ -66,5 +113,6 @@ def same_shape_batches(todo: list[tuple[Tile, np.ndarray]], size: int) -> list[l
     return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
 
 
-def write_core(ledger: Ledger, tile: Tile, valid: np.ndarray, labels: np.ndarray) -> None:
-    ledger.write_core(tile.row, tile.col, np.where(valid, labels, NODATA_LABEL).astype(np.uint8))
+def write_core(ledger: Ledger, tile: Tile, valid: np.ndarray, planes: np.ndarray) -> None:
+    """``planes`` (1 or 2, h, w): labels and optionally confidence; invalid pixels become nodata in both."""
+    ledger.write_core(tile.row, tile.col, np.where(valid, planes, NODATA_LABEL).astype(np.uint8))
