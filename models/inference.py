@@ -26,6 +26,9 @@ def autocast_for(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
 
 
+SIZE_MULTIPLE = 32  # the largest output stride in the family (16) times two: every stride divides it
+
+
 @torch.inference_mode()
 def predict_probabilities(
     model: nn.Module,
@@ -34,20 +37,26 @@ def predict_probabilities(
     fuse: str = "max",
     amp: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper."""
+    """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper.
+
+    The batch is reflect-padded at the bottom and right to a multiple of ``SIZE_MULTIPLE``: then every
+    window's feature grid is the same lattice of the scene, and logits upsample by exactly the output
+    stride, whatever the window's size (edge tiles, whole images), so tiles agree where they meet.
+    """
     device = next(model.parameters()).device
-    batch = batch.to(device)
     height, width = batch.shape[-2:]
+    batch = _pad_to_multiple(batch.to(device), SIZE_MULTIPLE)
+    padded = batch.shape[-2:]
     fused: torch.Tensor | None = None
     with autocast_for(device, amp):
         for scale in scales:
             scaled = batch
             if scale != 1.0:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                size = (max(1, round(padded[0] * scale)), max(1, round(padded[1] * scale)))
                 scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
             logits = model(scaled).float()
             if scale != 1.0:
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
             if fused is None:
                 fused = logits
             elif fuse == "max":
@@ -57,7 +66,16 @@ def predict_probabilities(
     assert fused is not None
     if fuse == "mean":
         fused = fused / len(scales)
-    return torch.softmax(fused, dim=1)
+    return torch.softmax(fused[..., :height, :width], dim=1)
+
+
+def _pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = batch.shape[-2:]
+    extra_rows, extra_cols = -height % multiple, -width % multiple
+    if not extra_rows and not extra_cols:
+        return batch
+    mode = "reflect" if extra_rows < height and extra_cols < width else "replicate"
+    return F.pad(batch, (0, extra_cols, 0, extra_rows), mode=mode)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -36,15 +36,16 @@ class Tile:
 HALO_ALIGN = 32  # a multiple of every output stride: tiles sample the feature grid in phase with the scene
 
 
-def default_halo(head_reach: int, crf_sigma_alpha: float | None, tile: int) -> int:
-    """Context around each core: the atrous head's field of view and 3 σα of the CRF's appearance kernel.
+def default_halo(receptive_radius: int, crf_sigma_alpha: float | None, tile: int) -> int:
+    """Context around each core: the model's receptive field and 3 σα of the CRF's appearance kernel.
 
-    Capped at a quarter of the core (window area at most 2.25x the core's): past that, the extra context
-    costs more than the little it changes (the seam figures in bench/ measure what remains).
+    Capped at 3/8 of the core (a window of 1.75 cores a side, ~3x the core's area): deep backbones' theoretical
+    fields (500-900 px) far exceed the context that sways a prediction, and past the cap the extra context
+    costs more than it changes (bench/seams measures what remains at core borders).
     """
     crf_reach = math.ceil(3 * crf_sigma_alpha) if crf_sigma_alpha else 0
-    needed = -(-max(head_reach, crf_reach) // HALO_ALIGN) * HALO_ALIGN
-    cap = tile // 4 // HALO_ALIGN * HALO_ALIGN
+    needed = -(-max(receptive_radius, crf_reach) // HALO_ALIGN) * HALO_ALIGN
+    cap = tile * 3 // 8 // HALO_ALIGN * HALO_ALIGN
     return max(HALO_ALIGN, min(needed, cap))
 
 

@@ -22,7 +22,7 @@ from models.checkpoint import LoadedModel, file_sha256, load_checkpoint, read_me
 from models.errors import DeepLabError
 from models.inference import pick_device
 from models.metadata import CheckpointMetadata, CRFParams
-from models.registry import get_architecture
+from models.receptive_field import receptive_radius
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.grid import Tile, core_of, default_halo, plan_tiles, read_padded
@@ -127,7 +127,7 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     shape = resampled_shape(scene.height, scene.width, check.scale)
     halo = options.halo
     if halo is None:
-        reach = get_architecture(metadata.architecture).head_reach(metadata.arch_args.get("output_stride"))
+        reach = receptive_radius(metadata.architecture, tuple(sorted(metadata.arch_args.items())))
         halo = default_halo(reach, crf.sigma_alpha if crf else None, options.tile)
     return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
 

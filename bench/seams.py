@@ -1,0 +1,128 @@
+"""Seams: does tiling change predictions? Tiled output against whole-image output and a shifted tiling.
+
+Uses the engine's own pieces (tile plan, reflection-padded windows, the model worker, core cropping), so what
+is measured is what `deeplab segment` does. Run: python -m bench.seams (writes bench/reports/seams.*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.checkpoint import LoadedModel
+from models.inference import normalise
+from models.metadata import CheckpointMetadata
+from models.registry import build_model
+from pipeline.grid import Tile, core_of, plan_tiles, read_padded
+from pipeline.workers import ModelWorker
+
+BORDER = 16  # px each side of a core border counted as "near a border"
+
+
+def predict_tiled(
+    worker: ModelWorker, image: np.ndarray, tile: int, halo: int, shift: int = 0, batch: int = 2
+) -> np.ndarray:
+    """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px."""
+    height, width = image.shape[-2:]
+    tiles = [_shifted(t, shift) for t in plan_tiles(height + shift, width + shift, tile, halo)]
+    tiles = [t for t in tiles if t.core_height > 0 and t.core_width > 0]
+    labels = np.full((height, width), 255, np.uint8)
+    for start in range(0, len(tiles), batch):
+        group = tiles[start : start + batch]
+        by_shape: dict[tuple[int, int], list[Tile]] = {}
+        for t in group:
+            by_shape.setdefault(t.window[2:], []).append(t)
+        for same in by_shape.values():
+            windows = [read_padded(image, t) for t in same]
+            for t, result in zip(same, worker.predict(windows, (1.0,), "max", False), strict=True):
+                labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
+                    core_of(result, t)[0]
+                )
+    return labels
+
+
+def predict_whole(worker: ModelWorker, image: np.ndarray, halo: int) -> np.ndarray:
+    """One window over the whole scene, padded by the same halo (the engine's padding, no tiling)."""
+    height, width = image.shape[-2:]
+    return predict_tiled(worker, image, max(height, width), halo, batch=1)
+
+
+def _shifted(tile: Tile, shift: int) -> Tile:
+    """A tile of a grid planned on a (H + shift, W + shift) canvas, moved back by ``shift``, clipped."""
+    top, left = tile.core_top - shift, tile.core_left - shift
+    bottom, right = top + tile.core_height, left + tile.core_width
+    top, left = max(top, 0), max(left, 0)
+    return Tile(tile.row, tile.col, top, left, bottom - top, right - left, tile.halo)
+
+
+def border_mask(height: int, width: int, tile: int, shift: int = 0) -> np.ndarray:
+    """True within BORDER px of an inner core border of a grid with the given shift."""
+    near = np.zeros((height, width), bool)
+    for edge in range(tile - shift, max(height, width), tile):
+        if 0 < edge < height:
+            near[max(edge - BORDER, 0) : edge + BORDER] = True
+        if 0 < edge < width:
+            near[:, max(edge - BORDER, 0) : edge + BORDER] = True
+    return near
+
+
+@dataclass(frozen=True)
+class SeamFigures:
+    agreement: float  # share of valid pixels where tiled == reference
+    border_disagreement: float  # share of valid pixels near core borders that differ
+    interior_disagreement: float  # share of valid pixels in core interiors that differ
+
+    @property
+    def excess_at_borders(self) -> float:
+        return self.border_disagreement - self.interior_disagreement
+
+
+def compare(tiled: np.ndarray, reference: np.ndarray, valid: np.ndarray, tile: int) -> SeamFigures:
+    differ = tiled != reference
+    near = border_mask(*tiled.shape, tile)
+    return SeamFigures(
+        agreement=float(1 - differ[valid].mean()),
+        border_disagreement=float(differ[valid & near].mean()),
+        interior_disagreement=float(differ[valid & ~near].mean()),
+    )
+
+
+def worker_for(loaded: LoadedModel, threads: int | None = None) -> ModelWorker:
+    return ModelWorker(str(loaded.path), "cpu", threads, amp=False, loaded=loaded)
+
+
+class Centred(nn.Module):
+    """A model whose class logits are shifted so that each class wins somewhere on a given scene.
+
+    A randomly initialised network's argmax is one class almost everywhere (one logit's bias dominates), so
+    its seams would be invisible; subtracting each class's mean logit exposes how every prediction depends
+    on the context the window shows, which is what tiling can break.
+    """
+
+    def __init__(self, model: nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("offset", offset.reshape(1, -1, 1, 1))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch) - self.offset
+
+
+def random_subject(
+    architecture: str, metadata: CheckpointMetadata, image: np.ndarray, valid: np.ndarray, seed: int = 0
+) -> LoadedModel:
+    """A seeded, randomly initialised ``architecture`` centred on a thumbnail of ``image``."""
+    torch.manual_seed(seed)
+    model = build_model(architecture, metadata.num_classes, metadata.num_bands, pretrained="none").eval()
+    step = max(1, max(image.shape[-2:]) // 512)
+    thumbnail = normalise(np.ascontiguousarray(image[:, ::step, ::step]), metadata.bands)[None]
+    with torch.no_grad():
+        logits = model(thumbnail)[0]
+    keep = torch.from_numpy(np.ascontiguousarray(valid[::step, ::step]))
+    offset = logits[:, keep].mean(1)
+    subject = metadata.model_copy(update={"architecture": architecture})
+    return LoadedModel(Centred(model, offset).eval(), subject, Path(f"random-{architecture}"), "random")
