@@ -24,7 +24,9 @@ def _recorded(ledger: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_identical_bytes(landsat: Path, buildings_model: Path, tmp_path: Path) -> None:
+def test_sigkilled_run_resumes_to_identical_bytes(
+    landsat: Path, buildings_model: Path, tmp_path: Path
+) -> None:
     cwd = Path(__file__).resolve().parents[1]
     reference = tmp_path / "reference"
     subprocess.run(_command(landsat, buildings_model, reference), cwd=cwd, check=True, capture_output=True)
