@@ -83,7 +83,7 @@ class SeamFigures:
 
 def compare(tiled: np.ndarray, reference: np.ndarray, valid: np.ndarray, tile: int) -> SeamFigures:
     differ = tiled != reference
-    near = border_mask(*tiled.shape, tile)
+    near = border_mask(tiled.shape[0], tiled.shape[1], tile)
     return SeamFigures(
         agreement=float(1 - differ[valid].mean()),
         border_disagreement=float(differ[valid & near].mean()),

@@ -100,8 +100,12 @@ def run_tiles(
     spec: WorkSpec,
     max_in_flight: int,
     on_core: CoreDone | None = None,
+    actor_memory: dict[str, list[float]] | None = None,
 ) -> int:
-    """Compute every core in ``todo`` on actors, writing each to the ledger as it completes."""
+    """Compute every core in ``todo`` on actors, writing each to the ledger as it completes.
+
+    ``actor_memory``, when given, receives each actor's peak RSS in MB (``model``, ``crf``) at the end.
+    """
     if not todo:
         return 0
     model_cls = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(ModelWorker)
@@ -154,6 +158,9 @@ def run_tiles(
                 else:
                     tile, valid = crf_jobs.pop(ref)
                     done(tile, valid, ray.get(ref))
+        if actor_memory is not None:
+            actor_memory["model"] = ray.get([a.peak_rss_mb.remote() for a in models])
+            actor_memory["crf"] = ray.get([a.peak_rss_mb.remote() for a in crfs])
     finally:
         for actor in [*models, *crfs]:
             ray.kill(actor)

@@ -38,6 +38,7 @@ from pipeline.workers import (
     CRFWorker,
     ModelWorker,
     WorkSpec,
+    peak_rss_mb,
     same_shape_batches,
     write_core,
 )
@@ -211,8 +212,11 @@ def segment_scene(
         with_confidence=options.probabilities,
     )
     on_core = progress.cores(name, len(todo))
+    actor_memory: dict[str, list[float]] = {}
     if options.engine == "ray" and ray is not None:
-        computed = _compute_on_ray(ray, staged, loaded, ledger, todo, spec, options.max_in_flight, on_core)
+        computed = _compute_on_ray(
+            ray, staged, loaded, ledger, todo, spec, options.max_in_flight, on_core, actor_memory
+        )
     else:
         computed = _compute(staged, loaded, ledger, todo, spec, on_core)
     timings["segment"] = time.perf_counter() - clock
@@ -252,6 +256,9 @@ def segment_scene(
         {"total": len(plan.tiles), "computed": computed, "skipped": skipped, "resumed": resumed},
     )
     details["outputs"] = {k: v.name for k, v in outputs.items()}
+    details["peak_rss_mb"] = {"driver": round(peak_rss_mb(), 1)} | {
+        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
+    }
     if polygons is not None:
         details["polygons"] = polygons
     write_text_atomically(outputs["report"], json.dumps(details, indent=2))
@@ -302,12 +309,15 @@ def _compute_on_ray(
     spec: WorkSpec,
     max_in_flight: int,
     on_core: CoreDone,
+    actor_memory: dict[str, list[float]],
 ) -> int:
     from pipeline.ray_engine import ActorPlan, run_tiles
 
     resources = ray.cluster_resources()
     plan = ActorPlan.for_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), spec.crf is not None)
-    return run_tiles(ray, staged.image(), todo, ledger, loaded.path, plan, spec, max_in_flight, on_core)
+    return run_tiles(
+        ray, staged.image(), todo, ledger, loaded.path, plan, spec, max_in_flight, on_core, actor_memory
+    )
 
 
 def check_scenes(

@@ -46,7 +46,12 @@ class StagedScene:
         return self.folder / "valid.zarr"
 
     def image(self) -> Any:
-        return zarr.open_array(self.image_path, mode="r")
+        return self.open_image(self.folder)
+
+    @staticmethod
+    def open_image(folder: Path) -> Any:
+        """The staged (bands, H, W) store of a scene folder under ``.work``."""
+        return zarr.open_array(folder / "image.zarr", mode="r")
 
     def valid(self) -> Any:
         return zarr.open_array(self.valid_path, mode="r")

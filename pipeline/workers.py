@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,19 @@ class WorkSpec:
 CoreDone = Callable[[], None]  # progress callback, once per finished core
 
 
-class ModelWorker:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemoryReporting:
+    """Actors report their own peak memory: the engine's report and the benchmark read it."""
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+
+class ModelWorker(MemoryReporting):
     """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
 
     def __init__(
@@ -80,7 +93,7 @@ class ModelWorker:
         return str(self.device)
 
 
-class CRFWorker:
+class CRFWorker(MemoryReporting):
     def refine_core(
         self,
         probabilities: np.ndarray,

@@ -1,0 +1,194 @@
+"""Benchmark of the large-scene engine: efficiency, memory, throughput, and MONAI's sliding window.
+
+    python -m bench.engine [--sizes 2048 16384] [--model M] [--skip-monai]
+
+(a) pipeline efficiency: model-only forward time over the same windows / the engine's time (no CRF);
+(b) peak RSS of the driver and each actor for a small and a large scene (mosaics of real imagery);
+(c) megapixels per second with and without the CRF (the CRF on the small scene);
+(d) the same model, window and overlap through MONAI's sliding_window_inference: throughput and peak RSS.
+Every figure is measured in the same run on the same machine; results go to bench/reports/engine.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from models.atomic import write_text_atomically
+from pipeline.grid import plan_tiles, read_padded
+from pipeline.stage import StagedScene
+from pipeline.workers import ModelWorker, same_shape_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
+SOURCE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
+MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
+REPORTS = ROOT / "bench" / "reports"
+
+
+def make_mosaic(source: Path, out: Path, size: int) -> Path:
+    """A size x size GeoTIFF of the real scene mirrored edge to edge, written a band of rows at a time."""
+    if out.exists():
+        return out
+    with rasterio.open(source) as src:
+        image = src.read()
+        profile = src.profile | {
+            "height": size,
+            "width": size,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+            "photometric": "RGB",
+        }
+        profile.pop("jpeg_quality", None)
+    tile_h, tile_w = image.shape[1:]
+    flipped = {(fy, fx): image[:, :: -1 if fy else 1, :: -1 if fx else 1] for fy in (0, 1) for fx in (0, 1)}
+    partial = out.with_suffix(".partial.tif")
+    with rasterio.open(partial, "w", **profile) as sink:
+        for top in range(0, size, 512):
+            rows = np.arange(top, min(top + 512, size))
+            band = np.empty((image.shape[0], rows.size, size), dtype=image.dtype)
+            for left in range(0, size, tile_w):
+                width = min(tile_w, size - left)
+                for i, row in enumerate(rows):
+                    fy = (row // tile_h) % 2
+                    source_row = row % tile_h
+                    fx = (left // tile_w) % 2
+                    band[:, i, left : left + width] = flipped[(fy, fx)][:, source_row, :width]
+            sink.write(band, window=Window(0, top, size, rows.size))
+    partial.rename(out)
+    return out
+
+
+def run_engine(scene: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """`deeplab segment` in its own process (its peak RSS is its own); returns its report.json."""
+    command = [sys.executable, "-m", "pipeline.cli", "segment", str(scene), "--model", str(model)]
+    subprocess.run([*command, "--out", str(out), *extra], cwd=ROOT, check=True, capture_output=True)
+    report: dict[str, Any] = json.loads((out / scene.stem / "report.json").read_text())
+    return report
+
+
+def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, threads: int) -> float:
+    """Forward passes alone over the windows the engine ran (read beforehand, not timed)."""
+    from models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    loaded = load_checkpoint(model)
+    worker = ModelWorker(str(model), "cpu", threads, amp=False, loaded=loaded)
+    image = StagedScene.open_image(staged_folder)
+    height, width = image.shape[1:]
+    todo = [(t, np.ones(1, bool)) for t in plan_tiles(height, width, tile, halo)]
+    seconds = 0.0
+    for group in same_shape_batches(todo, 4):
+        windows = [read_padded(image, t) for t, _ in group]
+        started = time.perf_counter()
+        worker.predict(windows, (1.0,), "max", False)
+        seconds += time.perf_counter() - started
+    return seconds
+
+
+def run_monai(scene: Path, model: Path, out: Path, tile: int, halo: int, threads: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.monai_baseline", str(scene), "--model", str(model)]
+    args = ["--tile", str(tile), "--halo", str(halo), "--threads", str(threads), "--out", str(out)]
+    done = subprocess.run([*command, *args], cwd=ROOT, check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs=2, default=[2048, 16384], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/deeplab-bench"))
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--skip-monai", action="store_true")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": {"cpus": threads, "platform": platform.platform(), "torch": torch.__version__},
+        "model": args.model.name,
+        "source": str(SOURCE.name),
+        "runs": {},
+    }
+    for size in args.sizes:
+        scene = make_mosaic(SOURCE, args.work / f"mosaic-{size}.tif", size)
+        out = args.work / f"out-{size}"
+        report = run_engine(scene, args.model, out, "--no-crf", "--tile", str(args.tile))
+        forward = model_only_seconds(
+            out / ".work" / scene.stem, args.model, args.tile, report["halo"], threads
+        )
+        run = {
+            "megapixels": size * size / 1e6,
+            "halo": report["halo"],
+            "no_crf": {
+                "seconds": report["seconds"],
+                "megapixels_per_second": report["megapixels_per_second"],
+                "peak_rss_mb": report["peak_rss_mb"],
+            },
+            "model_only_seconds": round(forward, 2),
+            "efficiency_vs_segment_stage": round(forward / report["seconds"]["segment"], 3),
+            "efficiency_vs_total": round(forward / report["seconds"]["total"], 3),
+        }
+        if size == args.sizes[0]:
+            crf = run_engine(scene, args.model, args.work / f"out-{size}-crf", "--tile", str(args.tile))
+            run["crf"] = {
+                "seconds": crf["seconds"],
+                "megapixels_per_second": crf["megapixels_per_second"],
+                "peak_rss_mb": crf["peak_rss_mb"],
+            }
+        if not args.skip_monai:
+            monai_out = args.work / f"monai-{size}.tif"
+            run["monai"] = run_monai(scene, args.model, monai_out, args.tile, report["halo"], threads)
+        results["runs"][str(size)] = run
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(REPORTS / "engine.json", json.dumps(results, indent=2))
+        print(json.dumps(run, indent=2), flush=True)
+    write_text_atomically(REPORTS / "engine.md", render(results))
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# Engine benchmark",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; model "
+        f"{results['model']}; scenes are mosaics of {results['source']}.",
+        "",
+        "| scene | halo | engine MP/s (no CRF) | MP/s with CRF | efficiency (segment stage / total) | "
+        "peak RSS driver / model actor MB | MONAI MP/s | MONAI peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, run in results["runs"].items():
+        rss = run["no_crf"]["peak_rss_mb"]
+        monai = run.get("monai", {})
+        crf = run.get("crf", {})
+        lines.append(
+            f"| {size}² | {run['halo']} | {run['no_crf']['megapixels_per_second']:.3f} | "
+            f"{crf.get('megapixels_per_second', '-')} | {run['efficiency_vs_segment_stage']} / "
+            f"{run['efficiency_vs_total']} | {rss['driver']} / {_join(rss.get('model_actors', []))} | "
+            f"{monai.get('megapixels_per_second', '-')} | {monai.get('peak_rss_mb', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _join(values: list[float]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+if __name__ == "__main__":
+    main()
