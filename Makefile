@@ -1,4 +1,4 @@
-# make demo: create .venv, install, segment the real Kampala scene end to end.
+# make demo: create .venv, install, segment the real Kampala and Landsat scenes end to end.
 # make test: create .venv, install, run ruff, mypy and the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -19,8 +19,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deeplab segment $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
-		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT)
-	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, report.json)"
+		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
+	$(BIN)/deeplab segment $(DATA)/landsat/RGB.byte.tif \
+		--model models/zoo/landcover-dubai.safetensors --out $(DEMO_OUT) --probabilities
+	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, polygons.gpkg, quicklook.png, report.json)"
+	@echo "         $(DEMO_OUT)/RGB.byte/ (mask.tif, probabilities.tif, quicklook.png, report.json)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline models flows tests bench

@@ -24,6 +24,19 @@ METADATA_KEY = "deeplab_pipeline"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch.save zip archive
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What identifies a checkpoint without its weights: enough for a driver that never runs the model."""
+
+    metadata: CheckpointMetadata
+    path: Path
+    sha256: str
+
+
+def checkpoint_info(path: Path) -> CheckpointInfo:
+    return CheckpointInfo(read_metadata(Path(path)), Path(path), file_sha256(Path(path)))
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module

@@ -18,9 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
-from models.checkpoint import LoadedModel, file_sha256, load_checkpoint, read_metadata
+from models.checkpoint import CheckpointInfo, checkpoint_info, file_sha256, read_metadata
 from models.errors import DeepLabError
-from models.inference import pick_device
 from models.metadata import CheckpointMetadata, CRFParams
 from models.receptive_field import receptive_radius
 from models.version import software_version
@@ -160,7 +159,7 @@ def segment_scene(
     progress = progress or Silent()
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, device=pick_device(options.device))
+    loaded = checkpoint_info(checkpoint)  # the weights are loaded where the model runs (actors or _compute)
     scene = describe(scene_path)
     plan = plan_scene(scene, loaded.metadata, options)
     name = scene.scene_id
@@ -277,7 +276,7 @@ def _on_source_grid(array: Any, scene: Scene, plan: ScenePlan) -> Any:
 
 def _compute(
     staged: StagedScene,
-    loaded: LoadedModel,
+    loaded: CheckpointInfo,
     ledger: Ledger,
     todo: list[tuple[Tile, np.ndarray]],
     spec: WorkSpec,
@@ -285,7 +284,7 @@ def _compute(
 ) -> int:
     """The local engine: the Ray engine's workers, called in this process."""
     image = staged.image()
-    model = ModelWorker(str(loaded.path), spec.device, None, spec.amp, loaded=loaded)
+    model = ModelWorker(str(loaded.path), spec.device, None, spec.amp)
     crf = CRFWorker()
     for group in same_shape_batches(todo, spec.batch_size):
         windows = [read_padded(image, tile) for tile, _ in group]
@@ -303,7 +302,7 @@ def _compute(
 def _compute_on_ray(
     ray: Any,
     staged: StagedScene,
-    loaded: LoadedModel,
+    loaded: CheckpointInfo,
     ledger: Ledger,
     todo: list[tuple[Tile, np.ndarray]],
     spec: WorkSpec,
@@ -374,7 +373,7 @@ def _attempt(
 
 def _report(
     scene: Scene,
-    loaded: LoadedModel,
+    loaded: CheckpointInfo,
     labels: Any,
     options: SegmentOptions,
     plan: ScenePlan,
@@ -419,7 +418,7 @@ def _report(
 
 
 def _provenance(
-    loaded: LoadedModel, options: SegmentOptions, plan: ScenePlan, checksum: str
+    loaded: CheckpointInfo, options: SegmentOptions, plan: ScenePlan, checksum: str
 ) -> dict[str, str]:
     metadata = loaded.metadata
     return {

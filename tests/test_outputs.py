@@ -81,8 +81,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "718x791 px" in printed and "EPSG:32618" in printed
-    # The v3+ model's receptive field (745 px) capped at 3/8 of the core.
-    assert "4 cores of 512 px" in printed and "halo 192 px" in printed
+    # The v3+ model's receptive field (745 px) capped at half the core.
+    assert "4 cores of 512 px" in printed and "halo 256 px" in printed
     assert "differs from the model's training pixel size" in printed
     assert not out.exists()
 
