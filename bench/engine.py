@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from models.atomic import write_text_atomically
 from pipeline.grid import plan_tiles, read_padded
 from pipeline.stage import StagedScene
-from pipeline.workers import ModelWorker, same_shape_batches
+from pipeline.workers import ModelWorker, Work, same_shape_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
@@ -38,8 +38,12 @@ MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
 REPORTS = ROOT / "bench" / "reports"
 
 
-def make_mosaic(source: Path, out: Path, size: int) -> Path:
-    """A size x size GeoTIFF of the real scene mirrored edge to edge, written a band of rows at a time."""
+def make_mosaic(source: Path, out: Path, size: int, valid: int | None = None) -> Path:
+    """A size x size GeoTIFF of the real scene mirrored edge to edge, written a band of rows at a time.
+
+    ``valid``: only a centred valid x valid square holds data (an internal mask marks the rest nodata), so a
+    huge scene exercises staging, the ledger and publishing at full size while the model runs on part of it.
+    """
     if out.exists():
         return out
     with rasterio.open(source) as src:
@@ -57,7 +61,9 @@ def make_mosaic(source: Path, out: Path, size: int) -> Path:
     tile_h, tile_w = image.shape[1:]
     flipped = {(fy, fx): image[:, :: -1 if fy else 1, :: -1 if fx else 1] for fy in (0, 1) for fx in (0, 1)}
     partial = out.with_suffix(".partial.tif")
-    with rasterio.open(partial, "w", **profile) as sink:
+    first = (size - valid) // 2 if valid else 0
+    last = first + valid if valid else size
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(partial, "w", **profile) as sink:
         for top in range(0, size, 512):
             rows = np.arange(top, min(top + 512, size))
             band = np.empty((image.shape[0], rows.size, size), dtype=image.dtype)
@@ -68,7 +74,13 @@ def make_mosaic(source: Path, out: Path, size: int) -> Path:
                     source_row = row % tile_h
                     fx = (left // tile_w) % 2
                     band[:, i, left : left + width] = flipped[(fy, fx)][:, source_row, :width]
-            sink.write(band, window=Window(0, top, size, rows.size))
+            window = Window(0, top, size, rows.size)
+            sink.write(band, window=window)
+            if valid:
+                mask = np.zeros((rows.size, size), np.uint8)
+                inside = (rows >= first) & (rows < last)
+                mask[inside, first:last] = 255
+                sink.write_mask(mask, window=window)
     partial.rename(out)
     return out
 
@@ -89,8 +101,13 @@ def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, t
     loaded = load_checkpoint(model)
     worker = ModelWorker(str(model), "cpu", threads, amp=False, loaded=loaded)
     image = StagedScene.open_image(staged_folder)
+    valid = StagedScene.open_valid(staged_folder)
     height, width = image.shape[1:]
-    todo = [(t, np.ones(1, bool)) for t in plan_tiles(height, width, tile, halo)]
+    todo: list[Work] = [
+        (t, None)
+        for t in plan_tiles(height, width, tile, halo)
+        if valid[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width].any()
+    ]
     seconds = 0.0
     for group in same_shape_batches(todo, 4):
         windows = [read_padded(image, t) for t, _ in group]
@@ -113,6 +130,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs=2, default=[2048, 16384], metavar=("SMALL", "LARGE"))
+    parser.add_argument(
+        "--large-valid", type=int, help="valid centred square of the large scene (default: all of it)"
+    )
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deeplab-bench"))
     parser.add_argument("--tile", type=int, default=512)
@@ -127,7 +147,9 @@ def main() -> None:
         "runs": {},
     }
     for size in args.sizes:
-        scene = make_mosaic(SOURCE, args.work / f"mosaic-{size}.tif", size)
+        valid = args.large_valid if size == args.sizes[1] else None
+        name = f"mosaic-{size}" + (f"-valid{valid}" if valid else "")
+        scene = make_mosaic(SOURCE, args.work / f"{name}.tif", size, valid)
         out = args.work / f"out-{size}"
         report = run_engine(scene, args.model, out, "--no-crf", "--tile", str(args.tile))
         forward = model_only_seconds(
@@ -135,6 +157,8 @@ def main() -> None:
         )
         run = {
             "megapixels": size * size / 1e6,
+            "valid_megapixels": (valid or size) ** 2 / 1e6,
+            "tiles": report["tiles"],
             "halo": report["halo"],
             "no_crf": {
                 "seconds": report["seconds"],
@@ -152,7 +176,7 @@ def main() -> None:
                 "megapixels_per_second": crf["megapixels_per_second"],
                 "peak_rss_mb": crf["peak_rss_mb"],
             }
-        if not args.skip_monai:
+        if not args.skip_monai and not valid:  # MONAI has no nodata skipping: full scenes only
             monai_out = args.work / f"monai-{size}.tif"
             run["monai"] = run_monai(scene, args.model, monai_out, args.tile, report["halo"], threads)
         results["runs"][str(size)] = run

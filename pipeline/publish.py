@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from models.atomic import atomic_output
 from models.metadata import ClassInfo
 from pipeline.ledger import NODATA_LABEL
-from pipeline.sources import Scene
+from pipeline.sources import Scene, gdal_env
 from pipeline.workers import CONFIDENCE_SCALE
 
 BLOCK = 512
@@ -64,6 +64,7 @@ def write_cog(
         "compress": "deflate",
     }
     with (
+        gdal_env(),
         atomic_output(out) as published,
         tempfile.TemporaryDirectory(prefix=".stage-", dir=out.parent) as stage,
     ):

@@ -21,7 +21,15 @@ import numpy as np
 
 from pipeline.grid import Tile, core_of, read_padded
 from pipeline.ledger import Ledger
-from pipeline.workers import CoreDone, CRFWorker, ModelWorker, WorkSpec, same_shape_batches, write_core
+from pipeline.workers import (
+    CoreDone,
+    CRFWorker,
+    ModelWorker,
+    Work,
+    WorkSpec,
+    same_shape_batches,
+    write_core,
+)
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
@@ -93,7 +101,7 @@ def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None
 def run_tiles(
     ray: Any,
     image: Any,
-    todo: list[tuple[Tile, np.ndarray]],
+    todo: list[Work],
     ledger: Ledger,
     checkpoint: Path,
     plan: ActorPlan,
@@ -116,12 +124,12 @@ def run_tiles(
     crf_cls = ray.remote(num_cpus=plan.crf_cpus)(CRFWorker) if spec.crf else None
     crfs = [crf_cls.remote() for _ in range(plan.crf_actors)] if crf_cls else []
     batches = same_shape_batches(todo, spec.batch_size)
-    model_jobs: dict[Any, tuple[list[tuple[Tile, np.ndarray]], list[np.ndarray]]] = {}
-    crf_jobs: dict[Any, tuple[Tile, np.ndarray]] = {}
+    model_jobs: dict[Any, tuple[list[Work], list[np.ndarray]]] = {}
+    crf_jobs: dict[Any, Work] = {}
     submitted = finished = 0
     next_batch = 0
 
-    def done(tile: Tile, valid: np.ndarray, planes: np.ndarray) -> None:
+    def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray) -> None:
         nonlocal finished
         write_core(ledger, tile, valid, planes)
         finished += 1

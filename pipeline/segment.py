@@ -36,6 +36,7 @@ from pipeline.workers import (
     CoreDone,
     CRFWorker,
     ModelWorker,
+    Work,
     WorkSpec,
     peak_rss_mb,
     same_shape_batches,
@@ -187,7 +188,8 @@ def segment_scene(
 
     clock = time.perf_counter()
     valid_store = staged.valid()
-    todo, skipped = [], 0
+    todo: list[Work] = []
+    skipped = 0
     for tile in plan.tiles:
         core_valid = np.asarray(
             valid_store[
@@ -198,7 +200,7 @@ def segment_scene(
         if not core_valid.any():
             skipped += 1  # left nodata, never computed
         elif not ledger.is_done(tile.row, tile.col):
-            todo.append((tile, core_valid))
+            todo.append((tile, None if core_valid.all() else core_valid))
     progress.stage(name, "segment", f"{len(todo)} cores to compute, {resumed} resumed, {skipped} nodata")
     spec = WorkSpec(
         crf=plan.crf,
@@ -278,7 +280,7 @@ def _compute(
     staged: StagedScene,
     loaded: CheckpointInfo,
     ledger: Ledger,
-    todo: list[tuple[Tile, np.ndarray]],
+    todo: list[Work],
     spec: WorkSpec,
     on_core: CoreDone,
 ) -> int:
@@ -304,7 +306,7 @@ def _compute_on_ray(
     staged: StagedScene,
     loaded: CheckpointInfo,
     ledger: Ledger,
-    todo: list[tuple[Tile, np.ndarray]],
+    todo: list[Work],
     spec: WorkSpec,
     max_in_flight: int,
     on_core: CoreDone,

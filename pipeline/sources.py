@@ -54,6 +54,15 @@ class Scene:
         return ground_pixel_size(self.crs, self.transform, self.height, self.width)
 
 
+# GDAL's block cache defaults to 5% of RAM and fills up over a large scene; a fixed cache keeps the
+# driver's memory independent of the scene's size (reads and writes are streamed block by block anyway).
+GDAL_CACHE_MB = 256
+
+
+def gdal_env() -> rasterio.Env:
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
 @contextmanager
 def open_raster(path: Path | str) -> Iterator[DatasetReader]:
     path = Path(path)
@@ -65,7 +74,7 @@ def open_raster(path: Path | str) -> Iterator[DatasetReader]:
             dataset = rasterio.open(path)
     except RasterioIOError as exc:
         raise DataError(f"{path}: not a readable raster ({exc})") from None
-    with dataset:
+    with gdal_env(), dataset:
         yield dataset
 
 

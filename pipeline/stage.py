@@ -54,7 +54,12 @@ class StagedScene:
         return zarr.open_array(folder / "image.zarr", mode="r")
 
     def valid(self) -> Any:
-        return zarr.open_array(self.valid_path, mode="r")
+        return self.open_valid(self.folder)
+
+    @staticmethod
+    def open_valid(folder: Path) -> Any:
+        """The staged (H, W) valid-pixel store of a scene folder under ``.work``."""
+        return zarr.open_array(folder / "valid.zarr", mode="r")
 
 
 def stage_scene(

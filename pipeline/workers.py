@@ -33,6 +33,9 @@ class WorkSpec:
 
 
 CoreDone = Callable[[], None]  # progress callback, once per finished core
+# A core to compute and its valid-pixel mask; None when every pixel is valid, so that the driver's work list
+# stays small whatever the scene size (only cores on a nodata edge carry a mask).
+Work = tuple[Tile, np.ndarray | None]
 
 
 def peak_rss_mb() -> float:
@@ -118,14 +121,16 @@ def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
     return np.stack(planes)
 
 
-def same_shape_batches(todo: list[tuple[Tile, np.ndarray]], size: int) -> list[list[tuple[Tile, np.ndarray]]]:
+def same_shape_batches(todo: list[Work], size: int) -> list[list[Work]]:
     """Batches of windows of one shape (edge windows are smaller), in scan order within each shape."""
-    by_shape: dict[tuple[int, int], list[tuple[Tile, np.ndarray]]] = {}
+    by_shape: dict[tuple[int, int], list[Work]] = {}
     for item in todo:
         by_shape.setdefault(item[0].window[2:], []).append(item)
     return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
 
 
-def write_core(ledger: Ledger, tile: Tile, valid: np.ndarray, planes: np.ndarray) -> None:
+def write_core(ledger: Ledger, tile: Tile, valid: np.ndarray | None, planes: np.ndarray) -> None:
     """``planes`` (1 or 2, h, w): labels and optionally confidence; invalid pixels become nodata in both."""
-    ledger.write_core(tile.row, tile.col, np.where(valid, planes, NODATA_LABEL).astype(np.uint8))
+    if valid is not None:
+        planes = np.where(valid, planes, NODATA_LABEL)
+    ledger.write_core(tile.row, tile.col, planes.astype(np.uint8))
