@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyogrio
+import pyproj
 import pytest
 import rasterio
 import shapely
@@ -103,9 +104,20 @@ def test_match_resolution_segments_on_the_model_grid_and_publishes_on_the_source
     with rasterio.open(coarse, "w", **profile) as sink:
         sink.write(data)
     out = tmp_path / "out"
-    assert _segment(coarse, buildings_model, out, "--match-resolution") == 0
+    assert _segment(coarse, buildings_model, out, "--match-resolution", "--vectorize") == 0
     report = json.loads((out / "coarse" / "report.json").read_text())
     assert report["model_grid"] == [1024, 1024] and report["tiles"]["total"] == 16
+    # Class areas in m² on a geographic CRS (EPSG:4326) against an independent computation: geodesic
+    # areas on the WGS84 ellipsoid (pyproj) of the published polygons.
+    _, geometries, fields = _polygons(out / "coarse" / "polygons.gpkg")
+    geod = pyproj.Geod(ellps="WGS84")
+    for class_id, name in enumerate(["background", "building"]):
+        geodesic = sum(
+            abs(geod.geometry_area_perimeter(g)[0])
+            for g, c in zip(geometries, fields[0].tolist(), strict=True)
+            if c == class_id
+        )
+        assert report["class_areas_m2"][name] == pytest.approx(geodesic, rel=0.01)
     with rasterio.open(out / "coarse" / "mask.tif") as mask:
         assert (mask.shape, mask.transform) == ((512, 512), profile["transform"])
         labels = mask.read(1)
