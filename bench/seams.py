@@ -6,18 +6,24 @@ is measured is what `deeplab segment` does. Run: python -m bench.seams (writes b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 from torch import nn
 
+from models.atomic import write_text_atomically
 from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
+from models.receptive_field import receptive_radius
 from models.registry import build_model
-from pipeline.grid import Tile, core_of, plan_tiles, read_padded
+from pipeline.grid import Tile, core_of, default_halo, plan_tiles, read_padded
 from pipeline.workers import ModelWorker
 
 BORDER = 16  # px each side of a core border counted as "near a border"
@@ -126,3 +132,69 @@ def random_subject(
     offset = logits[:, keep].mean(1)
     subject = metadata.model_copy(update={"architecture": architecture})
     return LoadedModel(Centred(model, offset).eval(), subject, Path(f"random-{architecture}"), "random")
+
+
+def measure(loaded: LoadedModel, scene: Path, tile: int = 512) -> dict[str, Any]:
+    """Seam figures of one model on one scene with the engine's default halo (no CRF)."""
+    with rasterio.open(scene) as source:
+        image = source.read()
+        valid = source.dataset_mask() > 0
+    arch_args = tuple(sorted(loaded.metadata.arch_args.items()))
+    halo = default_halo(receptive_radius(loaded.metadata.architecture, arch_args), None, tile)
+    worker = worker_for(loaded)
+    tiled = predict_tiled(worker, image, tile, halo)
+    whole = compare(tiled, predict_whole(worker, image, halo), valid, tile)
+    shifted = compare(tiled, predict_tiled(worker, image, tile, halo, shift=tile // 2), valid, tile)
+    return {
+        "scene": scene.name,
+        "halo": halo,
+        "against_whole_image": asdict(whole) | {"excess_at_borders": whole.excess_at_borders},
+        "against_shifted_tiling": asdict(shifted) | {"excess_at_borders": shifted.excess_at_borders},
+    }
+
+
+def main() -> None:
+    from models.checkpoint import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    data = Path(os.environ.get("DEEPLAB_DATA", root.parent / "shared" / "data"))
+    scenes = [data / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif", data / "landsat" / "RGB.byte.tif"]
+    results: dict[str, Any] = {"border_px": BORDER, "models": {}}
+    for checkpoint in sorted((root / "models" / "zoo").glob("*.safetensors")):
+        loaded = load_checkpoint(checkpoint)
+        results["models"][checkpoint.name] = [measure(loaded, scene) for scene in scenes]
+    metadata = load_checkpoint(sorted((root / "models" / "zoo").glob("*.safetensors"))[0]).metadata
+    for architecture in ("deeplab_largefov_vgg16",):
+        runs = []
+        for scene in scenes:
+            with rasterio.open(scene) as source:
+                subject = random_subject(architecture, metadata, source.read(), source.dataset_mask() > 0)
+            runs.append(measure(subject, scene))
+        results["models"][f"random-centred {architecture}"] = runs
+    reports = root / "bench" / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(reports / "seams.json", json.dumps(results, indent=2))
+    lines = [
+        "# Seams",
+        "",
+        f"Tiled (512 px cores, default halo) against whole-image output and a tiling shifted by half a core; "
+        f"'border' = within {BORDER} px of an inner core border. Percent of valid pixels that differ.",
+        "",
+        "| model | scene | halo | agreement vs whole | border / interior vs whole "
+        "| border / interior vs shifted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results["models"].items():
+        for run in runs:
+            whole, shifted = run["against_whole_image"], run["against_shifted_tiling"]
+            lines.append(
+                f"| {name} | {run['scene']} | {run['halo']} | {100 * whole['agreement']:.2f}% | "
+                f"{100 * whole['border_disagreement']:.2f} / {100 * whole['interior_disagreement']:.2f} | "
+                f"{100 * shifted['border_disagreement']:.2f} / {100 * shifted['interior_disagreement']:.2f} |"
+            )
+    write_text_atomically(reports / "seams.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
