@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +87,11 @@ def make_mosaic(source: Path, out: Path, size: int, valid: int | None = None) ->
 
 
 def run_engine(scene: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
-    """`deeplab segment` in its own process (its peak RSS is its own); returns its report.json."""
+    """`deeplab segment` in its own process (its peak RSS is its own); returns its report.json.
+
+    The output folder is removed first: a resumed run would compute nothing and time nothing.
+    """
+    shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "pipeline.cli", "segment", str(scene), "--model", str(model)]
     subprocess.run([*command, "--out", str(out), *extra], cwd=ROOT, check=True, capture_output=True)
     report: dict[str, Any] = json.loads((out / scene.stem / "report.json").read_text())
