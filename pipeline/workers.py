@@ -39,7 +39,16 @@ Work = tuple[Tile, np.ndarray | None]
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
+    """This process's peak resident memory so far, in MB.
+
+    Linux's VmHWM belongs to the process image; getrusage's ru_maxrss survives exec, so a process started
+    from a large parent would report the parent's peak (a benchmark driver, say).
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
