@@ -164,9 +164,10 @@ def main() -> None:
         loaded = load_checkpoint(checkpoint)
         results["models"][checkpoint.name] = [measure(loaded, scene) for scene in scenes]
     metadata = load_checkpoint(sorted((root / "models" / "zoo").glob("*.safetensors"))[0]).metadata
+    # VGG-16 at output stride 8 costs ~20 CPU-minutes three times over on the Kampala scene: Landsat only.
     for architecture in ("deeplab_largefov_vgg16",):
         runs = []
-        for scene in scenes:
+        for scene in scenes[1:]:
             with rasterio.open(scene) as source:
                 subject = random_subject(architecture, metadata, source.read(), source.dataset_mask() > 0)
             runs.append(measure(subject, scene))
