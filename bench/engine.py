@@ -134,10 +134,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs=2, default=[2048, 16384], metavar=("SMALL", "LARGE"))
     parser.add_argument(
-        "--large-valid", type=int, help="valid centred square of the large scene (default: all of it)"
+        "--sizes", type=int, nargs="+", default=[2048, 16384], help="scene sizes, small first"
     )
+    parser.add_argument(
+        "--large-valid", type=int, help="valid centred square of the largest scene (default: all of it)"
+    )
+    parser.add_argument("--halo", type=int, help="override the engine's default halo")
+    parser.add_argument("--skip-crf", action="store_true")
+    parser.add_argument("--name", default="engine", help="report name under bench/reports/")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deeplab-bench"))
     parser.add_argument("--tile", type=int, default=512)
@@ -152,11 +157,12 @@ def main() -> None:
         "runs": {},
     }
     for size in args.sizes:
-        valid = args.large_valid if size == args.sizes[1] else None
+        valid = args.large_valid if len(args.sizes) > 1 and size == args.sizes[-1] else None
         name = f"mosaic-{size}" + (f"-valid{valid}" if valid else "")
         scene = make_mosaic(SOURCE, args.work / f"{name}.tif", size, valid)
         out = args.work / f"out-{size}"
-        report = run_engine(scene, args.model, out, "--no-crf", "--tile", str(args.tile))
+        options = ["--tile", str(args.tile)] + (["--halo", str(args.halo)] if args.halo is not None else [])
+        report = run_engine(scene, args.model, out, "--no-crf", *options)
         forward = model_only_seconds(
             out / ".work" / scene.stem, args.model, args.tile, report["halo"], threads
         )
@@ -174,8 +180,8 @@ def main() -> None:
             "efficiency_vs_segment_stage": round(forward / report["seconds"]["segment"], 3),
             "efficiency_vs_total": round(forward / report["seconds"]["total"], 3),
         }
-        if size == args.sizes[0]:
-            crf = run_engine(scene, args.model, args.work / f"out-{size}-crf", "--tile", str(args.tile))
+        if size == args.sizes[0] and not args.skip_crf:
+            crf = run_engine(scene, args.model, args.work / f"out-{size}-crf", *options)
             run["crf"] = {
                 "seconds": crf["seconds"],
                 "megapixels_per_second": crf["megapixels_per_second"],
@@ -186,9 +192,9 @@ def main() -> None:
             run["monai"] = run_monai(scene, args.model, monai_out, args.tile, report["halo"], threads)
         results["runs"][str(size)] = run
         REPORTS.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(REPORTS / "engine.json", json.dumps(results, indent=2))
+        write_text_atomically(REPORTS / f"{args.name}.json", json.dumps(results, indent=2))
         print(json.dumps(run, indent=2), flush=True)
-    write_text_atomically(REPORTS / "engine.md", render(results))
+    write_text_atomically(REPORTS / f"{args.name}.md", render(results))
 
 
 def render(results: dict[str, Any]) -> str:

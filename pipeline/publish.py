@@ -113,7 +113,7 @@ def subsample(array: Any, step: int, block: int = BLOCK) -> np.ndarray:
     block = max(step, (block // step) * step)
     for top in range(0, height, block):
         part = np.asarray(array[..., top : top + block, :])
-        rows.append(part[..., ::step, ::step])
+        rows.append(part[..., ::step, ::step].copy())  # a view would keep the whole band of rows alive
     return np.concatenate(rows, axis=-2)
 
 
