@@ -21,10 +21,9 @@ from models.atomic import write_text_atomically
 from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
-from models.receptive_field import receptive_radius
 from models.registry import build_model
-from pipeline.grid import Tile, core_of, default_halo, plan_tiles, read_padded
-from pipeline.workers import ModelWorker
+from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_padded
+from pipeline.workers import ModelWorker, Work, same_shape_batches
 
 BORDER = 16  # px each side of a core border counted as "near a border"
 
@@ -35,19 +34,14 @@ def predict_tiled(
     """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px."""
     height, width = image.shape[-2:]
     tiles = [_shifted(t, shift) for t in plan_tiles(height + shift, width + shift, tile, halo)]
-    tiles = [t for t in tiles if t.core_height > 0 and t.core_width > 0]
+    todo: list[Work] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
-    for start in range(0, len(tiles), batch):
-        group = tiles[start : start + batch]
-        by_shape: dict[tuple[int, int], list[Tile]] = {}
-        for t in group:
-            by_shape.setdefault(t.window[2:], []).append(t)
-        for same in by_shape.values():
-            windows = [read_padded(image, t) for t in same]
-            for t, result in zip(same, worker.predict(windows, (1.0,), "max", False), strict=True):
-                labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
-                    core_of(result, t)[0]
-                )
+    for group in same_shape_batches(todo, batch):
+        windows = [read_padded(image, t) for t, _ in group]
+        for (t, _), result in zip(group, worker.predict(windows, (1.0,), "max", False), strict=True):
+            labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
+                core_of(result, t)[0]
+            )
     return labels
 
 
@@ -130,7 +124,8 @@ def random_subject(
         logits = model(thumbnail)[0]
     keep = torch.from_numpy(np.ascontiguousarray(valid[::step, ::step]))
     offset = logits[:, keep].mean(1)
-    subject = metadata.model_copy(update={"architecture": architecture})
+    arch_args = {"num_classes": metadata.num_classes, "in_channels": metadata.num_bands}  # default stride
+    subject = metadata.model_copy(update={"architecture": architecture, "arch_args": arch_args})
     return LoadedModel(Centred(model, offset).eval(), subject, Path(f"random-{architecture}"), "random")
 
 
@@ -139,8 +134,7 @@ def measure(loaded: LoadedModel, scene: Path, tile: int = 512) -> dict[str, Any]
     with rasterio.open(scene) as source:
         image = source.read()
         valid = source.dataset_mask() > 0
-    arch_args = tuple(sorted(loaded.metadata.arch_args.items()))
-    halo = default_halo(receptive_radius(loaded.metadata.architecture, arch_args), None, tile)
+    halo = model_halo(loaded.metadata, None, tile)
     worker = worker_for(loaded)
     tiled = predict_tiled(worker, image, tile, halo)
     whole = compare(tiled, predict_whole(worker, image, halo), valid, tile)

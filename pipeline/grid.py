@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from models.metadata import CheckpointMetadata
+from models.receptive_field import receptive_radius
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ def default_halo(receptive_radius: int, crf_sigma_alpha: float | None, tile: int
     return max(HALO_ALIGN, min(needed, cap))
 
 
+def model_halo(metadata: CheckpointMetadata, crf_sigma_alpha: float | None, tile: int) -> int:
+    """``default_halo`` for a checkpoint's architecture (the one place that asks for its receptive field)."""
+    arch_args = tuple(sorted(metadata.arch_args.items()))
+    return default_halo(receptive_radius(metadata.architecture, arch_args), crf_sigma_alpha, tile)
+
+
 def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
     if tile < 16 or halo < 0:
         raise ValueError(f"tile must be >= 16 and halo >= 0 (got {tile}, {halo})")
@@ -89,8 +97,3 @@ def core_of(window_array: np.ndarray, tile: Tile) -> np.ndarray:
     return window_array[
         ..., tile.halo : tile.halo + tile.core_height, tile.halo : tile.halo + tile.core_width
     ]
-
-
-def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
-    for start in range(0, len(tiles), size):
-        yield tiles[start : start + size]

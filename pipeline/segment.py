@@ -21,10 +21,9 @@ from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info, file_sha256, read_metadata
 from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
-from models.receptive_field import receptive_radius
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import Tile, core_of, default_halo, plan_tiles, read_padded
+from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_padded
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -128,8 +127,7 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     shape = resampled_shape(scene.height, scene.width, check.scale)
     halo = options.halo
     if halo is None:
-        reach = receptive_radius(metadata.architecture, tuple(sorted(metadata.arch_args.items())))
-        halo = default_halo(reach, crf.sigma_alpha if crf else None, options.tile)
+        halo = model_halo(metadata, crf.sigma_alpha if crf else None, options.tile)
     return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
 
 

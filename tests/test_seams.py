@@ -10,14 +10,9 @@ import rasterio
 
 from bench.seams import compare, predict_tiled, predict_whole, random_subject, worker_for
 from models.checkpoint import load_checkpoint, read_metadata
-from models.receptive_field import receptive_radius
-from pipeline.grid import default_halo
+from pipeline.grid import model_halo
 
 TILE = 512
-
-
-def _halo(architecture: str, arch_args: dict[str, int]) -> int:
-    return default_halo(receptive_radius(architecture, tuple(sorted(arch_args.items()))), None, TILE)
 
 
 @pytest.mark.slow
@@ -31,7 +26,7 @@ def test_a_model_without_global_context_tiles_like_the_whole_image(
         image = scene.read()
         valid = scene.dataset_mask() > 0
     subject = random_subject("deeplab_largefov_vgg16", read_metadata(landcover_model), image, valid)
-    halo = _halo("deeplab_largefov_vgg16", {"num_classes": 6, "in_channels": 3})
+    halo = model_halo(subject.metadata, None, TILE)
     assert halo == 224  # its receptive field, 209 px, on the 32 px lattice
     worker = worker_for(subject)
     tiled = predict_tiled(worker, image, TILE, halo)
@@ -52,7 +47,7 @@ def test_v3_disagreement_is_little_higher_at_core_borders(kampala: Path, buildin
     with rasterio.open(kampala / "scene" / "kampala_z21_rgb.tif") as scene:
         image = scene.read()
         valid = scene.dataset_mask() > 0
-    halo = _halo(loaded.metadata.architecture, loaded.metadata.arch_args)
+    halo = model_halo(loaded.metadata, None, TILE)
     worker = worker_for(loaded)
     tiled = predict_tiled(worker, image, TILE, halo)
     against_whole = compare(tiled, predict_whole(worker, image, halo), valid, TILE)
