@@ -303,7 +303,8 @@ def _metrics_table(report: dict[str, Any], classes: list[str]) -> Table:
     return table
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The ``deeplab`` parser; ``extend`` adds commands of the layers above (``flows`` adds ``serve``)."""
     parser = argparse.ArgumentParser(prog="deeplab", description="DeepLab segmentation of large images")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -427,11 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--classes", required=True, help="comma-separated class names of its classifier")
     imp.add_argument("--out", type=Path, required=True)
     imp.set_defaults(handler=_cmd_import_torchvision)
+    if extend is not None:
+        extend(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["deeplab", *argv])

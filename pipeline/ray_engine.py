@@ -69,8 +69,17 @@ def ray_temp_dir(work_dir: Path) -> str:
 
 
 @contextmanager
-def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
-    """Join a cluster or start a local one; a local one is shut down again on exit."""
+def ray_session(
+    work_dir: Path,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """Join a cluster or start a local one; a local one is shut down again on exit.
+
+    ``worker_env`` is set in every worker and actor of this job (a cluster's workers do not inherit the
+    driver's environment).
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -79,8 +88,9 @@ def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None
         yield ray
         return
     temp_dir = None
+    runtime_env = {"env_vars": dict(worker_env)} if worker_env else None
     if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
     else:
         temp_dir = ray_temp_dir(work_dir)
         ray.init(
@@ -89,6 +99,7 @@ def ray_session(work_dir: Path, address: str | None = None, num_cpus: int | None
             log_to_driver=False,
             configure_logging=False,
             _temp_dir=temp_dir,
+            runtime_env=runtime_env,
         )
     try:
         yield ray

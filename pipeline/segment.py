@@ -146,34 +146,71 @@ def _metres(value: float | None) -> str:
     return f"{value:.3g} m" if value else "unknown"
 
 
-def segment_scene(
+@dataclass
+class PreparedScene:
+    """A scene that passed its preflight: what it is, what runs on it and the input's checksum."""
+
+    source: Path
+    scene: Scene
+    checkpoint: CheckpointInfo
+    plan: ScenePlan
+    checksum: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.scene.scene_id
+
+
+@dataclass
+class StagedWork:
+    """A staged scene, its ledger and the cores still to compute."""
+
+    prepared: PreparedScene
+    staged: StagedScene
+    ledger: Ledger
+    todo: list[Work]
+    skipped: int  # wholly nodata cores, never computed
+    resumed: int  # cores a previous run recorded
+    computed: int = 0
+    actor_memory: dict[str, list[float]] = field(default_factory=dict)
+
+
+def prepare_scene(
     scene_path: Path,
-    checkpoint: Path,
-    out_dir: Path,
+    checkpoint: Path | CheckpointInfo,
     options: SegmentOptions,
-    ray: Any = None,
+    checksum: str | None = None,
     progress: Progress | None = None,
-) -> SegmentResult:
-    """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``."""
-    progress = progress or Silent()
-    timings: dict[str, float] = {}
-    started = clock = time.perf_counter()
-    loaded = checkpoint_info(checkpoint)  # the weights are loaded where the model runs (actors or _compute)
-    scene = describe(scene_path)
-    plan = plan_scene(scene, loaded.metadata, options)
-    name = scene.scene_id
-    progress.stage(name, "preflight", "; ".join(plan.check.warnings))
-    checksum = file_sha256(Path(scene_path))
-    timings["preflight"] = time.perf_counter() - clock
-
+) -> PreparedScene:
+    """Preflight (raises on problems), the tile plan and the input's checksum (computed unless given)."""
     clock = time.perf_counter()
-    progress.stage(name, "stage")
-    staged = stage_scene(scene_path, Path(out_dir) / ".work", options.tile, checksum, plan.check.scale)
-    timings["stage"] = time.perf_counter() - clock
+    # the weights are loaded where the model runs (actors or _compute), never here
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else checkpoint_info(checkpoint)
+    scene = describe(scene_path)
+    plan = plan_scene(scene, info.metadata, options)
+    (progress or Silent()).stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
+    checksum = checksum or file_sha256(Path(scene_path))
+    prepared = PreparedScene(Path(scene_path), scene, info, plan, checksum)
+    prepared.timings["preflight"] = time.perf_counter() - clock
+    return prepared
 
+
+def stage_work(
+    prepared: PreparedScene, out_dir: Path, options: SegmentOptions, progress: Progress | None = None
+) -> StagedWork:
+    """Stage the scene into zarr under ``out_dir/.work`` and list the cores a run still has to compute."""
+    progress = progress or Silent()
+    clock = time.perf_counter()
+    plan, name = prepared.plan, prepared.name
+    progress.stage(name, "stage")
+    staged = stage_scene(
+        prepared.source, Path(out_dir) / ".work", options.tile, prepared.checksum, plan.check.scale
+    )
+    prepared.timings["stage"] = time.perf_counter() - clock
     key = result_key(
-        input=checksum,
-        checkpoint=loaded.sha256,
+        input=prepared.checksum,
+        checkpoint=prepared.checkpoint.sha256,
         tile=options.tile,
         halo=plan.halo,
         crf=plan.crf.model_dump() if plan.crf else None,
@@ -182,9 +219,6 @@ def segment_scene(
         scale=plan.check.scale,
     )
     ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
-    resumed = ledger.done_count
-
-    clock = time.perf_counter()
     valid_store = staged.valid()
     todo: list[Work] = []
     skipped = 0
@@ -199,10 +233,23 @@ def segment_scene(
             skipped += 1  # left nodata, never computed
         elif not ledger.is_done(tile.row, tile.col):
             todo.append((tile, None if core_valid.all() else core_valid))
-    progress.stage(name, "segment", f"{len(todo)} cores to compute, {resumed} resumed, {skipped} nodata")
+    return StagedWork(prepared, staged, ledger, todo, skipped, ledger.done_count)
+
+
+def compute_work(
+    work: StagedWork, options: SegmentOptions, ray: Any = None, progress: Progress | None = None
+) -> StagedWork:
+    """Compute every core still to do, on Ray when ``ray`` is a started Ray module, else in this process."""
+    progress = progress or Silent()
+    clock = time.perf_counter()
+    prepared = work.prepared
+    name = prepared.name
+    progress.stage(
+        name, "segment", f"{len(work.todo)} cores to compute, {work.resumed} resumed, {work.skipped} nodata"
+    )
     spec = WorkSpec(
-        crf=plan.crf,
-        input_max=loaded.metadata.input_max,
+        crf=prepared.plan.crf,
+        input_max=prepared.checkpoint.metadata.input_max,
         scales=options.scales,
         fuse=options.fuse,
         batch_size=options.batch_size,
@@ -210,28 +257,45 @@ def segment_scene(
         amp=options.amp,
         with_confidence=options.probabilities,
     )
-    on_core = progress.cores(name, len(todo))
-    actor_memory: dict[str, list[float]] = {}
+    on_core = progress.cores(name, len(work.todo))
     if options.engine == "ray" and ray is not None:
-        computed = _compute_on_ray(
-            ray, staged, loaded, ledger, todo, spec, options.max_in_flight, on_core, actor_memory
+        work.computed = _compute_on_ray(
+            ray,
+            work.staged,
+            prepared.checkpoint,
+            work.ledger,
+            work.todo,
+            spec,
+            options.max_in_flight,
+            on_core,
+            work.actor_memory,
         )
     else:
-        computed = _compute(staged, loaded, ledger, todo, spec, on_core)
-    timings["segment"] = time.perf_counter() - clock
+        work.computed = _compute(work.staged, prepared.checkpoint, work.ledger, work.todo, spec, on_core)
+    prepared.timings["segment"] = time.perf_counter() - clock
+    return work
 
+
+def publish_work(
+    work: StagedWork, out_dir: Path, options: SegmentOptions, progress: Progress | None = None
+) -> SegmentResult:
+    """Write the mask COG (and the optional rasters and polygons), the quicklook and the report."""
+    progress = progress or Silent()
+    prepared = work.prepared
+    scene, plan, loaded, timings = prepared.scene, prepared.plan, prepared.checkpoint, prepared.timings
+    name = prepared.name
     clock = time.perf_counter()
     progress.stage(name, "publish")
     target = Path(out_dir) / scene.scene_id
     outputs = {name: target / file for name, file in _OUTPUT_FILES.items()}
-    labels = _on_source_grid(ledger.labels(), scene, plan)
-    tags = _provenance(loaded, options, plan, checksum)
+    labels = _on_source_grid(work.ledger.labels(), scene, plan)
+    tags = _provenance(loaded, options, plan, prepared.checksum)
     write_mask_cog(labels, scene, loaded.metadata.classes, tags, outputs["mask"])
     if options.probabilities:
         outputs["probabilities"] = target / "probabilities.tif"
-        confidence = _on_source_grid(ledger.confidence(), scene, plan)
+        confidence = _on_source_grid(work.ledger.confidence(), scene, plan)
         write_confidence_cog(confidence, scene, tags, outputs["probabilities"])
-    write_quicklook(staged.image(), ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
+    write_quicklook(work.staged.image(), work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
     polygons = None
     if options.vectorize:
@@ -242,27 +306,37 @@ def segment_scene(
             labels, loaded.metadata.classes, scene.crs, scene.transform, outputs["polygons"], options.tile
         )
         timings["vectorize"] = time.perf_counter() - clock
-    total = time.perf_counter() - started
-    details = _report(
-        scene,
-        loaded,
-        labels,
-        options,
-        plan,
-        checksum,
-        timings,
-        total,
-        {"total": len(plan.tiles), "computed": computed, "skipped": skipped, "resumed": resumed},
-    )
+    total = sum(timings.values())
+    tiles = {
+        "total": len(plan.tiles),
+        "computed": work.computed,
+        "skipped": work.skipped,
+        "resumed": work.resumed,
+    }
+    details = _report(scene, loaded, labels, options, plan, prepared.checksum, timings, total, tiles)
     details["outputs"] = {k: v.name for k, v in outputs.items()}
     details["peak_rss_mb"] = {"driver": round(peak_rss_mb(), 1)} | {
-        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
+        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in work.actor_memory.items()
     }
     if polygons is not None:
         details["polygons"] = polygons
     write_text_atomically(outputs["report"], json.dumps(details, indent=2))
     progress.stage(name, "done", f"{total:.1f} s")
-    return SegmentResult(Path(scene_path), outputs["mask"], outputs["report"], outputs["quicklook"], details)
+    return SegmentResult(prepared.source, outputs["mask"], outputs["report"], outputs["quicklook"], details)
+
+
+def segment_scene(
+    scene_path: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    options: SegmentOptions,
+    ray: Any = None,
+    progress: Progress | None = None,
+) -> SegmentResult:
+    """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``."""
+    prepared = prepare_scene(scene_path, checkpoint, options, progress=progress)
+    work = stage_work(prepared, out_dir, options, progress)
+    return publish_work(compute_work(work, options, ray, progress), out_dir, options, progress)
 
 
 _OUTPUT_FILES = {"mask": "mask.tif", "quicklook": "quicklook.png", "report": "report.json"}

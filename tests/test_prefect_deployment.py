@@ -1,0 +1,216 @@
+"""`deeplab serve` + `prefect deployment run segment-scenes/nightly`, for real, three times.
+
+A real Prefect server (SQLite, free port, temporary PREFECT_HOME), the real work pool and worker, the
+deployments created from prefect.yaml by `prefect deploy`, and the real flow on Ray over two real scenes
+from ../shared/data plus a corrupt file. Then: a re-run skips both scenes (nothing staged, computed or
+rewritten), and after one input changes only that one is redone. Every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import rasterio
+
+from flows.serve import free_port
+from flows.settings import prefect_environment
+from tests.conftest import ROOT, kampala_chip
+
+SERVE_READY_S = 300
+RUN_TIMEOUT_S = 600
+
+
+def _tmp_entries() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if not p.name.startswith("pytest-of-")}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Every published file (not the work folder, not the manifest, which records each run)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".work" not in p.parts and not p.name.startswith((".", "manifest"))
+    }
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _run_nightly(env: dict[str, str], incoming: Path) -> tuple[str, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "deployment",
+        "run",
+        "segment-scenes/nightly",
+        "--param",
+        f"input={incoming}",
+        "--watch",
+        "--watch-timeout",
+        str(RUN_TIMEOUT_S),
+    ]
+    done = subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60
+    )
+    match = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
+    assert match, f"no flow run created:\n{done.stdout}\n{done.stderr}"
+    return match.group(1), done.stdout
+
+
+def _readback(env: dict[str, str], *run_ids: str) -> dict[str, Any]:
+    probe = [sys.executable, str(ROOT / "tests" / "prefect_readback.py"), *run_ids]
+    done = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _last_run(out: Path) -> dict[str, dict[str, Any]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {scene["scene_id"]: scene for scene in manifest["runs"][-1]["scenes"]}
+
+
+def _wait_ready(serve: subprocess.Popen[bytes], state_file: Path, log: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + SERVE_READY_S
+    while not state_file.exists():
+        assert serve.poll() is None, f"deeplab serve exited:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"deeplab serve not ready:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+    state: dict[str, Any] = json.loads(state_file.read_text())
+    return state
+
+
+def _stop(serve: subprocess.Popen[bytes]) -> None:
+    if serve.poll() is None:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check_mask(mask: Path, source: Path) -> None:
+    with rasterio.open(mask) as out, rasterio.open(source) as src:
+        assert out.crs == src.crs and out.transform == src.transform and out.shape == src.shape
+        labels, valid, nodata = out.read(1), src.dataset_mask() > 0, out.nodata
+    assert set(np.unique(labels[valid])) <= {0, 1}, "background/building where the scene has data"
+    assert (labels[~valid] == nodata).all(), "nodata where it has none"
+
+
+@pytest.mark.slow
+def test_nightly_deployment_runs_skips_and_redoes(
+    kampala: Path, landsat: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    tmp_before = _tmp_entries()
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    chip = incoming / "kampala.tif"
+    shutil.copy(kampala_chip(kampala)[0], chip)
+    shutil.copy(landsat, incoming / "landsat.tif")
+    (incoming / "corrupt.tif").write_bytes(b"II*\x00" + np.random.default_rng(0).bytes(4000))
+    out, work = tmp_path / "published", tmp_path / "work"
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "serve.log"
+    serve_env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+    command = [sys.executable, "-m", "flows.cli", "serve", "--work-dir", str(work), "--port", str(port)]
+    command += ["--output", str(out), "--model", str(buildings_model), "--timezone", "Europe/Berlin"]
+    with open(log, "wb") as sink:
+        serve = subprocess.Popen(
+            command, cwd=ROOT, env=serve_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    started: set[int] = set()
+    try:
+        state = _wait_ready(serve, work / "prefect" / "serve.json", log)
+        started = {serve.pid, *state["pids"].values()}
+        env = prefect_environment(work, api_url)
+
+        # the schedule and the deployments, as the server holds them
+        deployments = _readback(env)["deployments"]
+        nightly = deployments["segment-scenes/nightly"]
+        assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}]
+        assert nightly["work_pool"] == "deeplab"
+        assert nightly["parameters"]["output"] == str(out)
+        assert deployments["segment-scenes/on-demand"]["schedules"] == []
+
+        # 1: both scenes published, the corrupt file reported, the run failed because of it alone
+        first, _ = _run_nightly(env, incoming)
+        started |= {p.pid for p in psutil.Process(serve.pid).children(recursive=True)}
+        run = _readback(env, first)["runs"][first]
+        assert run["state"] == "FAILED"
+        assert "1 of 3 scene(s) failed" in run["message"]
+        assert f"{incoming / 'corrupt.tif'}: not a readable raster" in run["message"]
+        _check_mask(out / "kampala" / "mask.tif", chip)
+        _check_mask(out / "landsat" / "mask.tif", landsat)
+        outcomes = _last_run(out)
+        assert {k: v["outcome"] for k, v in outcomes.items()} == {
+            "kampala": "done",
+            "landsat": "done",
+            "corrupt": "failed",
+        }
+        assert outcomes["landsat"]["tiles"]["computed"] == 4
+        artifacts = {a["key"]: a for a in run["artifacts"]}
+        table = artifacts["segment-scenes-report"]
+        assert table["type"] == "markdown"
+        assert re.search(
+            r"\| kampala \| done \| 1 / 0 / 0 \| background [\d.,]+ ha, building [\d.,]+ ha", table["data"]
+        )
+        assert "| corrupt | failed |" in table["data"]
+        for scene in ("kampala", "landsat"):
+            assert artifacts[f"quicklook-{scene}"]["data"].startswith("data:image/png;base64,")
+        published = _digests(out)
+        staged = _mtimes(out / ".work")
+
+        # 2: nothing changed: both skipped, no byte rewritten, nothing staged or computed
+        second, _ = _run_nightly(env, incoming)
+        assert _readback(env, second)["runs"][second]["state"] == "FAILED"  # the corrupt file is still there
+        outcomes = _last_run(out)
+        assert outcomes["kampala"]["outcome"] == outcomes["landsat"]["outcome"] == "skipped"
+        assert _digests(out) == published
+        assert _mtimes(out / ".work") == staged
+
+        # 3: one input changed: only it is redone
+        with rasterio.open(chip, "r+") as dataset:
+            pixels = dataset.read()
+            dataset.write(255 - pixels)
+        third, _ = _run_nightly(env, incoming)
+        assert _readback(env, third)["runs"][third]["state"] == "FAILED"
+        outcomes = _last_run(out)
+        assert outcomes["kampala"]["outcome"] == "done"
+        assert outcomes["kampala"]["tiles"]["computed"] == 1
+        assert outcomes["landsat"]["outcome"] == "skipped"
+        now = _digests(out)
+        assert {k: v for k, v in now.items() if k.startswith("landsat")} == {
+            k: v for k, v in published.items() if k.startswith("landsat")
+        }
+        assert now["kampala/report.json"] != published["kampala/report.json"]
+        report = json.loads((out / "kampala" / "report.json").read_text())
+        assert report["input_sha256"] == hashlib.sha256(chip.read_bytes()).hexdigest()
+    finally:
+        _stop(serve)
+    assert serve.returncode == 0, log.read_text()[-4000:]
+    assert not [pid for pid in started if _alive(pid)], "every process started is stopped"
+    assert _tmp_entries() <= tmp_before, f"left in /tmp: {_tmp_entries() - tmp_before}"
