@@ -1,4 +1,5 @@
-# make demo: create .venv, install, segment the real Kampala and Landsat scenes end to end.
+# make demo: create .venv, install, segment the real Kampala and Landsat scenes end to end with the
+#            segment-scenes Prefect flow (a local Prefect server on SQLite under work/, a local Ray cluster).
 # make test: create .venv, install, run ruff, mypy and the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -18,12 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deeplab segment $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
+	$(BIN)/deeplab run-flow $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
 		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
-	$(BIN)/deeplab segment $(DATA)/landsat/RGB.byte.tif \
+	$(BIN)/deeplab run-flow $(DATA)/landsat/RGB.byte.tif \
 		--model models/zoo/landcover-dubai.safetensors --out $(DEMO_OUT) --probabilities
 	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, polygons.gpkg, quicklook.png, report.json)"
 	@echo "         $(DEMO_OUT)/RGB.byte/ (mask.tif, probabilities.tif, quicklook.png, report.json)"
+	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips both unchanged scenes)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline models flows tests bench
@@ -39,4 +41,4 @@ zoo: $(STAMP)
 	DEEPLAB=$(BIN)/deeplab models/zoo/train_zoo.sh all
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) work

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _cmd_run_flow(args: argparse.Namespace) -> int:
+    """The segment-scenes flow, in this process, on a Prefect server (PREFECT_API_URL, else a local one)."""
+    from flows.serve import ServeConfig, Services, free_port, local_server
+    from flows.settings import prefect_environment, prefect_home
+
+    options = engine_cli.segment_options(args)
+    api_url = os.environ.get("PREFECT_API_URL")
+    config = ServeConfig(work_dir=args.work_dir, port=free_port(), api_url=api_url)
+    home = prefect_home(config.work_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    env = prefect_environment(config.work_dir, config.url)
+    services = Services(home)
+    try:
+        with local_server(config, services, env):
+            os.environ.update(env)  # before Prefect reads its settings: this process is a client of it
+            from flows.segment_scenes import segment_scenes
+
+            state = segment_scenes(
+                [str(p) for p in args.scenes], str(args.out), str(args.model), options, return_state=True
+            )
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # the run's last log lines reach the server before it stops
+    finally:
+        services.stop()
+    summary = json.loads((args.out / "manifest.json").read_text())["runs"][-1] if state.is_final() else {}
+    for scene in summary.get("scenes", []):
+        note = f": {scene['message']}" if scene["message"] else ""
+        engine_cli.console.print(
+            f"{scene['scene_id']}: {scene['outcome']}{note}", highlight=False, soft_wrap=True
+        )
+    engine_cli.console.print(f"flow run {state.name}: {state.message or ''}", highlight=False, soft_wrap=True)
+    return 0 if state.is_completed() else 1
+
+
 def add_flow_commands(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
@@ -62,6 +98,17 @@ def add_flow_commands(commands: Any) -> None:
     serve.add_argument("--concurrency-limit", type=int, default=1, help="flow runs at once (0: no limit)")
     serve.add_argument("--no-worker", action="store_true", help="deploy only; workers run elsewhere")
     serve.set_defaults(handler=_cmd_serve)
+
+    run = commands.add_parser(
+        "run-flow",
+        help="run the segment-scenes flow now, here (on PREFECT_API_URL, else a local Prefect server)",
+    )
+    run.add_argument("scenes", nargs="+", help="scene files, folders or globs")
+    run.add_argument("--model", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="PREFECT_HOME and logs go here")
+    engine_cli.add_segment_options(run)
+    run.set_defaults(handler=_cmd_run_flow)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Which scenes a run covers: a folder, a glob, or a list of paths, in a stable order."""
+"""Which scenes a run covers: a folder, a glob, a URL, or a list of them, in a stable order."""
 
 from __future__ import annotations
 
@@ -6,24 +6,29 @@ import glob
 from pathlib import Path
 
 from models.errors import DataError
+from pipeline.sources import Source, is_remote, source_id
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"})
 _GLOB_CHARS = frozenset("*?[")
 
 
-def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> list[Path]:
+def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> list[Source]:
     """Expand ``inputs`` into scene paths.
 
     A folder contributes its raster files (by suffix, not recursive, hidden files left out); a glob its
     matches (``**`` recurses); a file itself, whatever its suffix, so that a listed file that is not a
     raster is reported by its preflight rather than silently dropped (so is a listed scene that is
     missing). ``exclude`` (the output folder) is never searched. A folder that does not exist is an error.
+    URLs (``s3://``, ``https://``...) are scenes as given: listing a bucket is left to the caller.
     """
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
     found: list[Path] = []
+    remote: list[str] = []
     excluded = exclude.resolve() if exclude else None
     for entry in entries:
-        if _GLOB_CHARS & set(entry):
+        if is_remote(entry):
+            remote.append(entry)
+        elif _GLOB_CHARS & set(entry):
             matches = [Path(p) for p in glob.glob(entry, recursive=True)]
             found += [p for p in matches if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
         elif (path := Path(entry)).is_dir():
@@ -36,7 +41,8 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
             found.append(path)  # a listed scene that is missing fails alone, in its preflight
         else:
             raise DataError(f"{entry}: no such file or folder")
-    unique = {p.resolve(): None for p in found if not _inside(p, excluded)}
+    unique: dict[Source, None] = {p.resolve(): None for p in found if not _inside(p, excluded)}
+    unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
 
 
@@ -44,15 +50,14 @@ def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and path.resolve().is_relative_to(folder)
 
 
-def duplicate_ids(scenes: list[Path]) -> dict[Path, str]:
+def duplicate_ids(scenes: list[Source]) -> dict[Source, str]:
     """Scenes whose id (file stem) another scene already has: their outputs would overwrite each other."""
-    seen: dict[str, Path] = {}
-    clashes: dict[Path, str] = {}
+    seen: dict[str, Source] = {}
+    clashes: dict[Source, str] = {}
     for scene in scenes:
-        if scene.stem in seen:
-            clashes[scene] = (
-                f"{scene}: same scene id {scene.stem!r} as {seen[scene.stem]}; rename one of them"
-            )
+        name = source_id(scene)
+        if name in seen:
+            clashes[scene] = f"{scene}: same scene id {name!r} as {seen[name]}; rename one of them"
         else:
-            seen[scene.stem] = scene
+            seen[name] = scene
     return clashes

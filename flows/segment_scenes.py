@@ -43,6 +43,7 @@ from pipeline.segment import (
     publish_work,
     stage_work,
 )
+from pipeline.sources import Source, source_id
 
 SCENE_THREADS = 4  # scenes in flight at once (preflight, staging and publishing overlap)
 
@@ -59,7 +60,7 @@ class ScenesFailed(DeepLabError):
 class SceneJob:
     """One scene on its way through the tasks."""
 
-    source: Path
+    source: Source
     key: SceneKey
     prepared: PreparedScene
     previous: SceneRecord | None = None  # set when the scene is unchanged: it is skipped
@@ -71,30 +72,16 @@ class SceneJob:
 
 
 class SharedRay:
-    """One Ray session per flow run, started by the first scene that needs it; scenes take turns on it."""
+    """The flow run's Ray session (None: the local engine); scenes take turns on it."""
 
-    def __init__(self, work_dir: Path, options: SegmentOptions) -> None:
-        self.work_dir = work_dir
+    def __init__(self, ray: Any, options: SegmentOptions) -> None:
+        self.ray = ray
         self.options = options
         self.lock = threading.Lock()
-        self._stack = ExitStack()
-        self._ray: Any = None
 
     def compute(self, work: StagedWork, progress: TaskLogProgress) -> StagedWork:
         with self.lock:
-            if self.options.engine == "local":
-                return compute_work(work, self.options, None, progress)
-            if self._ray is None:
-                from pipeline.ray_engine import ray_session
-
-                session = ray_session(
-                    self.work_dir, self.options.ray_address, worker_env=worker_environment()
-                )
-                self._ray = self._stack.enter_context(session)
-            return compute_work(work, self.options, self._ray, progress)
-
-    def close(self) -> None:
-        self._stack.close()
+            return compute_work(work, self.options, self.ray, progress)
 
 
 def _not_ours(task: Any, run: Any, state: State) -> bool:
@@ -109,17 +96,18 @@ def _not_ours(task: Any, run: Any, state: State) -> bool:
 
 
 @task(name="discover", cache_policy=NO_CACHE)
-def discover(input: str | list[str], output: Path) -> list[Path]:
+def discover(input: str | list[str], output: Path) -> list[Source]:
     scenes = discover_scenes(input, exclude=output)
     get_run_logger().info("%d scene(s) found", len(scenes))
     return scenes
 
 
-@task(name="preflight", task_run_name="preflight {source.name}", cache_policy=NO_CACHE)
-def preflight(source: Path, checkpoint: CheckpointInfo, options: SegmentOptions, output: Path) -> SceneJob:
+@task(name="preflight", task_run_name="preflight {source}", cache_policy=NO_CACHE)
+def preflight(source: Source, checkpoint: CheckpointInfo, options: SegmentOptions, output: Path) -> SceneJob:
     manifest = Manifest(output)
     progress = TaskLogProgress(get_run_logger())
-    checksum = manifest.checksum(source) if source.is_file() else None  # else its preflight says why
+    local_file = isinstance(source, Path) and source.is_file()
+    checksum = manifest.checksum(source) if local_file else None  # else prepare_scene reads or refuses it
     prepared = prepare_scene(source, checkpoint, options, checksum, progress)
     key = SceneKey(prepared.checksum, checkpoint.sha256, config_hash(options))
     previous = manifest.current(str(source), key)
@@ -128,7 +116,7 @@ def preflight(source: Path, checkpoint: CheckpointInfo, options: SegmentOptions,
     return SceneJob(source, key, prepared, previous)
 
 
-@task(name="stage", task_run_name="stage {job.source.name}", cache_policy=NO_CACHE)
+@task(name="stage", task_run_name="stage {job.name}", cache_policy=NO_CACHE)
 def stage(job: SceneJob, output: Path, options: SegmentOptions) -> SceneJob:
     if job.previous is None:
         job.work = stage_work(job.prepared, output, options, TaskLogProgress(get_run_logger()))
@@ -137,7 +125,7 @@ def stage(job: SceneJob, output: Path, options: SegmentOptions) -> SceneJob:
 
 @task(
     name="segment",
-    task_run_name="segment {job.source.name}",
+    task_run_name="segment {job.name}",
     cache_policy=NO_CACHE,
     retries=1,
     retry_condition_fn=_not_ours,
@@ -148,7 +136,7 @@ def segment(job: SceneJob, ray: SharedRay) -> SceneJob:
     return job
 
 
-@task(name="publish", task_run_name="publish {job.source.name}", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish {job.name}", cache_policy=NO_CACHE)
 def publish(job: SceneJob, output: Path, options: SegmentOptions) -> SceneRecord:
     if job.previous is not None:
         previous = job.previous
@@ -204,15 +192,15 @@ def report(records: list[SceneRecord], output: Path, run: dict[str, Any]) -> str
     return table
 
 
-def _failure(source: Path, chain: list[PrefectFuture[Any]]) -> SceneRecord:
+def _failure(source: Source, chain: list[PrefectFuture[Any]]) -> SceneRecord:
     """The first failed task's exception, as the scene's message (the error names the file)."""
     for future in chain:
         state = future.state
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             message = str(error) if isinstance(error, DeepLabError) else f"{type(error).__name__}: {error}"
-            return SceneRecord(str(source), source.stem, "failed", message=message, finished=now_iso())
-    return SceneRecord(str(source), source.stem, "failed", message="did not finish", finished=now_iso())
+            return SceneRecord(str(source), source_id(source), "failed", message=message, finished=now_iso())
+    return SceneRecord(str(source), source_id(source), "failed", message="did not finish", finished=now_iso())
 
 
 def _run_id() -> str | None:
@@ -245,25 +233,36 @@ def segment_scenes(
     info = checkpoint_info(Path(model).resolve())  # a bad checkpoint fails the run at once, naming it
     scenes = discover(input, out)
     clashes = duplicate_ids(scenes)
-    shared = SharedRay(out / ".work", options)
-    chains: dict[Path, list[PrefectFuture[Any]]] = {}
-    try:
-        for source in scenes:
-            if source in clashes:
-                continue
+    checks: dict[Source, Any] = {
+        source: preflight.submit(source, info, options, out) for source in scenes if source not in clashes
+    }
+    wait(list(checks.values()))
+    unchanged = [f.result() for f in checks.values() if f.state.is_completed() and f.result().previous]
+    to_compute = sum(f.state.is_completed() for f in checks.values()) - len(unchanged)
+    chains: dict[Source, list[PrefectFuture[Any]]] = {}
+    with ExitStack() as stack:
+        ray = None
+        if to_compute and options.engine == "ray":
+            # started here, in the flow's main thread (Ray's signal handlers need it), and only when a
+            # scene has work: a run that skips every scene never starts a cluster
+            from pipeline.ray_engine import ray_session
+
+            work_dir = out / ".work"
+            ray = stack.enter_context(
+                ray_session(work_dir, options.ray_address, worker_env=worker_environment())
+            )
+        shared = SharedRay(ray, options)
+        for source, checked in checks.items():
             # a task takes its upstream's future in place of its value; Prefect resolves it (or, when the
             # upstream failed, leaves the task NotReady), which the type checker cannot know
-            checked: Any = preflight.submit(source, info, options, out)
             staged: Any = stage.submit(checked, out, options)
             segmented: Any = segment.submit(staged, shared)
             chains[source] = [checked, staged, segmented, publish.submit(segmented, out, options)]
         wait([future for chain in chains.values() for future in chain])
-    finally:
-        shared.close()
     records = []
     for source in scenes:
         if source in clashes:
-            records.append(SceneRecord(str(source), source.stem, "failed", message=clashes[source]))
+            records.append(SceneRecord(str(source), source_id(source), "failed", message=clashes[source]))
             continue
         final = chains[source][-1]
         records.append(final.result() if final.state.is_completed() else _failure(source, chains[source]))

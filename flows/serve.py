@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,20 @@ def deploy(config: ServeConfig, env: dict[str, str]) -> Path:
     return rendered
 
 
+@contextmanager
+def local_server(config: ServeConfig, services: Services, env: dict[str, str]) -> Iterator[None]:
+    """The embedded default: ``prefect server start`` on SQLite under the work folder, until exit.
+
+    With ``config.api_url`` set, that server is used and none is started.
+    """
+    server = None
+    if config.api_url is None:
+        command = ["server", "start", "--host", config.host, "--port", str(config.port)]
+        server = services.start("server", [sys.executable, "-m", "prefect", *command], env)
+    wait_healthy(config.url, server)
+    yield
+
+
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     """Start everything, write ``<work>/prefect/serve.json`` (URL, PIDs), then wait for a stop signal."""
     home = prefect_home(config.work_dir)
@@ -163,54 +178,24 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        server = None
-        if config.api_url is None:
-            server = services.start(
-                "server",
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "server",
-                    "start",
-                    "--host",
-                    config.host,
-                    "--port",
-                    str(config.port),
-                ],
-                env,
-            )
-        wait_healthy(config.url, server)
-        deploy(config, env)
-        if config.worker:
-            worker_name = f"deeplab-{socket.gethostname()}"
-            command = [
-                sys.executable,
-                "-m",
-                "prefect",
-                "worker",
-                "start",
-                "--pool",
-                config.pool,
-                "--type",
-                "process",
-            ]
-            services.start("worker", [*command, "--name", worker_name], env)
-        state = {"api_url": config.url, "pool": config.pool, "pids": services.pids(), "home": str(home)}
-        (home / "serve.json").write_text(json.dumps(state, indent=2))
-        print(f"Prefect API: {config.url}  (UI: {config.url.removesuffix('/api')})", flush=True)
-        print(
-            f"deployments: segment-scenes/nightly, segment-scenes/on-demand on pool {config.pool!r}",
-            flush=True,
-        )
-        print(f"processes: {services.pids()}; logs in {home}", flush=True)
-        print("ready; Ctrl-C stops them", flush=True)
-        while not stop.wait(1.0):
-            for name, process in services.started:
-                if process.poll() is not None:
-                    raise ConfigError(
-                        f"the Prefect {name} exited with status {process.returncode}; see {home}"
-                    )
+        with local_server(config, services, env):
+            deploy(config, env)
+            if config.worker:
+                worker = ["worker", "start", "--pool", config.pool, "--type", "process"]
+                worker += ["--name", f"deeplab-{socket.gethostname()}"]
+                services.start("worker", [sys.executable, "-m", "prefect", *worker], env)
+            state = {"api_url": config.url, "pool": config.pool, "pids": services.pids(), "home": str(home)}
+            (home / "serve.json").write_text(json.dumps(state, indent=2))
+            print(f"Prefect API: {config.url}  (UI: {config.url.removesuffix('/api')})", flush=True)
+            print(f"deployments: segment-scenes/nightly, segment-scenes/on-demand on pool {config.pool!r}")
+            print(f"processes: {services.pids()}; logs in {home}")
+            print("ready; Ctrl-C stops them", flush=True)
+            while not stop.wait(1.0):
+                for name, process in services.started:
+                    if process.poll() is not None:
+                        raise ConfigError(
+                            f"the Prefect {name} exited with status {process.returncode}; see {home}"
+                        )
         return 0
     finally:
         services.stop()

@@ -182,6 +182,6 @@ def ground_pixel_size(crs: CRS | None, transform: Affine, height: int, width: in
         return None
     res_x = math.hypot(transform.a, transform.d)
     if crs.is_geographic:
-        latitude = (transform * (width / 2, height / 2))[1]
+        latitude = (transform @ (width / 2, height / 2))[1]
         return float(res_x * 111_320.0 * math.cos(math.radians(latitude)))
     return float(res_x * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0))

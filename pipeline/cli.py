@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.errors import DeepLabError
+from pipeline.sources import as_source
 
 console = Console(stderr=True)
 
@@ -200,24 +201,9 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.progress import ConsoleProgress
-    from pipeline.segment import SegmentOptions, segment_scenes
+    from pipeline.segment import segment_scenes
 
-    options = SegmentOptions(
-        tile=args.tile,
-        halo=args.halo,
-        crf=not args.no_crf,
-        scales=tuple(args.scales),
-        fuse=args.fuse,
-        batch_size=args.batch_size,
-        device=args.device,
-        allow_ungeoreferenced=args.allow_ungeoreferenced,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        max_in_flight=args.max_in_flight,
-        match_resolution=args.match_resolution,
-        probabilities=args.probabilities,
-        vectorize=args.vectorize,
-    )
+    options = segment_options(args)
     if args.dry_run:
         return _dry_run(args.scenes, args.model, options)
     failures = 0
@@ -238,7 +224,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _dry_run(scenes: list[Path], model: Path, options: Any) -> int:
+def _dry_run(scenes: list[Any], model: Path, options: Any) -> int:
     """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
     from pipeline.segment import check_scenes, count_nodata_cores
 
@@ -301,6 +287,60 @@ def _metrics_table(report: dict[str, Any], classes: list[str]) -> Table:
         table.add_row(f"IoU {name}", *("-" if v is None else f"{v:.4f}" for v in values))
     table.add_row("images", *(str(part["images"]) for part in report.values()))
     return table
+
+
+def add_segment_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's options (SegmentOptions), one flag each: ``segment`` and the flow commands share them."""
+    parser.add_argument("--tile", type=int, default=512, help="core size in pixels")
+    parser.add_argument(
+        "--halo",
+        type=int,
+        help="context read around each core, pixels (default: the model head's field of view and 3 σα of "
+        "the CRF, up to a quarter of the core)",
+    )
+    parser.add_argument("--no-crf", action="store_true")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
+    parser.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--allow-ungeoreferenced", action="store_true")
+    parser.add_argument(
+        "--engine",
+        choices=["ray", "local"],
+        default="ray",
+        help="ray (local cluster started by itself, or --ray-address) or one local process",
+    )
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
+    parser.add_argument("--max-in-flight", type=int, default=8, help="windows queued on actors at once")
+    parser.add_argument(
+        "--match-resolution", action="store_true", help="resample to the model's training pixel size"
+    )
+    parser.add_argument(
+        "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
+    )
+    parser.add_argument("--vectorize", action="store_true", help="also write polygons.gpkg (per class)")
+
+
+def segment_options(args: argparse.Namespace) -> Any:
+    """SegmentOptions from the flags of ``add_segment_options``."""
+    from pipeline.segment import SegmentOptions
+
+    return SegmentOptions(
+        tile=args.tile,
+        halo=args.halo,
+        crf=not args.no_crf,
+        scales=tuple(args.scales),
+        fuse=args.fuse,
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_ungeoreferenced=args.allow_ungeoreferenced,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        max_in_flight=args.max_in_flight,
+        match_resolution=args.match_resolution,
+        probabilities=args.probabilities,
+        vectorize=args.vectorize,
+    )
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -374,37 +414,12 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     tune_crf.set_defaults(handler=_cmd_tune_crf)
 
     segment = commands.add_parser("segment", help="segment georeferenced scenes into class-mask COGs")
-    segment.add_argument("scenes", nargs="+", type=Path)
+    segment.add_argument(
+        "scenes", nargs="+", type=as_source, help="GeoTIFFs: paths or URLs GDAL reads (s3://, https://)"
+    )
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument("--out", type=Path, required=True)
-    segment.add_argument("--tile", type=int, default=512, help="core size in pixels")
-    segment.add_argument(
-        "--halo",
-        type=int,
-        help="context read around each core, pixels (default: the model head's field of view and 3 σα of "
-        "the CRF, up to a quarter of the core)",
-    )
-    segment.add_argument("--no-crf", action="store_true")
-    segment.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
-    segment.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
-    segment.add_argument("--batch-size", type=int, default=4)
-    segment.add_argument("--device", default="auto")
-    segment.add_argument("--allow-ungeoreferenced", action="store_true")
-    segment.add_argument(
-        "--engine",
-        choices=["ray", "local"],
-        default="ray",
-        help="ray (local cluster started by itself, or --ray-address) or one local process",
-    )
-    segment.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
-    segment.add_argument("--max-in-flight", type=int, default=8, help="windows queued on actors at once")
-    segment.add_argument(
-        "--match-resolution", action="store_true", help="resample to the model's training pixel size"
-    )
-    segment.add_argument(
-        "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
-    )
-    segment.add_argument("--vectorize", action="store_true", help="also write polygons.gpkg (per class)")
+    add_segment_options(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
 

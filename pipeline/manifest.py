@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.atomic import write_text_atomically
-from models.checkpoint import file_sha256
 from models.errors import DataError
+from pipeline.sources import Source, source_sha256
 
 MANIFEST_NAME = "manifest.json"
 # Options that change how a result is computed, not what it is: changing them redoes nothing.
@@ -97,13 +97,15 @@ class Manifest:
             yield data
             write_text_atomically(self.path, json.dumps(data, indent=2))
 
-    def checksum(self, source: Path) -> str:
-        """The file's sha256, from the cache when its size and mtime have not changed."""
+    def checksum(self, source: Source) -> str:
+        """The sha256, from the cache while size and mtime are unchanged (URLs are read every time)."""
+        if not isinstance(source, Path):
+            return source_sha256(source)
         stat = source.stat()
         cached = self.read()["checksums"].get(str(source))
         if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
             return str(cached["sha256"])
-        digest = file_sha256(source)
+        digest = source_sha256(source)
         with self._locked() as data:
             data["checksums"][str(source)] = {
                 "size": stat.st_size,

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
-from models.checkpoint import CheckpointInfo, checkpoint_info, file_sha256, read_metadata
+from models.checkpoint import CheckpointInfo, checkpoint_info, read_metadata
 from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
@@ -28,7 +28,15 @@ from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
 from pipeline.regrid import NearestView
-from pipeline.sources import Scene, describe, open_raster, read_valid, resampled_shape
+from pipeline.sources import (
+    Scene,
+    Source,
+    describe,
+    open_raster,
+    read_valid,
+    resampled_shape,
+    source_sha256,
+)
 from pipeline.stage import StagedScene, stage_scene
 from pipeline.vectorize import vectorize_mask
 from pipeline.workers import (
@@ -65,7 +73,7 @@ class SegmentOptions(BaseModel):
 
 @dataclass
 class SegmentResult:
-    scene: Path
+    scene: Source
     mask: Path
     report: Path
     quicklook: Path
@@ -131,7 +139,7 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
 
 
-def count_nodata_cores(scene_path: Path, plan: ScenePlan) -> int:
+def count_nodata_cores(scene_path: Source, plan: ScenePlan) -> int:
     """Cores without one valid pixel, read from the source's mask (what a dry run can know unstaged)."""
     with open_raster(scene_path) as dataset:
         return sum(
@@ -150,7 +158,7 @@ def _metres(value: float | None) -> str:
 class PreparedScene:
     """A scene that passed its preflight: what it is, what runs on it and the input's checksum."""
 
-    source: Path
+    source: Source
     scene: Scene
     checkpoint: CheckpointInfo
     plan: ScenePlan
@@ -177,7 +185,7 @@ class StagedWork:
 
 
 def prepare_scene(
-    scene_path: Path,
+    scene_path: Source,
     checkpoint: Path | CheckpointInfo,
     options: SegmentOptions,
     checksum: str | None = None,
@@ -190,8 +198,8 @@ def prepare_scene(
     scene = describe(scene_path)
     plan = plan_scene(scene, info.metadata, options)
     (progress or Silent()).stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
-    checksum = checksum or file_sha256(Path(scene_path))
-    prepared = PreparedScene(Path(scene_path), scene, info, plan, checksum)
+    checksum = checksum or source_sha256(scene.path)
+    prepared = PreparedScene(scene.path, scene, info, plan, checksum)
     prepared.timings["preflight"] = time.perf_counter() - clock
     return prepared
 
@@ -326,7 +334,7 @@ def publish_work(
 
 
 def segment_scene(
-    scene_path: Path,
+    scene_path: Source,
     checkpoint: Path,
     out_dir: Path,
     options: SegmentOptions,
@@ -394,8 +402,8 @@ def _compute_on_ray(
 
 
 def check_scenes(
-    scenes: list[Path], checkpoint: Path, options: SegmentOptions
-) -> Iterator[tuple[Path, ScenePlan | DeepLabError]]:
+    scenes: list[Source], checkpoint: Path, options: SegmentOptions
+) -> Iterator[tuple[Source, ScenePlan | DeepLabError]]:
     """Each scene's plan, or why it is refused: reads the checkpoint's metadata and the scenes' headers."""
     metadata = read_metadata(checkpoint)
     for scene in scenes:
@@ -406,12 +414,12 @@ def check_scenes(
 
 
 def segment_scenes(
-    scenes: list[Path],
+    scenes: list[Source],
     checkpoint: Path,
     out_dir: Path,
     options: SegmentOptions,
     progress: Progress | None = None,
-) -> Iterator[tuple[Path, SegmentResult | DeepLabError]]:
+) -> Iterator[tuple[Source, SegmentResult | DeepLabError]]:
     """Every scene in turn on one Ray session; a failed scene is reported and the others go on.
 
     The checkpoint and every scene are checked before Ray starts: a bad checkpoint stops the batch at once,
@@ -437,7 +445,12 @@ def segment_scenes(
 
 
 def _attempt(
-    scene: Path, checkpoint: Path, out_dir: Path, options: SegmentOptions, ray: Any, progress: Progress | None
+    scene: Source,
+    checkpoint: Path,
+    out_dir: Path,
+    options: SegmentOptions,
+    ray: Any,
+    progress: Progress | None,
 ) -> SegmentResult | DeepLabError:
     try:
         return segment_scene(scene, checkpoint, out_dir, options, ray, progress)

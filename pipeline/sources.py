@@ -1,12 +1,19 @@
-"""Open a scene: a georeferenced raster through rasterio/GDAL, described by one Scene type."""
+"""Open a scene: a georeferenced raster through rasterio/GDAL, described by one Scene type.
+
+A scene is a local path or a URL GDAL reads (``s3://``, ``gs://``, ``az://``, ``http(s)://``, or a
+``/vsi...`` path); URLs stay strings throughout, since ``Path`` would fold their ``//``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
@@ -17,13 +24,57 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from models.checkpoint import file_sha256
 from models.data import ground_pixel_size
 from models.errors import DataError
+
+Source = Path | str  # a local path, or a URL / GDAL virtual path (see is_remote)
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def is_remote(source: Source) -> bool:
+    """A URL (``scheme://``, ``file://`` included) or a GDAL ``/vsi...`` path: not opened as a local file."""
+    return isinstance(source, str) and (bool(_URL.match(source)) or source.startswith("/vsi"))
+
+
+def as_source(text: str | Path) -> Source:
+    """Local paths become ``Path``; URLs stay as given."""
+    return text if isinstance(text, str) and is_remote(text) else Path(text)
+
+
+def source_id(source: Source) -> str:
+    """The scene's id: its file name without the suffix (``s3://b/x/scene.tif`` -> ``scene``)."""
+    if is_remote(source):
+        return PurePosixPath(urlparse(str(source)).path).stem
+    return Path(source).stem
+
+
+def source_sha256(source: Source) -> str:
+    """The sha256 of the scene's bytes; URLs are streamed through fsspec (``s3://`` needs ``s3fs``...)."""
+    if not is_remote(source):
+        return file_sha256(Path(source))
+    text = str(source)
+    if text.startswith("/vsi"):
+        raise DataError(
+            f"{text}: GDAL virtual paths cannot be checksummed; give the URL (s3://, https://...)"
+        )
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(text, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except ImportError as exc:
+        raise DataError(f"{text}: reading it needs an fsspec filesystem package ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{text}: cannot be read ({exc})") from None
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class Scene:
-    path: Path
+    path: Source
     height: int
     width: int
     bands: int
@@ -41,7 +92,7 @@ class Scene:
 
     @property
     def scene_id(self) -> str:
-        return self.path.stem
+        return source_id(self.path)
 
     @property
     def georeferenced(self) -> bool:
@@ -64,12 +115,14 @@ def gdal_env() -> rasterio.Env:
 
 
 @contextmanager
-def open_raster(path: Path | str) -> Iterator[DatasetReader]:
-    path = Path(path)
-    if not path.exists():
+def open_raster(path: Source) -> Iterator[DatasetReader]:
+    path = as_source(path)
+    if isinstance(path, Path) and not path.exists():
         raise DataError(f"{path}: scene does not exist")
+    # a remote folder is not listed to look for sidecar files (a bucket listing can be huge and slow)
+    listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if isinstance(path, str) else {}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rasterio.Env(**listing):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             dataset = rasterio.open(path)
     except RasterioIOError as exc:
@@ -78,13 +131,13 @@ def open_raster(path: Path | str) -> Iterator[DatasetReader]:
         yield dataset
 
 
-def describe(path: Path | str) -> Scene:
+def describe(path: Source) -> Scene:
     with open_raster(path) as dataset:
         alpha = [c.name == "alpha" for c in dataset.colorinterp]
         flags = dataset.mask_flag_enums[0] if dataset.count else []
         has_mask = any(alpha) or any(flag.name == "per_dataset" for flag in flags)
         return Scene(
-            path=Path(path),
+            path=as_source(path),
             height=dataset.height,
             width=dataset.width,
             bands=dataset.count - sum(alpha),

@@ -18,8 +18,16 @@ import numpy as np
 import zarr
 
 from models.atomic import write_text_atomically
-from models.checkpoint import file_sha256
-from pipeline.sources import Scene, describe, open_raster, read_block, read_valid, resampled_shape
+from pipeline.sources import (
+    Scene,
+    Source,
+    describe,
+    open_raster,
+    read_block,
+    read_valid,
+    resampled_shape,
+    source_sha256,
+)
 
 MARKER = "staged.json"
 
@@ -63,10 +71,10 @@ class StagedScene:
 
 
 def stage_scene(
-    path: Path | str, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
+    path: Source, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
 ) -> StagedScene:
     scene = describe(path)
-    checksum = checksum or file_sha256(Path(path))
+    checksum = checksum or source_sha256(path)
     folder = Path(work_dir) / scene.scene_id
     staged = StagedScene(scene, folder, tile, checksum, scale)
     height_px, width_px = staged.shape

@@ -12,7 +12,12 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 
 DEPLOYMENTS = ("segment-scenes/nightly", "segment-scenes/on-demand")
 
@@ -39,7 +44,9 @@ def main(run_ids: list[str]) -> dict[str, Any]:
             artifacts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
             )
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])))
             result["runs"][run_id] = {
+                "logs": [log.message for log in logs],
                 "state": run.state.type.value if run.state else None,
                 "message": run.state.message if run.state else None,
                 "artifacts": [{"key": a.key, "type": a.type, "data": a.data} for a in artifacts],

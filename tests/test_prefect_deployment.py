@@ -179,6 +179,8 @@ def test_nightly_deployment_runs_skips_and_redoes(
             r"\| kampala \| done \| 1 / 0 / 0 \| background [\d.,]+ ha, building [\d.,]+ ha", table["data"]
         )
         assert "| corrupt | failed |" in table["data"]
+        assert "landsat: segment (4 cores to compute, 0 resumed, 0 nodata)" in run["logs"], "engine progress"
+        assert "kampala: 1/1 cores" in " ".join(run["logs"])
         for scene in ("kampala", "landsat"):
             assert artifacts[f"quicklook-{scene}"]["data"].startswith("data:image/png;base64,")
         published = _digests(out)
