@@ -71,3 +71,13 @@ def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> t
         shutil.copy(kampala / "chips" / f"{stem}.tif", images)
         shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
     return images, masks
+
+
+@pytest.fixture(scope="session")
+def cmu_slide(data_dir: Path) -> Path:
+    return _require(data_dir / "wsi" / "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def tcga_slide(data_dir: Path) -> Path:
+    return _require(data_dir / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs")

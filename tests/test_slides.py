@@ -1,0 +1,109 @@
+"""Whole-slide sources: readers, µm/px, level choice, reads on the working grid, tissue detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import DataError
+from pipeline.slides import choose_grid, describe_slide, is_slide, open_slide, read_working_block, thumbnail
+from pipeline.tissue import detect_tissue, otsu_threshold
+
+
+def test_cmu_slide_metadata_and_grid(cmu_slide) -> None:
+    info = describe_slide(cmu_slide)
+    assert info.reader == "tiffslide" and info.levels == 1
+    assert info.level_dimensions == ((2220, 2967),) and info.mpp == pytest.approx(0.499)
+    assert info.vendor == "aperio" and info.objective_power == 20
+    native = choose_grid(info, None)
+    assert native.shape == (2967, 2220) and native.scale == 1.0
+    coarse = choose_grid(info, 1.0)
+    assert coarse.level == 0 and coarse.scale == pytest.approx(0.499)
+    assert coarse.shape == (round(2967 * 0.499), round(2220 * 0.499))
+    assert coarse.level_0_per_working_px == pytest.approx(1 / 0.499)
+    assert choose_grid(info, 0.25).scale == 1.0, (
+        "never upsampled: a finer model works at the slide's own µm/px"
+    )
+
+
+def test_tcga_slide_needs_mpp_and_picks_its_level(tcga_slide) -> None:
+    info = describe_slide(tcga_slide)
+    assert info.levels == 2 and info.level_dimensions == ((4443, 3567), (2221, 1783)) and info.mpp is None
+    with pytest.raises(
+        DataError, match=r"TCGA-CR-7395-01A-01-TS1.svs: no µm/px in the slide's metadata; pass --mpp"
+    ):
+        choose_grid(info, 0.5)
+    given = describe_slide(tcga_slide, mpp=0.25)
+    grid = choose_grid(given, 0.5)
+    assert grid.level == 1 and grid.scale == 1.0 and grid.shape == (1783, 2221)
+    between = choose_grid(given, 0.4)
+    assert between.level == 0 and between.scale == pytest.approx(0.625), "the finer level, downsampled"
+    with pytest.raises(DataError, match="--mpp must be positive"):
+        describe_slide(tcga_slide, mpp=0)
+
+
+def test_both_readers_decode_jpeg2000_tiles(tcga_slide) -> None:
+    for reader in ("tiffslide", "openslide"):
+        with open_slide(tcga_slide, prefer=reader) as slide:
+            assert type(slide).__module__.split(".")[0] == reader
+            pixels = np.asarray(slide.read_region((2000, 1500), 0, (32, 32)).convert("RGB"))
+            assert pixels.std() > 5, "real tissue, decoded"
+
+
+def test_truncated_and_foreign_files_are_refused(cmu_slide, tmp_path, landsat) -> None:
+    truncated = tmp_path / "cut.svs"
+    truncated.write_bytes(cmu_slide.read_bytes()[: cmu_slide.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut.svs: not a readable slide"):
+        describe_slide(truncated)
+    with pytest.raises(DataError, match="slide does not exist"):
+        describe_slide(tmp_path / "missing.svs")
+    assert is_slide(cmu_slide) and not is_slide(landsat)
+
+
+def test_working_block_matches_a_resampled_level_read(cmu_slide) -> None:
+    info = describe_slide(cmu_slide)
+    grid = choose_grid(info, 1.0)
+    with open_slide(cmu_slide) as slide:
+        block = read_working_block(slide, info, grid, 200, 300, 64, 48)
+        assert block.shape == (3, 64, 48) and block.dtype == np.uint8
+        origin = (round(300 / grid.scale), round(200 / grid.scale))
+        size = (int(np.ceil(48 / grid.scale)), int(np.ceil(64 / grid.scale)))
+        direct = slide.read_region(origin, 0, size).convert("RGB").resize((48, 64), Image.Resampling.BOX)
+        assert np.abs(block.transpose(1, 2, 0).astype(int) - np.asarray(direct).astype(int)).max() <= 1
+        edge = read_working_block(slide, info, grid, grid.shape[0] - 8, grid.shape[1] - 8, 8, 8)
+        assert edge.shape == (3, 8, 8)
+
+
+def test_otsu_splits_two_modes() -> None:
+    values = np.concatenate([np.full(1000, 0.1), np.full(500, 0.7)])
+    assert 0.1 < otsu_threshold(values) < 0.7
+
+
+def test_tissue_keeps_stain_and_drops_glass_and_ink() -> None:
+    glass = np.full((200, 200, 3), (238, 236, 240), dtype=np.uint8)
+    yy, xx = np.mgrid[:200, :200]
+    disk = (yy - 100) ** 2 + (xx - 90) ** 2 < 50**2
+    glass[disk] = (205, 110, 170)  # eosin pink
+    glass[disk & (xx % 7 == 0)] = (110, 60, 150)  # haematoxylin purple nuclei
+    glass[20:26, 10:190] = (40, 70, 200)  # blue pen line on glass
+    glass[170:180, 170:180] = (20, 20, 20)  # black debris
+    result = detect_tissue(glass)
+    assert result.mask[disk].mean() > 0.97
+    assert not result.mask[20:26, 10:190].any() and not result.mask[170:180, 170:180].any()
+    assert result.mask[~disk].mean() < 0.01
+    assert result.pen[20:26, 10:190].all()
+
+
+def test_blank_glass_has_no_tissue() -> None:
+    blank = np.full((64, 64, 3), 242, dtype=np.uint8)
+    blank[..., 2] = 246
+    assert detect_tissue(blank).fraction == 0.0
+
+
+def test_tissue_on_real_slides(cmu_slide, tcga_slide) -> None:
+    for path, low, high in ((cmu_slide, 0.28, 0.48), (tcga_slide, 0.55, 0.72)):
+        with open_slide(path) as slide:
+            rgb, per_px = thumbnail(slide, 1024)
+        assert max(rgb.shape[:2]) == 1024 and per_px > 1
+        assert low < detect_tissue(rgb).fraction < high, path.name
