@@ -229,12 +229,12 @@ def _dry_run(scenes: list[Any], model: Path, options: Any) -> int:
     from pipeline.segment import check_scenes, count_nodata_cores
 
     failures = 0
-    for scene, plan in check_scenes(scenes, model, options):
+    for _, plan in check_scenes(scenes, model, options):
         if isinstance(plan, DeepLabError):
             failures += 1
             console.print(f"[red]refused:[/red] {plan}", highlight=False, soft_wrap=True)
             continue
-        for line in plan.describe(count_nodata_cores(scene, plan)):
+        for line in plan.describe(count_nodata_cores(plan.check.scene, plan)):
             _stdout().print(line, highlight=False, soft_wrap=True)
     return 1 if failures else 0
 
@@ -315,6 +315,7 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--match-resolution", action="store_true", help="resample to the model's training pixel size"
     )
+    parser.add_argument("--mpp", type=float, help="a slide's level-0 µm/px when its file does not say")
     parser.add_argument(
         "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
     )
@@ -338,6 +339,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         ray_address=args.ray_address,
         max_in_flight=args.max_in_flight,
         match_resolution=args.match_resolution,
+        mpp=args.mpp,
         probabilities=args.probabilities,
         vectorize=args.vectorize,
     )

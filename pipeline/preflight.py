@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
+from pipeline.slides import level_for_scale, working_scale
 from pipeline.sources import Scene
 
 # Beyond this ratio between the scene's and the model's pixel size, objects look too small or too large
@@ -46,6 +47,8 @@ def preflight(
     warnings: list[str] = []
     if scene.bands != metadata.num_bands:
         problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
+    if scene.slide is not None:
+        return _slide_preflight(scene, metadata, problems, warnings)
     if not scene.georeferenced and not allow_ungeoreferenced:
         problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
     problems += _sample_range_problems(scene, metadata)
@@ -75,6 +78,33 @@ def preflight(
     elif match_resolution:
         missing = "the scene has no ground pixel size" if not scene_size else "the model has no pixel size"
         problems.append(f"--match-resolution needs both pixel sizes, but {missing}")
+    return PreflightResult(scene, problems, warnings, scale)
+
+
+def _slide_preflight(
+    scene: Scene, metadata: CheckpointMetadata, problems: list[str], warnings: list[str]
+) -> PreflightResult:
+    """Slides always work at the model's µm/px: the pyramid level nearest it, the rest resampled."""
+    assert scene.slide is not None
+    scale = 1.0
+    model_mpp = metadata.pixel_size_m * 1e6 if metadata.pixel_size_m else None
+    if scene.slide.mpp is None:
+        problems.append("no µm/px in the slide's metadata; pass --mpp (the scanner's level-0 µm per pixel)")
+    elif model_mpp is None:
+        warnings.append("the model has no training µm/px: the slide is segmented at its level 0")
+    else:
+        scale = working_scale(scene.slide, model_mpp)
+        if 1 / scale > SAME_RESOLUTION:
+            level, _ = level_for_scale(scene.slide, scale)
+            warnings.append(
+                f"segmented at the model's {model_mpp:.3g} µm/px (level {level}, "
+                f"{scene.slide.level_mpp(0):.3g} µm/px at level 0)"
+            )
+        elif scene.slide.level_mpp(0) > model_mpp * PIXEL_SIZE_TOLERANCE:
+            warnings.append(
+                f"level 0 is {scene.slide.level_mpp(0):.3g} µm/px, coarser than the model's {model_mpp:.3g}: "
+                "results may suffer"
+            )
     return PreflightResult(scene, problems, warnings, scale)
 
 

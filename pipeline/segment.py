@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from affine import Affine
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
@@ -28,12 +29,13 @@ from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
 from pipeline.regrid import NearestView
+from pipeline.slide_publish import write_ome_pyramid
+from pipeline.slides import level_for_scale
 from pipeline.sources import (
     Scene,
     Source,
     describe,
-    open_raster,
-    read_valid,
+    open_blocks,
     resampled_shape,
     source_sha256,
 )
@@ -67,6 +69,7 @@ class SegmentOptions(BaseModel):
     max_in_flight: int = Field(8, ge=1)
     amp: bool = True
     match_resolution: bool = False
+    mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
     probabilities: bool = False
     vectorize: bool = False
 
@@ -139,13 +142,11 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
 
 
-def count_nodata_cores(scene_path: Source, plan: ScenePlan) -> int:
+def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:
     """Cores without one valid pixel, read from the source's mask (what a dry run can know unstaged)."""
-    with open_raster(scene_path) as dataset:
+    with open_blocks(scene, plan.check.scale) as blocks:
         return sum(
-            not read_valid(
-                dataset, t.core_top, t.core_left, t.core_height, t.core_width, plan.check.scale
-            ).any()
+            not blocks.read_valid(t.core_top, t.core_left, t.core_height, t.core_width).any()
             for t in plan.tiles
         )
 
@@ -195,7 +196,7 @@ def prepare_scene(
     clock = time.perf_counter()
     # the weights are loaded where the model runs (actors or _compute), never here
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else checkpoint_info(checkpoint)
-    scene = describe(scene_path)
+    scene = describe(scene_path, options.mpp)
     plan = plan_scene(scene, info.metadata, options)
     (progress or Silent()).stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
     checksum = checksum or source_sha256(scene.path)
@@ -213,7 +214,7 @@ def stage_work(
     plan, name = prepared.plan, prepared.name
     progress.stage(name, "stage")
     staged = stage_scene(
-        prepared.source, Path(out_dir) / ".work", options.tile, prepared.checksum, plan.check.scale
+        prepared.scene, Path(out_dir) / ".work", options.tile, prepared.checksum, plan.check.scale
     )
     prepared.timings["stage"] = time.perf_counter() - clock
     key = result_key(
@@ -295,23 +296,35 @@ def publish_work(
     clock = time.perf_counter()
     progress.stage(name, "publish")
     target = Path(out_dir) / scene.scene_id
-    outputs = {name: target / file for name, file in _OUTPUT_FILES.items()}
+    slide = scene.slide is not None
+    files = _SLIDE_OUTPUT_FILES if slide else _OUTPUT_FILES
+    outputs = {
+        name: target / file for name, file in files.items() if name in _ALWAYS or _wanted(name, options)
+    }
     labels = _on_source_grid(work.ledger.labels(), scene, plan)
-    tags = _provenance(loaded, options, plan, prepared.checksum)
-    write_mask_cog(labels, scene, loaded.metadata.classes, tags, outputs["mask"])
-    if options.probabilities:
-        outputs["probabilities"] = target / "probabilities.tif"
-        confidence = _on_source_grid(work.ledger.confidence(), scene, plan)
-        write_confidence_cog(confidence, scene, tags, outputs["probabilities"])
+    if slide:
+        # the second publisher: slide coordinates, µm/px, an OME-TIFF pyramid (no CRS, no COG)
+        mpp = _working_mpp(scene, plan)
+        scratch = work.staged.folder / "pyramid"
+        write_ome_pyramid(labels, mpp, outputs["mask"], scratch, f"{scene.scene_id} mask")
+        if options.probabilities:
+            write_ome_pyramid(work.ledger.confidence(), mpp, outputs["probabilities"], scratch, "confidence")
+    else:
+        tags = _provenance(loaded, options, plan, prepared.checksum)
+        write_mask_cog(labels, scene, loaded.metadata.classes, tags, outputs["mask"])
+        if options.probabilities:
+            confidence = _on_source_grid(work.ledger.confidence(), scene, plan)
+            write_confidence_cog(confidence, scene, tags, outputs["probabilities"])
     write_quicklook(work.staged.image(), work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
     polygons = None
     if options.vectorize:
         clock = time.perf_counter()
         progress.stage(name, "vectorize")
-        outputs["polygons"] = target / "polygons.gpkg"
+        # a slide's polygons are in level-0 slide pixels (QuPath's coordinates)
+        transform = Affine.scale(1 / plan.check.scale) if slide else scene.transform
         polygons = vectorize_mask(
-            labels, loaded.metadata.classes, scene.crs, scene.transform, outputs["polygons"], options.tile
+            labels, loaded.metadata.classes, scene.crs, transform, outputs["polygons"], options.tile, slide
         )
         timings["vectorize"] = time.perf_counter() - clock
     total = sum(timings.values())
@@ -347,11 +360,36 @@ def segment_scene(
     return publish_work(compute_work(work, options, ray, progress), out_dir, options, progress)
 
 
-_OUTPUT_FILES = {"mask": "mask.tif", "quicklook": "quicklook.png", "report": "report.json"}
+_OUTPUT_FILES = {
+    "mask": "mask.tif",
+    "probabilities": "probabilities.tif",
+    "polygons": "polygons.gpkg",
+    "quicklook": "quicklook.png",
+    "report": "report.json",
+}
+_SLIDE_OUTPUT_FILES = _OUTPUT_FILES | {
+    "mask": "mask.ome.tif",
+    "probabilities": "probabilities.ome.tif",
+    "polygons": "polygons.geojson",
+}
+_ALWAYS = frozenset({"mask", "quicklook", "report"})
+
+
+def _wanted(output: str, options: SegmentOptions) -> bool:
+    return (output == "probabilities" and options.probabilities) or (
+        output == "polygons" and options.vectorize
+    )
+
+
+def _working_mpp(scene: Scene, plan: ScenePlan) -> float:
+    """µm per pixel of the grid a slide is segmented (and published) on."""
+    assert scene.slide is not None
+    return scene.slide.level_mpp(0) / plan.check.scale
 
 
 def _on_source_grid(array: Any, scene: Scene, plan: ScenePlan) -> Any:
-    if plan.shape == (scene.height, scene.width):
+    """Geo scenes publish on their own grid; slides on the working grid (level 0 may be 100k px wide)."""
+    if plan.shape == (scene.height, scene.width) or scene.slide is not None:
         return array
     return NearestView(array, (scene.height, scene.width), plan.check.scale)
 
@@ -408,7 +446,7 @@ def check_scenes(
     metadata = read_metadata(checkpoint)
     for scene in scenes:
         try:
-            yield scene, plan_scene(describe(scene), metadata, options)
+            yield scene, plan_scene(describe(scene, options.mpp), metadata, options)
         except DeepLabError as exc:
             yield scene, exc
 
@@ -478,7 +516,27 @@ def _report(
                 : len(classes)
             ]
     areas = class_areas_m2(per_row, scene.crs, scene.transform)
-    return {
+    slide: dict[str, Any] = {}
+    if scene.slide is not None:
+        mpp = _working_mpp(scene, plan)
+        mm2_per_px = (mpp * 1e-3) ** 2
+        class_pixels = per_row.sum(0)
+        slide = {
+            "slide": {
+                "reader": scene.slide.reader,
+                "levels": [list(d) for d in scene.slide.level_dimensions],
+                "level_0_mpp": scene.slide.level_mpp(0),
+                "level_read": level_for_scale(scene.slide, plan.check.scale)[0],
+                "working_mpp": mpp,
+                "level_0_px_per_mask_px": 1 / plan.check.scale,
+            },
+            "class_areas_mm2": {
+                c.name: float(n * mm2_per_px) for c, n in zip(classes, class_pixels, strict=True)
+            },
+            "tissue_area_mm2": float(class_pixels.sum() * mm2_per_px),
+            "background_cores_share": round(tiles["skipped"] / max(tiles["total"], 1), 4),
+        }
+    report = {
         "scene": str(scene.path),
         "input_sha256": checksum,
         "shape": [scene.height, scene.width],
@@ -502,6 +560,7 @@ def _report(
         "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
         "software_version": software_version(),
     }
+    return report | slide
 
 
 def _provenance(

@@ -155,42 +155,52 @@ def _number(properties: dict[str, Any], name: str) -> float | None:
     return None
 
 
-def choose_grid(info: SlideInfo, target_mpp: float | None) -> SlideGrid:
-    """The finest-needed level for ``target_mpp`` (None: level 0 as it is) and the factor left to resample."""
+def working_scale(info: SlideInfo, target_mpp: float | None) -> float:
+    """Working pixels per level-0 pixel for a model trained at ``target_mpp`` (never above 1)."""
     if target_mpp is None:
-        width, height = info.level_dimensions[0]
-        return SlideGrid(0, 1.0, info.level_mpp(0), (height, width), 1.0)
+        return 1.0
     if not target_mpp > 0:
         raise DataError(f"{info.path}: the model's µm/px must be positive, got {target_mpp}")
-    # the coarsest level that is still at least as fine as the target (1% tolerance for rounded metadata)
-    fine_enough = [lv for lv in range(info.levels) if info.level_mpp(lv) <= target_mpp * 1.01]
-    level = max(fine_enough, key=info.level_mpp) if fine_enough else 0
-    level_mpp = info.level_mpp(level)
-    scale = min(1.0, level_mpp / target_mpp)
-    width, height = info.level_dimensions[level]
+    return min(1.0, info.level_mpp(0) / target_mpp)
+
+
+def level_for_scale(info: SlideInfo, scale: float) -> tuple[int, float]:
+    """The coarsest level still at least as fine as the working grid, and the factor left to resample.
+
+    1% tolerance: rounded metadata must not push a level that matches the target off the list.
+    """
+    wanted = 1.0 / scale  # level-0 pixels per working pixel
+    fine_enough = [lv for lv in range(info.levels) if info.level_downsamples[lv] <= wanted * 1.01]
+    level = max(fine_enough, key=lambda lv: info.level_downsamples[lv]) if fine_enough else 0
+    return level, min(1.0, info.level_downsamples[level] * scale)
+
+
+def choose_grid(info: SlideInfo, target_mpp: float | None) -> SlideGrid:
+    """The level to read for ``target_mpp`` (None: level 0 as it is) and the working grid it gives."""
+    scale = working_scale(info, target_mpp)
+    level, level_scale = level_for_scale(info, scale)
+    width, height = info.level_dimensions[0]
     shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return SlideGrid(level, scale, level_mpp / scale, shape, info.level_downsamples[level] / scale)
+    return SlideGrid(level, level_scale, info.level_mpp(0) / scale, shape, 1.0 / scale)
 
 
 def read_working_block(
-    slide: Any, info: SlideInfo, grid: SlideGrid, top: int, left: int, height: int, width: int
+    slide: Any, info: SlideInfo, scale: float, top: int, left: int, height: int, width: int
 ) -> np.ndarray:
-    """RGB (3, height, width) uint8 of the working grid; pixels beyond the slide are white (glass)."""
-    level_scale = grid.scale
-    level_downsample = info.level_downsamples[grid.level]
-    # the block's footprint on the chosen level, read whole and resampled once
-    level_left, level_top = left / level_scale, top / level_scale
+    """RGB (3, height, width) uint8 on the working grid (``scale`` working px per level-0 px).
+
+    The block's footprint is read once from the level ``level_for_scale`` picks and box-resampled.
+    """
+    level, level_scale = level_for_scale(info, scale)
     level_width = max(1, math.ceil(width / level_scale))
     level_height = max(1, math.ceil(height / level_scale))
-    origin = (round(level_left * level_downsample), round(level_top * level_downsample))
-    region = slide.read_region(origin, grid.level, (level_width, level_height))
-    rgba = np.asarray(region.convert("RGBA") if hasattr(region, "convert") else region)
-    rgb = _over_white(rgba)
+    origin = (round(left / scale), round(top / scale))  # level-0 coordinates, as read_region takes them
+    region = slide.read_region(origin, level, (level_width, level_height))
+    rgb = _over_white(np.asarray(region.convert("RGBA")))
     if (level_height, level_width) != (height, width):
         from PIL import Image
 
-        resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BOX)
-        rgb = np.asarray(resized)
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BOX))
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
@@ -210,3 +220,24 @@ def thumbnail(slide: Any, max_size: int = 2048) -> tuple[np.ndarray, float]:
     picture = slide.get_thumbnail(size)
     rgb = _over_white(np.asarray(picture.convert("RGBA")))
     return rgb, width / rgb.shape[1]
+
+
+class SlideBlocks:
+    """Blocks of the working grid and their validity (tissue, detected once on a thumbnail)."""
+
+    def __init__(self, slide: Any, info: SlideInfo, scale: float, thumbnail_px: int = 2048) -> None:
+        from pipeline.tissue import detect_tissue
+
+        self.slide, self.info, self.scale = slide, info, scale
+        picture, self.thumb_px = thumbnail(slide, thumbnail_px)  # level-0 pixels per thumbnail pixel
+        self.tissue = detect_tissue(picture).mask
+
+    def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return read_working_block(self.slide, self.info, self.scale, top, left, height, width)
+
+    def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """Tissue at each working pixel's centre (nearest thumbnail pixel)."""
+        per_px = 1.0 / (self.scale * self.thumb_px)  # thumbnail pixels per working pixel
+        rows = ((np.arange(top, top + height) + 0.5) * per_px).astype(int).clip(0, self.tissue.shape[0] - 1)
+        cols = ((np.arange(left, left + width) + 0.5) * per_px).astype(int).clip(0, self.tissue.shape[1] - 1)
+        return np.asarray(self.tissue[np.ix_(rows, cols)])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 from urllib.parse import urlparse
 
 import numpy as np
@@ -27,6 +28,7 @@ from rasterio.windows import Window
 from models.checkpoint import file_sha256
 from models.data import ground_pixel_size
 from models.errors import DataError
+from pipeline.slides import SlideBlocks, SlideInfo, describe_slide, is_slide, open_slide
 
 Source = Path | str  # a local path, or a URL / GDAL virtual path (see is_remote)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -84,6 +86,7 @@ class Scene:
     nodata: float | None
     has_mask: bool  # alpha band or internal/external mask
     bits: int | None = None  # significant bits per sample (GDAL NBITS), None for floats
+    slide: SlideInfo | None = None  # a whole-slide image: the grid is level 0, µm/px in here
 
     @property
     def full_scale(self) -> float | None:
@@ -99,7 +102,12 @@ class Scene:
         return self.crs is not None and not self.transform.is_identity
 
     def pixel_size_m(self) -> float | None:
-        """Ground sample distance in metres; geographic CRSs are converted at the scene's centre latitude."""
+        """Ground sample distance in metres; geographic CRSs are converted at the scene's centre latitude.
+
+        For a slide, its level-0 µm/px in metres (None when the file does not say and no --mpp was given).
+        """
+        if self.slide is not None:
+            return self.slide.mpp * 1e-6 if self.slide.mpp else None
         if not self.georeferenced:
             return None
         return ground_pixel_size(self.crs, self.transform, self.height, self.width)
@@ -131,7 +139,12 @@ def open_raster(path: Source) -> Iterator[DatasetReader]:
         yield dataset
 
 
-def describe(path: Source) -> Scene:
+def describe(path: Source, mpp: float | None = None) -> Scene:
+    """What a scene is; whole-slide images (``mpp`` overrides their µm/px) go through the slide readers."""
+    if not is_remote(path) and is_slide(path):
+        info = describe_slide(path, mpp)
+        width, height = info.level_dimensions[0]
+        return Scene(Path(path), height, width, 3, "uint8", None, Affine.identity(), None, True, 8, info)
     with open_raster(path) as dataset:
         alpha = [c.name == "alpha" for c in dataset.colorinterp]
         flags = dataset.mask_flag_enums[0] if dataset.count else []
@@ -197,3 +210,33 @@ def _source_window(top: int, left: int, height: int, width: int, scale: float) -
 def resampled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
     """The grid a scene is staged on when resampled by ``scale`` (staged pixels per source pixel)."""
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class BlockReader(Protocol):
+    """Blocks of a scene on the grid it is staged on, and where they hold data."""
+
+    def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray: ...
+
+    def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray: ...
+
+
+class RasterBlocks:
+    def __init__(self, dataset: DatasetReader, scale: float) -> None:
+        self.dataset, self.scale = dataset, scale
+
+    def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return read_block(self.dataset, top, left, height, width, self.scale)
+
+    def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return read_valid(self.dataset, top, left, height, width, self.scale)
+
+
+@contextmanager
+def open_blocks(scene: Scene, scale: float) -> Iterator[BlockReader]:
+    """The scene's reader on the grid ``scale`` times its own: GDAL for rasters, tiffslide for slides."""
+    if scene.slide is not None:
+        with open_slide(scene.path) as slide:
+            yield SlideBlocks(slide, scene.slide, scale)
+    else:
+        with open_raster(scene.path) as dataset:
+            yield RasterBlocks(dataset, scale)

@@ -22,9 +22,7 @@ from pipeline.sources import (
     Scene,
     Source,
     describe,
-    open_raster,
-    read_block,
-    read_valid,
+    open_blocks,
     resampled_shape,
     source_sha256,
 )
@@ -71,9 +69,11 @@ class StagedScene:
 
 
 def stage_scene(
-    path: Source, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
+    path: Source | Scene, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
 ) -> StagedScene:
-    scene = describe(path)
+    """Stage ``path`` (or an already described scene, e.g. a slide with its --mpp) on the grid ``scale``."""
+    scene = path if isinstance(path, Scene) else describe(path)
+    path = scene.path
     checksum = checksum or source_sha256(path)
     folder = Path(work_dir) / scene.scene_id
     staged = StagedScene(scene, folder, tile, checksum, scale)
@@ -98,16 +98,14 @@ def stage_scene(
         dtype="bool",
         attributes=attributes,
     )
-    with open_raster(path) as dataset:
+    with open_blocks(scene, scale) as blocks:
         for top in range(0, height_px, tile):
             for left in range(0, width_px, tile):
                 height, width = min(tile, height_px - top), min(tile, width_px - left)
-                image[:, top : top + height, left : left + width] = read_block(
-                    dataset, top, left, height, width, scale
+                image[:, top : top + height, left : left + width] = blocks.read_block(
+                    top, left, height, width
                 )
-                valid[top : top + height, left : left + width] = read_valid(
-                    dataset, top, left, height, width, scale
-                )
+                valid[top : top + height, left : left + width] = blocks.read_valid(top, left, height, width)
     for name in ("image.zarr", "valid.zarr"):
         shutil.rmtree(folder / name, ignore_errors=True)
         (partial / name).rename(folder / name)

@@ -1,4 +1,4 @@
-"""Polygons per class from a published mask, into a GeoPackage in the scene's CRS.
+"""Polygons per class from a published mask: a GeoPackage in a scene's CRS, or QuPath GeoJSON for a slide.
 
 Streamed block by block: a polygon wholly inside its block is written at once; the pieces that touch an
 inner block border are kept (in exact pixel coordinates, so neighbours share edges exactly) and merged across
@@ -7,9 +7,10 @@ borders at the end. Nodata (255) never becomes a polygon.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyogrio
@@ -35,13 +36,22 @@ def vectorize_mask(
     transform: Affine,
     out: Path,
     block: int = 1024,
+    qupath: bool = False,
 ) -> dict[str, int]:
-    """Write one polygon feature per connected class region (4-connected); returns polygons per class."""
+    """Write one polygon feature per connected class region (4-connected); returns polygons per class.
+
+    ``qupath``: GeoJSON annotations with QuPath's classification (name and colour) instead of a GeoPackage;
+    ``transform`` then maps mask pixels to the slide's level-0 pixels.
+    """
     height, width = labels.shape
     counts = dict.fromkeys((c.name for c in classes), 0)
     pending: dict[int, list[shapely.Geometry]] = {}
     with atomic_output(out) as temp:
-        writer = _Writer(temp, classes, crs, transform, counts)
+        writer: _Writer = (
+            _QuPathWriter(temp, classes, transform, counts)
+            if qupath
+            else _GeoPackageWriter(temp, classes, crs, transform, counts)
+        )
         for top in range(0, height, block):
             rows = np.asarray(labels[top : top + block])
             for left in range(0, width, block):
@@ -76,7 +86,48 @@ def _polygons(part: np.ndarray, top: int, left: int) -> Iterable[tuple[int, shap
         yield int(value), shapely.geometry.shape(geometry)
 
 
-class _Writer:
+class _Writer(Protocol):
+    def add(self, value: int, polygon: shapely.Geometry) -> None: ...
+
+    def flush(self, final: bool = False) -> None: ...
+
+
+class _QuPathWriter:
+    """Streams a GeoJSON FeatureCollection of QuPath annotations (classification name and colour)."""
+
+    def __init__(
+        self, path: Path, classes: Sequence[ClassInfo], transform: Affine, counts: dict[str, int]
+    ) -> None:
+        self.classes = classes
+        self.matrix = [transform.a, transform.b, transform.d, transform.e, transform.xoff, transform.yoff]
+        self.counts = counts
+        self.handle = open(path, "w")  # noqa: SIM115 - closed by the final flush
+        self.handle.write('{"type": "FeatureCollection", "features": [\n')
+        self.first = True
+
+    def add(self, value: int, polygon: shapely.Geometry) -> None:
+        info = self.classes[value]
+        placed = shapely.affinity.affine_transform(polygon, self.matrix)
+        feature = {
+            "type": "Feature",
+            "geometry": shapely.geometry.mapping(placed),
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": info.name, "color": list(info.color)},
+                "pixels": round(polygon.area),
+            },
+        }
+        self.handle.write(("" if self.first else ",\n") + json.dumps(feature))
+        self.first = False
+        self.counts[info.name] += 1
+
+    def flush(self, final: bool = False) -> None:
+        if final:
+            self.handle.write("\n]}\n")
+            self.handle.close()
+
+
+class _GeoPackageWriter:
     """Buffers polygons and appends them to the GeoPackage layer in map coordinates."""
 
     def __init__(

@@ -36,7 +36,8 @@ def test_tcga_slide_needs_mpp_and_picks_its_level(tcga_slide) -> None:
         choose_grid(info, 0.5)
     given = describe_slide(tcga_slide, mpp=0.25)
     grid = choose_grid(given, 0.5)
-    assert grid.level == 1 and grid.scale == 1.0 and grid.shape == (1783, 2221)
+    assert grid.level == 1 and grid.scale == pytest.approx(1.0, abs=1e-3)
+    assert grid.shape == (1784, 2222), "level 0 halved (level 1 is 1783 x 2221: its downsample is 2.0005)"
     between = choose_grid(given, 0.4)
     assert between.level == 0 and between.scale == pytest.approx(0.625), "the finer level, downsampled"
     with pytest.raises(DataError, match="--mpp must be positive"):
@@ -65,13 +66,14 @@ def test_working_block_matches_a_resampled_level_read(cmu_slide) -> None:
     info = describe_slide(cmu_slide)
     grid = choose_grid(info, 1.0)
     with open_slide(cmu_slide) as slide:
-        block = read_working_block(slide, info, grid, 200, 300, 64, 48)
+        scale = 1 / grid.level_0_per_working_px
+        block = read_working_block(slide, info, scale, 200, 300, 64, 48)
         assert block.shape == (3, 64, 48) and block.dtype == np.uint8
         origin = (round(300 / grid.scale), round(200 / grid.scale))
         size = (int(np.ceil(48 / grid.scale)), int(np.ceil(64 / grid.scale)))
         direct = slide.read_region(origin, 0, size).convert("RGB").resize((48, 64), Image.Resampling.BOX)
         assert np.abs(block.transpose(1, 2, 0).astype(int) - np.asarray(direct).astype(int)).max() <= 1
-        edge = read_working_block(slide, info, grid, grid.shape[0] - 8, grid.shape[1] - 8, 8, 8)
+        edge = read_working_block(slide, info, scale, grid.shape[0] - 8, grid.shape[1] - 8, 8, 8)
         assert edge.shape == (3, 8, 8)
 
 

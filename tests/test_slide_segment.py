@@ -1,0 +1,95 @@
+"""Slides through the one engine: tissue-only cores, an OME-TIFF pyramid at the working µm/px, QuPath
+polygons in level-0 coordinates, areas in mm²; a slide without µm/px is refused unless --mpp is given."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiffslide
+from rasterio.features import rasterize
+from rasterio.transform import Affine
+
+from models.checkpoint import update_metadata
+from models.errors import DataError
+from pipeline.segment import SegmentOptions, segment_scene
+
+WORKING_MPP = 1.0
+
+
+@pytest.fixture(scope="module")
+def slide_model(buildings_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 3-band checkpoint declared to be trained at 1 µm/px: the engine's slide path, not a result."""
+    path = tmp_path_factory.mktemp("model") / "at-1um.safetensors"
+    shutil.copy(buildings_model, path)
+    update_metadata(path, pixel_size_m=WORKING_MPP * 1e-6)
+    return path
+
+
+def _levels(path: Path) -> tuple[tuple[tuple[int, int], ...], float, np.ndarray]:
+    with tiffslide.TiffSlide(path) as slide:
+        width, height = slide.level_dimensions[0]
+        labels = np.asarray(slide.read_region((0, 0), 0, (width, height)))
+        return slide.level_dimensions, float(slide.properties["tiffslide.mpp-x"]), labels
+
+
+@pytest.mark.slow
+def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path) -> None:
+    options = SegmentOptions(engine="local", crf=False, vectorize=True)
+    result = segment_scene(cmu_slide, slide_model, tmp_path, options)
+    folder = tmp_path / "CMU-1-Small-Region"
+    report = json.loads((folder / "report.json").read_text())
+    scale = 0.499 / WORKING_MPP
+    shape = (round(2967 * scale), round(2220 * scale))
+    assert report["model_grid"] == list(shape) and report["slide"]["working_mpp"] == pytest.approx(1.0)
+    assert report["slide"]["level_read"] == 0 and report["crs"] is None
+
+    dimensions, mpp, labels = _levels(folder / "mask.ome.tif")
+    assert dimensions[0] == (shape[1], shape[0]) and mpp == pytest.approx(1.0)
+    assert dimensions[1] == ((shape[1] + 1) // 2, (shape[0] + 1) // 2) and len(dimensions) == 3
+    tissue = labels != 255
+    assert 0.25 < tissue.mean() < 0.5, "glass left as nodata"
+
+    tiles = report["tiles"]
+    assert tiles["skipped"] > 0 and tiles["computed"] + tiles["skipped"] == tiles["total"] == 9
+    assert report["background_cores_share"] == pytest.approx(tiles["skipped"] / 9, abs=1e-4)
+    assert report["tissue_area_mm2"] == pytest.approx(tissue.sum() * 1e-6, rel=1e-6)
+    assert sum(report["class_areas_mm2"].values()) == pytest.approx(report["tissue_area_mm2"])
+
+    features = json.loads((folder / "polygons.geojson").read_text())["features"]
+    assert {f["properties"]["objectType"] for f in features} == {"annotation"}
+    names = {
+        f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+        for f in features
+    }
+    assert set(names) <= {"background", "building"} and all(len(c) == 3 for c in names.values())
+    level_0_per_px = Affine.scale(1 / scale)  # mask pixel -> level-0 slide pixel
+    xmax = max(max(x for x, _ in f["geometry"]["coordinates"][0]) for f in features)
+    assert shape[1] < xmax <= 2220 + 1, "polygons are in level-0 slide pixels, beyond the mask's width"
+    for value, name in enumerate(["background", "building"]):
+        shapes = [f["geometry"] for f in features if f["properties"]["classification"]["name"] == name]
+        drawn = rasterize(((s, 1) for s in shapes), out_shape=shape, transform=level_0_per_px, dtype="uint8")
+        truth = labels == value
+        if truth.any():
+            iou = (truth & (drawn > 0)).sum() / (truth | (drawn > 0)).sum()
+            assert iou >= 0.98, (name, iou)
+    assert result.mask == folder / "mask.ome.tif"
+
+
+@pytest.mark.slow
+def test_tcga_slide_needs_mpp(tcga_slide: Path, slide_model: Path, tmp_path: Path) -> None:
+    options = SegmentOptions(engine="local", crf=False)
+    with pytest.raises(
+        DataError, match=r"TCGA-CR-7395-01A-01-TS1.svs: no µm/px in the slide's metadata; pass --mpp"
+    ):
+        segment_scene(tcga_slide, slide_model, tmp_path, options)
+    given = options.model_copy(update={"mpp": 0.25})  # level 1 is 0.5 µm/px, resampled by 1/2 to 1 µm/px
+    segment_scene(tcga_slide, slide_model, tmp_path, given)
+    report = json.loads((tmp_path / "TCGA-CR-7395-01A-01-TS1" / "report.json").read_text())
+    assert report["slide"]["level_read"] == 1, "the coarsest level still finer than the model's 1 µm/px"
+    dimensions, mpp, labels = _levels(tmp_path / "TCGA-CR-7395-01A-01-TS1" / "mask.ome.tif")
+    assert dimensions[0] == (1111, 892) and mpp == pytest.approx(1.0)
+    assert 0.5 < (labels != 255).mean() < 0.75
