@@ -20,6 +20,8 @@ SAME_RESOLUTION = 1.01
 # --match-resolution refuses factors past this: a model trained at 0.1 m does not see 30 m pixels usefully,
 # and the resampled grid would be enormous.
 MAX_RESAMPLE = 8.0
+# Slides are pyramids read at the model's µm/px; past this the model sees a thumbnail (e.g. an aerial model).
+MAX_SLIDE_DOWNSAMPLE = 64.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ def _slide_preflight(
         problems.append("no µm/px in the slide's metadata; pass --mpp (the scanner's level-0 µm per pixel)")
     elif model_mpp is None:
         warnings.append("the model has no training µm/px: the slide is segmented at its level 0")
+    elif model_mpp / scene.slide.level_mpp(0) > MAX_SLIDE_DOWNSAMPLE:
+        problems.append(
+            f"the model was trained at {model_mpp:.3g} µm/px, over {MAX_SLIDE_DOWNSAMPLE:g}x coarser than "
+            f"the slide's {scene.slide.level_mpp(0):.3g} µm/px: not a model for slides"
+        )
     else:
         scale = working_scale(scene.slide, model_mpp)
         if 1 / scale > SAME_RESOLUTION:

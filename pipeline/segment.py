@@ -115,9 +115,12 @@ class ScenePlan:
 
     def describe(self, nodata_cores: int | None = None) -> list[str]:
         scene = self.check.scene
+        where = f"CRS {scene.crs.to_string() if scene.crs else 'none'}, pixel {_metres(scene.pixel_size_m())}"
+        if scene.slide is not None:
+            mpp = f"{scene.slide.mpp:.3g} µm/px" if scene.slide.mpp else "no µm/px"
+            where = f"slide ({scene.slide.reader}), {scene.slide.levels} level(s), {mpp} at level 0"
         lines = [
-            f"{scene.path}: {scene.height}x{scene.width} px, {scene.bands} band(s) {scene.dtype}, "
-            f"CRS {scene.crs.to_string() if scene.crs else 'none'}, pixel {_metres(scene.pixel_size_m())}",
+            f"{scene.path}: {scene.height}x{scene.width} px, {scene.bands} band(s) {scene.dtype}, {where}"
         ]
         if self.shape != (scene.height, scene.width):
             lines.append(f"  resampled to {self.shape[0]}x{self.shape[1]} px (x{self.check.scale:.3g})")

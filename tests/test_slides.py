@@ -109,3 +109,22 @@ def test_tissue_on_real_slides(cmu_slide, tcga_slide) -> None:
             rgb, per_px = thumbnail(slide, 1024)
         assert max(rgb.shape[:2]) == 1024 and per_px > 1
         assert low < detect_tissue(rgb).fraction < high, path.name
+
+
+def test_preflight_of_slides(cmu_slide, tcga_slide, buildings_model) -> None:
+    from models.checkpoint import read_metadata
+    from pipeline.preflight import preflight
+    from pipeline.sources import describe
+
+    aerial = read_metadata(buildings_model)
+    refused = preflight(describe(cmu_slide), aerial)
+    assert refused.problems == [
+        "the model was trained at 7.46e+04 µm/px, over 64x coarser than the slide's 0.499 µm/px: "
+        "not a model for slides"
+    ]
+    at_one_um = aerial.model_copy(update={"pixel_size_m": 1e-6})
+    check = preflight(describe(cmu_slide), at_one_um)
+    assert not check.problems and check.scale == pytest.approx(0.499)
+    assert check.warnings == ["segmented at the model's 1 µm/px (level 0, 0.499 µm/px at level 0)"]
+    assert "pass --mpp" in preflight(describe(tcga_slide), at_one_um).problems[0]
+    assert not preflight(describe(tcga_slide, mpp=0.25), at_one_um).problems
