@@ -239,6 +239,22 @@ def _dry_run(scenes: list[Any], model: Path, options: Any) -> int:
     return 1 if failures else 0
 
 
+def _cmd_slide_chips(args: argparse.Namespace) -> int:
+    from pipeline.slide_chips import cut_chips
+
+    summary = cut_chips(args.slide, args.out, args.size, args.stride, args.min_tissue, args.holdout_from)
+    shares = ", ".join(
+        f"{n} {v:.1%}" for n, v in zip(("glass", "stroma", "nuclei"), summary.class_share, strict=True)
+    )
+    console.print(
+        f"{args.out}: {summary.train} training and {summary.val} held-out chips (classical stain labels: "
+        f"nuclei at haematoxylin OD > {summary.nuclei_threshold:.3f}; slide: {shares})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
 def _cmd_import_torchvision(args: argparse.Namespace) -> int:
     from models.torchvision_import import import_torchvision_state_dict
 
@@ -424,6 +440,19 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     add_segment_options(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
+
+    chips = commands.add_parser(
+        "slide-chips", help="cut a slide into PNG training chips labelled by classical stain separation"
+    )
+    chips.add_argument("slide", type=Path)
+    chips.add_argument("--out", type=Path, required=True, help="writes images/ and masks/ here")
+    chips.add_argument("--size", type=int, default=256)
+    chips.add_argument("--stride", type=int, default=128)
+    chips.add_argument("--min-tissue", type=float, default=0.1, help="share of tissue a chip needs")
+    chips.add_argument(
+        "--holdout-from", type=float, default=0.75, help="chips below this share of the height: '-val-'"
+    )
+    chips.set_defaults(handler=_cmd_slide_chips)
 
     card = commands.add_parser("card", help="render a model card (markdown) from a checkpoint's metadata")
     card.add_argument("checkpoint", type=Path)

@@ -128,3 +128,36 @@ def test_preflight_of_slides(cmu_slide, tcga_slide, buildings_model) -> None:
     assert check.warnings == ["segmented at the model's 1 µm/px (level 0, 0.499 µm/px at level 0)"]
     assert "pass --mpp" in preflight(describe(tcga_slide), at_one_um).problems[0]
     assert not preflight(describe(tcga_slide, mpp=0.25), at_one_um).problems
+
+
+def test_stain_separation_and_labels() -> None:
+    from models.stain import RGB_FROM_HED, separate_stains, stain_labels
+
+    # pure haematoxylin and pure eosin at optical density 1 come back as (1, 0, 0) and (0, 1, 0)
+    for index in (0, 1):
+        rgb = np.round(255 * np.exp(-RGB_FROM_HED[index])).astype(np.uint8)[None, None]
+        stains = separate_stains(rgb)[0, 0]
+        assert stains[index] == pytest.approx(1.0, abs=0.02) and stains[1 - index] < 0.05
+    image = np.full((40, 40, 3), 245, dtype=np.uint8)
+    image[:, 20:] = (200, 90, 160)  # eosin-stained tissue
+    image[25:35, 25:35] = (70, 40, 130)  # a haematoxylin-dense nucleus
+    tissue = np.zeros((40, 40), dtype=bool)
+    tissue[:, 10:] = True  # the coarse region reaches into glass: that part stays background
+    labels = stain_labels(image, tissue, nuclei_threshold=0.8)
+    assert (labels[:, :20] == 0).all() and (labels[:5, 20:] == 1).all() and (labels[27:33, 27:33] == 2).all()
+
+
+@pytest.mark.slow
+def test_slide_chips_hold_out_a_separate_band(cmu_slide, tmp_path) -> None:
+    from pipeline.slide_chips import cut_chips
+
+    summary = cut_chips(cmu_slide, tmp_path, size=256, stride=256, holdout_from=0.75)
+    stems = sorted(p.stem for p in (tmp_path / "images").iterdir())
+    assert len(stems) == summary.train + summary.val and summary.train > 10 and summary.val > 3
+    boundary = int(2967 * 0.75)
+    for stem in stems:
+        top = int(stem.split("-y")[1].split("-")[0])
+        assert (top >= boundary) == ("-val-" in stem) and ("-val-" in stem or top + 256 <= boundary)
+        mask = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
+        assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
+    assert 0.02 < summary.class_share[2] < 0.1, "nuclei: a few percent of the slide"
