@@ -332,6 +332,7 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         "--match-resolution", action="store_true", help="resample to the model's training pixel size"
     )
     parser.add_argument("--mpp", type=float, help="a slide's level-0 µm/px when its file does not say")
+    parser.add_argument("--ome-zarr", action="store_true", help="slides: also write mask.ome.zarr (NGFF 0.5)")
     parser.add_argument(
         "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
     )
@@ -356,6 +357,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         max_in_flight=args.max_in_flight,
         match_resolution=args.match_resolution,
         mpp=args.mpp,
+        ome_zarr=args.ome_zarr,
         probabilities=args.probabilities,
         vectorize=args.vectorize,
     )

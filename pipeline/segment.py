@@ -29,7 +29,7 @@ from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
 from pipeline.regrid import NearestView
-from pipeline.slide_publish import write_ome_pyramid
+from pipeline.slide_publish import write_ome_pyramid, write_ome_zarr
 from pipeline.slides import level_for_scale
 from pipeline.sources import (
     Scene,
@@ -72,6 +72,7 @@ class SegmentOptions(BaseModel):
     mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
     probabilities: bool = False
     vectorize: bool = False
+    ome_zarr: bool = Field(False, description="slides: also write the mask as OME-Zarr (NGFF 0.5)")
 
 
 @dataclass
@@ -310,6 +311,9 @@ def publish_work(
         mpp = _working_mpp(scene, plan)
         scratch = work.staged.folder / "pyramid"
         write_ome_pyramid(labels, mpp, outputs["mask"], scratch, f"{scene.scene_id} mask")
+        if options.ome_zarr:
+            outputs["mask_zarr"] = target / "mask.ome.zarr"
+            write_ome_zarr(labels, mpp, outputs["mask_zarr"], f"{scene.scene_id} mask")
         if options.probabilities:
             write_ome_pyramid(work.ledger.confidence(), mpp, outputs["probabilities"], scratch, "confidence")
     else:

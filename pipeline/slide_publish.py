@@ -1,4 +1,5 @@
-"""Publish a slide's mask: a tiled, pyramidal OME-TIFF at the working µm/px (tiffslide and QuPath open it).
+"""Publish a slide's mask: a tiled, pyramidal OME-TIFF at the working µm/px (tiffslide and QuPath open it),
+and optionally an OME-Zarr multiscale image (NGFF 0.5: zarr v3, the same levels).
 
 Level 0 is the label grid itself; each further level halves it by a 2x2 mode (classes are never blended)
 until it fits in one tile. Every level is built into a chunked zarr store from the one above and streamed
@@ -35,9 +36,13 @@ def mode_2x2(block: np.ndarray) -> np.ndarray:
 
 def _halve(source: Any, folder: Path, index: int, tile: int) -> Any:
     """The next level of ``source`` in a zarr store (built a tile at a time)."""
+    return _halve_into(source, folder / f"level-{index}.zarr", tile)
+
+
+def _halve_into(source: Any, store: Any, tile: int) -> Any:
     height, width = source.shape
     target = zarr.create_array(
-        store=folder / f"level-{index}.zarr",
+        store=store,
         shape=((height + 1) // 2, (width + 1) // 2),
         chunks=(tile, tile),
         dtype=source.dtype,
@@ -102,4 +107,31 @@ def write_ome_pyramid(
                 )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return [tuple(level.shape) for level in levels]
+    return [(int(level.shape[0]), int(level.shape[1])) for level in levels]
+
+
+def write_ome_zarr(
+    labels: Any, mpp: float, out: Path, name: str, tile: int = OME_TILE
+) -> list[tuple[int, int]]:
+    """``labels`` -> an OME-Zarr (NGFF 0.5) multiscale group at ``out``; built beside it, then renamed in."""
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    group = zarr.create_group(store=partial, zarr_format=3)
+    level = zarr.create_array(
+        store=partial / "0", shape=labels.shape, chunks=(tile, tile), dtype=np.uint8, fill_value=NODATA_LABEL
+    )
+    for top in range(0, labels.shape[0], tile):
+        level[top : top + tile] = np.asarray(labels[top : top + tile])
+    levels = [level]
+    while max(levels[-1].shape) > tile:
+        levels.append(_halve_into(levels[-1], partial / str(len(levels)), tile))
+    datasets = [
+        {"path": str(index), "coordinateTransformations": [{"type": "scale", "scale": [mpp * 2**index] * 2}]}
+        for index in range(len(levels))
+    ]
+    axes = [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
+    multiscale: dict[str, Any] = {"name": name, "axes": axes, "datasets": datasets}
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return [(int(level.shape[0]), int(level.shape[1])) for level in levels]

@@ -4,12 +4,18 @@ polygons in level-0 coordinates, areas in mm²; a slide without µm/px is refuse
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiffslide
+import zarr
 from rasterio.features import rasterize
 from rasterio.transform import Affine
 
@@ -38,7 +44,7 @@ def _levels(path: Path) -> tuple[tuple[tuple[int, int], ...], float, np.ndarray]
 
 @pytest.mark.slow
 def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path) -> None:
-    options = SegmentOptions(engine="local", crf=False, vectorize=True)
+    options = SegmentOptions(engine="local", crf=False, vectorize=True, ome_zarr=True)
     result = segment_scene(cmu_slide, slide_model, tmp_path, options)
     folder = tmp_path / "CMU-1-Small-Region"
     report = json.loads((folder / "report.json").read_text())
@@ -52,6 +58,12 @@ def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path
     assert dimensions[1] == ((shape[1] + 1) // 2, (shape[0] + 1) // 2) and len(dimensions) == 3
     tissue = labels != 255
     assert 0.25 < tissue.mean() < 0.5, "glass left as nodata"
+    ome_zarr = zarr.open_group(folder / "mask.ome.zarr", mode="r")
+    assert (
+        np.array_equal(ome_zarr["0"][:], labels)
+        and len(ome_zarr.attrs["ome"]["multiscales"][0]["datasets"]) == 3
+    )
+    assert set(report["outputs"]) == {"mask", "mask_zarr", "polygons", "quicklook", "report"}
 
     tiles = report["tiles"]
     assert tiles["skipped"] > 0 and tiles["computed"] + tiles["skipped"] == tiles["total"] == 9
@@ -93,3 +105,60 @@ def test_tcga_slide_needs_mpp(tcga_slide: Path, slide_model: Path, tmp_path: Pat
     dimensions, mpp, labels = _levels(tmp_path / "TCGA-CR-7395-01A-01-TS1" / "mask.ome.tif")
     assert dimensions[0] == (1111, 892) and mpp == pytest.approx(1.0)
     assert 0.5 < (labels != 255).mean() < 0.75
+
+
+def _segment_command(slide: Path, model: Path, out: Path) -> list[str]:
+    options = ["--engine", "local", "--no-crf", "--tile", "128", "--halo", "32"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "segment",
+        str(slide),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *options,
+    ]
+
+
+@pytest.mark.slow
+def test_killed_slide_run_resumes_to_the_same_mask(
+    cmu_slide: Path, slide_model: Path, tmp_path: Path
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    reference = tmp_path / "reference"
+    subprocess.run(
+        _segment_command(cmu_slide, slide_model, reference), cwd=root, check=True, capture_output=True
+    )
+    expected = _levels(reference / "CMU-1-Small-Region" / "mask.ome.tif")
+    report = json.loads((reference / "CMU-1-Small-Region" / "report.json").read_text())
+    total = report["tiles"]["computed"]
+
+    out = tmp_path / "killed"
+    ledger = out / ".work" / "CMU-1-Small-Region" / "ledger.jsonl"
+    run = subprocess.Popen(
+        _segment_command(cmu_slide, slide_model, out),
+        cwd=root,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while (not ledger.exists() or len(ledger.read_text().splitlines()) < 5) and run.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    done_before = len(ledger.read_text().splitlines())
+    assert 5 <= done_before < total, "killed mid-slide"
+    assert not (out / "CMU-1-Small-Region" / "mask.ome.tif").exists(), "nothing half-published"
+
+    subprocess.run(_segment_command(cmu_slide, slide_model, out), cwd=root, check=True, capture_output=True)
+    resumed = json.loads((out / "CMU-1-Small-Region" / "report.json").read_text())
+    assert resumed["tiles"]["resumed"] >= done_before
+    assert resumed["tiles"]["computed"] == total - resumed["tiles"]["resumed"]
+    dimensions, mpp, labels = _levels(out / "CMU-1-Small-Region" / "mask.ome.tif")
+    assert dimensions == expected[0] and mpp == expected[1]
+    assert np.array_equal(labels, expected[2])

@@ -161,3 +161,33 @@ def test_slide_chips_hold_out_a_separate_band(cmu_slide, tmp_path) -> None:
         mask = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
         assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
     assert 0.02 < summary.class_share[2] < 0.1, "nuclei: a few percent of the slide"
+
+
+def test_ome_pyramids_tiff_and_zarr(tmp_path) -> None:
+    import tiffslide
+    import zarr
+
+    from pipeline.slide_publish import mode_2x2, write_ome_pyramid, write_ome_zarr
+
+    assert mode_2x2(np.array([[1, 2, 3], [1, 5, 3]], dtype=np.uint8)).tolist() == [[1, 3]]
+    labels = np.random.default_rng(0).integers(0, 3, (1100, 700)).astype(np.uint8)
+    labels[:, :100] = 255
+    shapes = write_ome_pyramid(labels, 0.5, tmp_path / "m.ome.tif", tmp_path / "scratch", "m", tile=256)
+    assert shapes == [(1100, 700), (550, 350), (275, 175), (138, 88)]
+    assert not (tmp_path / "scratch").exists()
+    with tiffslide.TiffSlide(tmp_path / "m.ome.tif") as slide:
+        assert slide.level_dimensions == ((700, 1100), (350, 550), (175, 275), (88, 138))
+        assert float(slide.properties["tiffslide.mpp-x"]) == 0.5
+        assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (700, 1100))), labels)
+        assert np.array_equal(np.asarray(slide.read_region((0, 0), 1, (350, 550))), mode_2x2(labels))
+    zarr_shapes = write_ome_zarr(labels, 0.5, tmp_path / "m.ome.zarr", "m", tile=256)
+    assert zarr_shapes == shapes
+    group = zarr.open_group(tmp_path / "m.ome.zarr", mode="r")
+    multiscale = group.attrs["ome"]["multiscales"][0]
+    assert [d["coordinateTransformations"][0]["scale"] for d in multiscale["datasets"]] == [
+        [0.5, 0.5],
+        [1.0, 1.0],
+        [2.0, 2.0],
+        [4.0, 4.0],
+    ]
+    assert np.array_equal(group["0"][:], labels) and np.array_equal(group["1"][:], mode_2x2(labels))
