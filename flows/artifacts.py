@@ -43,8 +43,11 @@ def batch_table(records: list[SceneRecord], areas: dict[str, dict[str, float] | 
 
 
 def _areas(areas: dict[str, float] | None) -> str:
+    """Areas given in m²: hectares for scenes, mm² for slides (all under a square metre)."""
     if not areas:
         return "–"
+    if max(areas.values()) < 1.0:
+        return ", ".join(f"{name} {value * 1e6:,.3f} mm²" for name, value in areas.items())
     return ", ".join(f"{name} {value / 1e4:,.2f} ha" for name, value in areas.items())
 
 

@@ -6,9 +6,10 @@ import glob
 from pathlib import Path
 
 from models.errors import DataError
+from pipeline.slides import SLIDE_SUFFIXES
 from pipeline.sources import Source, is_remote, source_id
 
-RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"})
+RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
 _GLOB_CHARS = frozenset("*?[")
 
 

@@ -179,9 +179,11 @@ def report(records: list[SceneRecord], output: Path, run: dict[str, Any]) -> str
     areas: dict[str, dict[str, float] | None] = {}
     for record in records:
         if record.outputs and "report" in record.outputs:
-            areas[record.source] = json.loads((output / record.outputs["report"]).read_text())[
-                "class_areas_m2"
-            ]
+            details = json.loads((output / record.outputs["report"]).read_text())
+            slide_mm2 = details.get("class_areas_mm2")  # slides: no CRS, areas from µm/px
+            areas[record.source] = (
+                {k: v * 1e-6 for k, v in slide_mm2.items()} if slide_mm2 else details["class_areas_m2"]
+            )
     table = batch_table(records, areas)
     create_markdown_artifact(
         markdown=f"# segment-scenes into `{output}`\n\n{table}",

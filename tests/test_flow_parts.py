@@ -151,6 +151,8 @@ def test_batch_table_and_artifact_keys(tmp_path: Path) -> None:
     assert "| a | done | 3 / 1 / 0 | background 2.00 ha, building 0.50 ha | 2.5 |" in table
     assert "| c | failed | – | – | – | /c.tif: not a \\| raster |" in table
     assert table.endswith("3 scenes: 1 segmented, 1 unchanged and skipped, 1 failed.")
+    slide = batch_table(records[:1], {"/a.tif": {"stroma": 0.4e-6, "nuclei": 0.05e-6}})
+    assert "stroma 0.400 mm², nuclei 0.050 mm²" in slide
     assert artifact_key("OAM_1238456 Scene.v2") == "oam-1238456-scene-v2"
     picture = tmp_path / "q.png"
     Image.new("RGB", (1000, 500), (10, 20, 30)).save(picture)
