@@ -65,8 +65,9 @@ def render_card(path: Path, attribution: str) -> str:
         "## Reproduce",
         "",
         "```",
-        "models/zoo/train_zoo.sh    # trains both reference models",
-        "models/zoo/evaluate_zoo.sh # tunes the CRF, evaluates, records metrics, renders these cards",
+        "models/zoo/train_zoo.sh    # trains the aerial reference models",
+        "models/zoo/evaluate_zoo.sh # tunes their CRF, evaluates, records metrics, renders their cards",
+        "models/zoo/train_slide.sh  # the slide model: chips, training, held-out evaluation, card",
         "```",
         "",
     ]
@@ -94,9 +95,10 @@ def _args(metadata: CheckpointMetadata) -> str:
 
 
 def _pixel_size(metadata: CheckpointMetadata) -> str:
-    return (
-        "unknown (not georeferenced)" if metadata.pixel_size_m is None else f"{metadata.pixel_size_m:.3f} m"
-    )
+    size = metadata.pixel_size_m
+    if size is None:
+        return "unknown (not georeferenced)"
+    return f"{size * 1e6:.3g} µm" if size < 1e-3 else f"{size:.3f} m"  # slides are in µm/px
 
 
 def _training_minutes(metadata: CheckpointMetadata) -> float:

@@ -215,7 +215,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             continue
         tiles = result.details["tiles"]
         console.print(
-            f"{scene}: {result.mask.parent}/ mask.tif, report.json, quicklook.png ({tiles['computed']} tiles "
+            f"{scene}: {result.mask.parent}/ {', '.join(result.details['outputs'].values())} "
+            f"({tiles['computed']} tiles "
             f"computed, {tiles['skipped']} skipped, {tiles['resumed']} resumed; "
             f"{result.details['seconds']['total']:.1f} s)",
             soft_wrap=True,

@@ -67,7 +67,9 @@ def is_slide(path: Path | str) -> bool:
         import tifffile
 
         with tifffile.TiffFile(path) as tiff:
-            return bool(tiff.is_svs or tiff.is_ndpi or tiff.is_scn or tiff.is_philips or tiff.is_bif)
+            return bool(
+                tiff.is_svs or tiff.is_ndpi or tiff.is_scn or tiff.is_philips or tiff.is_bif or tiff.is_ome
+            )
     except Exception:
         return False
 

@@ -15,3 +15,10 @@ rm -rf "$chips"
   --classes background,stroma,nuclei --colors '#f0f0f0,#e377c2,#3b1f8f' --pixel-size 0.499e-6 \
   --arch deeplabv3plus_efficientnet_lite0 --pretrained imagenet --batch-size 8 --crop-size 256 \
   --epochs 12 --val-every 2 --lr 0.01 --seed 0 --threads "$threads" --out models/zoo/he-stain-cmu.safetensors
+# Held-out evaluation (recorded in the checkpoint as metrics.held_out) and the model card.
+rm -rf "$chips/val" && mkdir -p "$chips/val/images" "$chips/val/masks"
+cp "$chips"/images/*-val-* "$chips/val/images/" && cp "$chips"/masks/*-val-* "$chips/val/masks/"
+"$deeplab" evaluate --model models/zoo/he-stain-cmu.safetensors --images "$chips/val/images" \
+  --masks "$chips/val/masks" --report models/zoo/reports/he-stain-cmu.held-out.json --record-as held_out
+"$deeplab" card models/zoo/he-stain-cmu.safetensors --attribution models/zoo/attribution/slides.md \
+  --out models/zoo/he-stain-cmu.md
