@@ -388,6 +388,14 @@ def _wanted(output: str, options: SegmentOptions) -> bool:
     )
 
 
+def _empty_warning(scene: Scene, tiles: dict[str, int]) -> list[str]:
+    """A slide without tissue (or a scene without valid data) publishes an empty, valid mask and says so."""
+    if tiles["skipped"] < tiles["total"]:
+        return []
+    what = "no tissue found" if scene.slide is not None else "no valid pixel"
+    return [f"{scene.path}: {what}; the mask is empty (all nodata)"]
+
+
 def _working_mpp(scene: Scene, plan: ScenePlan) -> float:
     """µm per pixel of the grid a slide is segmented (and published) on."""
     assert scene.slide is not None
@@ -553,7 +561,7 @@ def _report(
         "tile": options.tile,
         "halo": plan.halo,
         "model_grid": list(plan.shape),
-        "warnings": plan.check.warning_lines(),
+        "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),
         "class_pixels": {c.name: int(n) for c, n in zip(classes, per_row.sum(0), strict=True)},
         "class_areas_m2": None
         if areas is None

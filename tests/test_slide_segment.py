@@ -162,3 +162,31 @@ def test_killed_slide_run_resumes_to_the_same_mask(
     dimensions, mpp, labels = _levels(out / "CMU-1-Small-Region" / "mask.ome.tif")
     assert dimensions == expected[0] and mpp == expected[1]
     assert np.array_equal(labels, expected[2])
+
+
+def test_a_slide_without_tissue_gives_an_empty_valid_mask(slide_model: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    glass = np.full((1024, 768, 3), (236, 234, 238), dtype=np.uint8)
+    glass[100:110, 50:700] = (30, 60, 190)  # a pen line on the glass, no tissue
+    path = tmp_path / "blank.ome.tif"
+    tifffile.imwrite(
+        path,
+        glass,
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(2e4, 2e4),  # 0.5 µm/px, as tiffslide reads it
+        resolutionunit="CENTIMETER",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+    )
+    segment_scene(
+        path, slide_model, tmp_path / "out", SegmentOptions(engine="local", crf=False, vectorize=True)
+    )
+    folder = tmp_path / "out" / "blank.ome"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["tiles"]["computed"] == 0 and report["tiles"]["skipped"] == report["tiles"]["total"] > 0
+    assert report["warnings"][-1] == f"{path}: no tissue found; the mask is empty (all nodata)"
+    assert report["tissue_area_mm2"] == 0.0 and report["background_cores_share"] == 1.0
+    dimensions, mpp, labels = _levels(folder / "mask.ome.tif")
+    assert dimensions[0] == (384, 512) and mpp == pytest.approx(1.0) and (labels == 255).all()
+    assert json.loads((folder / "polygons.geojson").read_text())["features"] == []
