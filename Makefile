@@ -1,5 +1,5 @@
-# make demo: create .venv, install, segment the real Kampala and Landsat scenes end to end with the
-#            segment-scenes Prefect flow (a local Prefect server on SQLite under work/, a local Ray cluster).
+# make demo: create .venv, install, segment the real Kampala and Landsat scenes and the CMU-1 slide end to end
+#            with the segment-scenes Prefect flow (local Prefect server on SQLite under work/, local Ray cluster).
 # make test: create .venv, install, run ruff, mypy and the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -23,9 +23,12 @@ demo: $(STAMP)
 		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
 	$(BIN)/deeplab run-flow $(DATA)/landsat/RGB.byte.tif \
 		--model models/zoo/landcover-dubai.safetensors --out $(DEMO_OUT) --probabilities
+	$(BIN)/deeplab run-flow $(DATA)/wsi/CMU-1-Small-Region.svs \
+		--model models/zoo/he-stain-cmu.safetensors --out $(DEMO_OUT) --vectorize
 	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, polygons.gpkg, quicklook.png, report.json)"
 	@echo "         $(DEMO_OUT)/RGB.byte/ (mask.tif, probabilities.tif, quicklook.png, report.json)"
-	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips both unchanged scenes)"
+	@echo "         $(DEMO_OUT)/CMU-1-Small-Region/ (mask.ome.tif, polygons.geojson for QuPath, quicklook.png, report.json)"
+	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips every unchanged scene)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline models flows tests bench
