@@ -1,6 +1,6 @@
 """Benchmark: peak memory of a slide run, small real slide against a >= 40k x 40k synthetic pyramid.
 
-    python -m bench.slides [--size 40960] [--model M] [--mpp 0.25]
+    python -m bench.slides [--size 40960] [--mpp 0.125] [--model M] [--options "--no-crf --halo 64"]
 
 The large slide is the real CMU-1 slide tiled (mirrored edge to edge) into a tiled, JPEG-compressed
 pyramidal OME-TIFF; each level is tiled from the source downsampled once, so writing it never holds more
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,22 +118,29 @@ def _peak(report: dict[str, Any]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size", type=int, default=40960, help="side of the synthetic slide, pixels")
-    parser.add_argument("--mpp", type=float, default=0.25, help="the synthetic slide's level-0 µm/px")
+    parser.add_argument(
+        "--mpp", type=float, default=0.125, help="the synthetic slide's level-0 µm/px (level 1 is 4x coarser)"
+    )
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "slides")
-    parser.add_argument("--options", nargs="*", default=["--no-crf"], help="extra `deeplab segment` flags")
+    parser.add_argument(
+        "--options", default="--no-crf --halo 64", help="`deeplab segment` flags for both runs (one string)"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    big = make_synthetic_slide(args.work / f"synthetic-{args.size}.ome.tif", args.size, args.mpp)
+    big = make_synthetic_slide(
+        args.work / f"synthetic-{args.size}-{args.mpp:g}um.ome.tif", args.size, args.mpp
+    )
     made = time.perf_counter() - started
-    small = run_engine(SMALL, args.model, args.work / "out-small", *args.options)
-    large = run_engine(big, args.model, args.work / "out-large", *args.options)
+    options = shlex.split(args.options)
+    small = run_engine(SMALL, args.model, args.work / "out-small", *options)
+    large = run_engine(big, args.model, args.work / "out-large", *options)
     ratio = _peak(large) / _peak(small)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": args.model.name,
-        "options": args.options,
+        "options": options,
         "synthetic": {
             "size": args.size,
             "mpp": args.mpp,
@@ -150,7 +158,9 @@ def main() -> None:
     lines = [
         "# Slide memory benchmark (`python -m bench.slides`)",
         "",
-        f"Model {args.model.name}, options {' '.join(args.options) or '(none)'}, {os.cpu_count()} CPUs.",
+        f"Model {args.model.name}, options `{args.options or '(none)'}`, {os.cpu_count()} CPUs; "
+        f"the synthetic slide is {args.size}² px at {args.mpp:g} µm/px (level 0), "
+        f"{big.stat().st_size / 1e6:.0f} MB.",
         "",
         "| slide | level-0 px | levels | level read | working grid | cores computed / skipped | tissue mm² "
         "| seconds | peak RSS driver / actors (MB) |",
