@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,43 @@ def cmu_slide(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tcga_slide(data_dir: Path) -> Path:
     return _require(data_dir / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs")
+
+
+def kill_mid_run(command: list[str], ledger: Path, cwd: Path, at_least: int = 5, timeout: float = 600) -> int:
+    """Start ``command`` in its own session, SIGKILL the whole session once ``ledger`` records ``at_least``
+    cores (no cleanup of any kind: the driver and the local Ray cluster it started go at once); returns
+    the cores recorded at the kill."""
+
+    def recorded() -> int:
+        return len(ledger.read_text().splitlines()) if ledger.exists() else 0
+
+    run = subprocess.Popen(
+        command, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout
+    while recorded() < at_least and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    return recorded()
+
+
+def resume_after_kill(
+    command_for: Callable[[Path], list[str]], scene_id: str, published: str, tmp_path: Path, cwd: Path
+) -> tuple[Path, Path]:
+    """An uninterrupted run, then a run SIGKILLed mid-scene and run again; returns both scene folders.
+
+    Checks what every resume must hold: killed mid-scene, nothing half-published, the re-run recomputes
+    exactly the cores the killed run had not recorded.
+    """
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(command_for(reference), cwd=cwd, check=True, capture_output=True)
+    total = json.loads((reference / scene_id / "report.json").read_text())["tiles"]["computed"]
+    done_before = kill_mid_run(command_for(out), out / ".work" / scene_id / "ledger.jsonl", cwd)
+    assert 5 <= done_before < total, "killed mid-scene"
+    assert not (out / scene_id / published).exists(), "nothing half-published"
+    subprocess.run(command_for(out), cwd=cwd, check=True, capture_output=True)
+    report = json.loads((out / scene_id / "report.json").read_text())
+    assert report["tiles"]["resumed"] >= done_before
+    assert report["tiles"]["computed"] == total - report["tiles"]["resumed"]
+    return reference / scene_id, out / scene_id

@@ -4,12 +4,8 @@ polygons in level-0 coordinates, areas in mm²; a slide without µm/px is refuse
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +18,7 @@ from rasterio.transform import Affine
 from models.checkpoint import update_metadata
 from models.errors import DataError
 from pipeline.segment import SegmentOptions, segment_scene
+from tests.conftest import resume_after_kill
 
 WORKING_MPP = 1.0
 
@@ -128,38 +125,15 @@ def test_killed_slide_run_resumes_to_the_same_mask(
     cmu_slide: Path, slide_model: Path, tmp_path: Path
 ) -> None:
     root = Path(__file__).resolve().parents[1]
-    reference = tmp_path / "reference"
-    subprocess.run(
-        _segment_command(cmu_slide, slide_model, reference), cwd=root, check=True, capture_output=True
+    reference, resumed = resume_after_kill(
+        lambda out: _segment_command(cmu_slide, slide_model, out),
+        "CMU-1-Small-Region",
+        "mask.ome.tif",
+        tmp_path,
+        root,
     )
-    expected = _levels(reference / "CMU-1-Small-Region" / "mask.ome.tif")
-    report = json.loads((reference / "CMU-1-Small-Region" / "report.json").read_text())
-    total = report["tiles"]["computed"]
-
-    out = tmp_path / "killed"
-    ledger = out / ".work" / "CMU-1-Small-Region" / "ledger.jsonl"
-    run = subprocess.Popen(
-        _segment_command(cmu_slide, slide_model, out),
-        cwd=root,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while (not ledger.exists() or len(ledger.read_text().splitlines()) < 5) and run.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    done_before = len(ledger.read_text().splitlines())
-    assert 5 <= done_before < total, "killed mid-slide"
-    assert not (out / "CMU-1-Small-Region" / "mask.ome.tif").exists(), "nothing half-published"
-
-    subprocess.run(_segment_command(cmu_slide, slide_model, out), cwd=root, check=True, capture_output=True)
-    resumed = json.loads((out / "CMU-1-Small-Region" / "report.json").read_text())
-    assert resumed["tiles"]["resumed"] >= done_before
-    assert resumed["tiles"]["computed"] == total - resumed["tiles"]["resumed"]
-    dimensions, mpp, labels = _levels(out / "CMU-1-Small-Region" / "mask.ome.tif")
+    expected = _levels(reference / "mask.ome.tif")
+    dimensions, mpp, labels = _levels(resumed / "mask.ome.tif")
     assert dimensions == expected[0] and mpp == expected[1]
     assert np.array_equal(labels, expected[2])
 
