@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from models.stain import separate_stains, stain_labels
-from pipeline.slides import open_slide, thumbnail
-from pipeline.tissue import detect_tissue, otsu_threshold
+from pipeline.slides import SlideBlocks, describe_slide, open_slide
+from pipeline.tissue import otsu_threshold
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,12 @@ def cut_chips(
     images, masks = out / "images", out / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
+    info = describe_slide(slide_path)
+    width, height = info.level_dimensions[0]
     with open_slide(slide_path) as slide:
-        width, height = slide.level_dimensions[0]
-        picture, per_px = thumbnail(slide, 2048)
-        tissue_small = detect_tissue(picture).mask
-        whole = np.asarray(slide.read_region((0, 0), 0, (width, height)).convert("RGB"))
-    rows = np.minimum((np.arange(height) / per_px).astype(int), tissue_small.shape[0] - 1)
-    cols = np.minimum((np.arange(width) / per_px).astype(int), tissue_small.shape[1] - 1)
-    tissue = tissue_small[np.ix_(rows, cols)]
+        blocks = SlideBlocks(slide, info, 1.0)  # the engine's reader and tissue mask, at level 0
+        whole = blocks.read_block(0, 0, height, width).transpose(1, 2, 0)
+        tissue = blocks.read_valid(0, 0, height, width)
     haematoxylin = separate_stains(whole)[..., 0][tissue]
     threshold = otsu_threshold(np.clip(haematoxylin / max(float(haematoxylin.max()), 1e-6), 0, 1))
     threshold *= float(haematoxylin.max())
