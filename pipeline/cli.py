@@ -328,7 +328,17 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         help="ray (local cluster started by itself, or --ray-address) or one local process",
     )
     parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
-    parser.add_argument("--max-in-flight", type=int, default=8, help="windows queued on actors at once")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="windows queued on actors at once (default: twice what the cluster's actors hold)",
+    )
+    parser.add_argument(
+        "--gpus-per-model-actor",
+        type=float,
+        default=1.0,
+        help="GPU share each inference actor requests (0.5: two actors per GPU)",
+    )
     parser.add_argument(
         "--match-resolution", action="store_true", help="resample to the model's training pixel size"
     )
@@ -356,6 +366,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         engine=args.engine,
         ray_address=args.ray_address,
         max_in_flight=args.max_in_flight,
+        gpus_per_model_actor=args.gpus_per_model_actor,
         match_resolution=args.match_resolution,
         mpp=args.mpp,
         ome_zarr=args.ome_zarr,

@@ -26,7 +26,9 @@ from pipeline.sources import Source, source_sha256
 
 MANIFEST_NAME = "manifest.json"
 # Options that change how a result is computed, not what it is: changing them redoes nothing.
-RUNTIME_ONLY_OPTIONS = frozenset({"engine", "ray_address", "max_in_flight", "batch_size", "device"})
+RUNTIME_ONLY_OPTIONS = frozenset(
+    {"engine", "ray_address", "max_in_flight", "batch_size", "device", "gpus_per_model_actor"}
+)
 
 Outcome = Literal["done", "skipped", "failed"]
 

@@ -11,49 +11,42 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.errors import DeepLabError
+from pipeline.actor_pools import ActorPools, Member, NodeInfo, PoolStats, lost_work_errors
 from pipeline.grid import Tile, core_of, read_padded
 from pipeline.ledger import Ledger
-from pipeline.workers import (
-    CoreDone,
-    CRFWorker,
-    ModelWorker,
-    Work,
-    WorkSpec,
-    same_shape_batches,
-    write_core,
-)
+from pipeline.workers import CoreDone, Work, WorkSpec, same_shape_batches, write_core
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
+# How often the pools look for nodes that joined or died, and the longest a wait for results blocks.
+_REFRESH_S = 2.0
 
 
-@dataclass(frozen=True)
-class ActorPlan:
-    model_actors: int
-    crf_actors: int
-    model_cpus: float
-    crf_cpus: float
-    model_gpus: float
-    model_threads: int
+@dataclass
+class RunStats:
+    """What a run on the cluster saw, for the report: where windows ran, what was lost, actors' memory."""
 
-    @classmethod
-    def for_resources(cls, cpus: float, gpus: float, crf: bool) -> ActorPlan:
-        """GPU: one model actor per GPU. CPU: one model actor; the rest of the CPUs refine."""
-        if gpus >= 1:
-            return cls(int(gpus), max(1, int(cpus) - 1) if crf else 0, 0.5, 1.0, 1.0, 1)
-        if not crf:
-            return cls(1, 0, max(1.0, float(int(cpus))), 0.0, 0.0, max(1, int(cpus)))
-        # Fractional CPUs so that the model actor and the CRF actors fit on a 2-core machine together.
-        crf_actors = max(1, int(cpus) - 1) if cpus >= 3 else 1
-        return cls(1, crf_actors, 0.5, 0.5 if cpus < 3 else 1.0, 0.0, max(1, int(cpus) // 2))
+    pools: PoolStats = field(default_factory=PoolStats)
+    actor_memory: dict[str, list[float]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "nodes": self.pools.by_node(),
+            "nodes_lost": self.pools.nodes_lost,
+            "actors_lost": self.pools.actors_lost,
+            "windows_retried": self.pools.windows_retried,
+        }
 
 
 def ray_temp_dir(work_dir: Path) -> str:
@@ -90,7 +83,14 @@ def ray_session(
     temp_dir = None
     runtime_env = {"env_vars": dict(worker_env)} if worker_env else None
     if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+        except ray.exceptions.AuthenticationError as exc:
+            raise DeepLabError(
+                f"the Ray cluster at {address} refused this client: {str(exc).splitlines()[0]} "
+                "It runs with token authentication: set RAY_AUTH_MODE=token and the cluster's token in "
+                "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token)"
+            ) from exc
     else:
         temp_dir = ray_temp_dir(work_dir)
         ray.init(
@@ -109,78 +109,139 @@ def ray_session(
             shutil.rmtree(temp_dir, ignore_errors=True)  # the /tmp fallback is ours alone: leave nothing
 
 
+@dataclass
+class _ModelJob:
+    member: Member
+    batch: int  # index into the batch list: a lost batch is resubmitted whole, so batches never change
+    windows: list[np.ndarray]
+
+
+@dataclass
+class _CRFJob:
+    tile: Tile
+    valid: np.ndarray | None
+    probabilities: np.ndarray
+    window: np.ndarray
+    near: NodeInfo  # the model's node: a CRF actor there needs no transfer
+    member: Member | None = None
+
+
 def run_tiles(
     ray: Any,
     image: Any,
     todo: list[Work],
     ledger: Ledger,
     checkpoint: Path,
-    plan: ActorPlan,
     spec: WorkSpec,
-    max_in_flight: int,
+    max_in_flight: int | None = None,
     on_core: CoreDone | None = None,
-    actor_memory: dict[str, list[float]] | None = None,
+    stats: RunStats | None = None,
+    gpus_per_model: float = 1.0,
+    node_wait_s: float = 120.0,
 ) -> int:
-    """Compute every core in ``todo`` on actors, writing each to the ledger as it completes.
+    """Compute every core in ``todo`` on actors across the cluster, each written to the ledger when done.
 
-    ``actor_memory``, when given, receives each actor's peak RSS in MB (``model``, ``crf``) at the end.
+    Windows in flight are bounded (``max_in_flight``, else twice what the actors can hold). Work on an actor
+    or node that is lost is resubmitted to the remaining ones; the cores written never depend on which node
+    computed them. ``stats`` receives windows per node, losses and each actor's peak RSS.
     """
     if not todo:
         return 0
-    model_cls = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(ModelWorker)
-    models = [
-        model_cls.remote(str(checkpoint), spec.device, plan.model_threads, spec.amp)
-        for _ in range(plan.model_actors)
-    ]
-    crf_cls = ray.remote(num_cpus=plan.crf_cpus)(CRFWorker) if spec.crf else None
-    crfs = [crf_cls.remote() for _ in range(plan.crf_actors)] if crf_cls else []
+    stats = stats if stats is not None else RunStats()
+    lost = lost_work_errors(ray)
+    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats.pools)
     batches = same_shape_batches(todo, spec.batch_size)
-    model_jobs: dict[Any, tuple[list[Work], list[np.ndarray]]] = {}
-    crf_jobs: dict[Any, Work] = {}
-    submitted = finished = 0
-    next_batch = 0
+    queue = deque(range(len(batches)))
+    model_jobs: dict[Any, _ModelJob] = {}
+    crf_waiting: deque[_CRFJob] = deque()
+    crf_jobs: dict[Any, _CRFJob] = {}
+    finished = 0
+    last_refresh = -1e9
+    starved_since: float | None = None
 
-    def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray) -> None:
+    def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
         nonlocal finished
-        write_core(ledger, tile, valid, planes)
+        write_core(ledger, tile, valid, planes, node=node)
         finished += 1
         if on_core:
             on_core()
 
+    def in_flight() -> int:
+        return sum(len(j.windows) for j in model_jobs.values()) + len(crf_jobs) + len(crf_waiting)
+
     try:
         while finished < len(todo):
-            while (
-                next_batch < len(batches)
-                and len(model_jobs) * spec.batch_size + len(crf_jobs) < max_in_flight
-            ):
-                group = batches[next_batch]
-                windows = [read_padded(image, tile) for tile, _ in group]
-                actor = models[next_batch % len(models)]
-                ref = actor.predict.remote(
+            if time.monotonic() - last_refresh > _REFRESH_S:
+                pools.refresh()
+                last_refresh = time.monotonic()
+            limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
+            while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
+                index = queue.popleft()
+                windows = [read_padded(image, tile) for tile, _ in batches[index]]
+                ref = member.handle.predict.remote(
                     windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence
                 )
-                model_jobs[ref] = (group, windows)
-                next_batch += 1
-            ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1)
+                member.load += len(windows)
+                model_jobs[ref] = _ModelJob(member, index, windows)
+            while crf_waiting and (member := pools.least_loaded("crf", crf_waiting[0].near)) is not None:
+                job = crf_waiting.popleft()
+                job.member = member
+                member.load += 1
+                ref = member.handle.refine_core.remote(
+                    job.probabilities, job.window, spec.crf, spec.input_max, job.tile, spec.with_confidence
+                )
+                crf_jobs[ref] = job
+            if not model_jobs and not crf_jobs:
+                # nothing running: no actor can take the work until a node joins
+                starved_since = starved_since or time.monotonic()
+                if time.monotonic() - starved_since > node_wait_s:
+                    raise DeepLabError(
+                        f"no live Ray node can run the {'CRF' if crf_waiting else 'model'} actors: "
+                        f"{len(todo) - finished} cores left after waiting {node_wait_s:.0f} s for a node"
+                    )
+                time.sleep(_REFRESH_S)
+                last_refresh = -1e9
+                continue
+            starved_since = None
+            ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1, timeout=_REFRESH_S)
             for ref in ready:
                 if ref in model_jobs:
-                    group, windows = model_jobs.pop(ref)
-                    for (tile, valid), window, result in zip(group, windows, ray.get(ref), strict=True):
+                    model_job = model_jobs.pop(ref)
+                    model_job.member.load -= len(model_job.windows)
+                    try:
+                        results = ray.get(ref)
+                    except lost:
+                        pools.drop(model_job.member)
+                        queue.appendleft(model_job.batch)
+                        stats.pools.windows_retried += len(model_job.windows)
+                        last_refresh = -1e9  # find out now whether the node is gone
+                        continue
+                    label = model_job.member.node.label
+                    stats.pools.windows[(label, "model")] += len(results)
+                    group = batches[model_job.batch]
+                    for (tile, valid), window, result in zip(group, model_job.windows, results, strict=True):
                         if spec.crf is not None:
-                            crf_ref = crfs[submitted % len(crfs)].refine_core.remote(
-                                result, window, spec.crf, spec.input_max, tile, spec.with_confidence
-                            )
-                            crf_jobs[crf_ref] = (tile, valid)
-                            submitted += 1
+                            crf_waiting.append(_CRFJob(tile, valid, result, window, model_job.member.node))
                         else:
-                            done(tile, valid, core_of(result, tile))
+                            done(tile, valid, core_of(result, tile), label)
                 else:
-                    tile, valid = crf_jobs.pop(ref)
-                    done(tile, valid, ray.get(ref))
-        if actor_memory is not None:
-            actor_memory["model"] = ray.get([a.peak_rss_mb.remote() for a in models])
-            actor_memory["crf"] = ray.get([a.peak_rss_mb.remote() for a in crfs])
+                    crf_job = crf_jobs.pop(ref)
+                    assert crf_job.member is not None
+                    crf_job.member.load -= 1
+                    try:
+                        planes = ray.get(ref)
+                    except lost:
+                        pools.drop(crf_job.member)
+                        crf_job.member = None
+                        crf_waiting.appendleft(crf_job)
+                        stats.pools.windows_retried += 1
+                        last_refresh = -1e9
+                        continue
+                    label = crf_job.member.node.label
+                    stats.pools.windows[(label, "crf")] += 1
+                    done(crf_job.tile, crf_job.valid, planes, label)
+        stats.actor_memory = pools.peak_rss()
+        pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
     finally:
-        for actor in [*models, *crfs]:
-            ray.kill(actor)
+        pools.close()
     return len(todo)

@@ -28,6 +28,7 @@ from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_padded
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
+from pipeline.ray_engine import RunStats
 from pipeline.regrid import NearestView
 from pipeline.slide_publish import write_ome_pyramid, write_ome_zarr
 from pipeline.slides import level_for_scale
@@ -66,7 +67,8 @@ class SegmentOptions(BaseModel):
     allow_ungeoreferenced: bool = False
     engine: Literal["ray", "local"] = "ray"
     ray_address: str | None = None
-    max_in_flight: int = Field(8, ge=1)
+    max_in_flight: int | None = Field(None, ge=1, description="None: twice what the cluster's actors hold")
+    gpus_per_model_actor: float = Field(1.0, gt=0, le=1, description="fractional: several actors per GPU")
     amp: bool = True
     match_resolution: bool = False
     mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
@@ -186,7 +188,7 @@ class StagedWork:
     skipped: int  # wholly nodata cores, never computed
     resumed: int  # cores a previous run recorded
     computed: int = 0
-    actor_memory: dict[str, list[float]] = field(default_factory=dict)
+    cluster: RunStats | None = None  # set by the Ray engine
 
 
 def prepare_scene(
@@ -272,16 +274,9 @@ def compute_work(
     )
     on_core = progress.cores(name, len(work.todo))
     if options.engine == "ray" and ray is not None:
+        work.cluster = RunStats()
         work.computed = _compute_on_ray(
-            ray,
-            work.staged,
-            prepared.checkpoint,
-            work.ledger,
-            work.todo,
-            spec,
-            options.max_in_flight,
-            on_core,
-            work.actor_memory,
+            ray, work, spec, options.max_in_flight, options.gpus_per_model_actor, on_core, work.cluster
         )
     else:
         work.computed = _compute(work.staged, prepared.checkpoint, work.ledger, work.todo, spec, on_core)
@@ -343,9 +338,12 @@ def publish_work(
     }
     details = _report(scene, loaded, labels, options, plan, prepared.checksum, timings, total, tiles)
     details["outputs"] = {k: v.name for k, v in outputs.items()}
+    actor_memory = work.cluster.actor_memory if work.cluster else {}
     details["peak_rss_mb"] = {"driver": round(peak_rss_mb(), 1)} | {
-        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in work.actor_memory.items()
+        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
     }
+    if work.cluster is not None:
+        details["cluster"] = work.cluster.report()
     if polygons is not None:
         details["polygons"] = polygons
     write_text_atomically(outputs["report"], json.dumps(details, indent=2))
@@ -436,21 +434,30 @@ def _compute(
 
 def _compute_on_ray(
     ray: Any,
-    staged: StagedScene,
-    loaded: CheckpointInfo,
-    ledger: Ledger,
-    todo: list[Work],
+    work: StagedWork,
     spec: WorkSpec,
-    max_in_flight: int,
+    max_in_flight: int | None,
+    gpus_per_model: float,
     on_core: CoreDone,
-    actor_memory: dict[str, list[float]],
+    stats: RunStats,
 ) -> int:
-    from pipeline.ray_engine import ActorPlan, run_tiles
+    from pipeline.cluster_storage import check_nodes_see
+    from pipeline.ray_engine import run_tiles
 
-    resources = ray.cluster_resources()
-    plan = ActorPlan.for_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), spec.crf is not None)
+    checkpoint = work.prepared.checkpoint
+    if work.todo:
+        check_nodes_see(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
     return run_tiles(
-        ray, staged.image(), todo, ledger, loaded.path, plan, spec, max_in_flight, on_core, actor_memory
+        ray,
+        work.staged.image(),
+        work.todo,
+        work.ledger,
+        checkpoint.path,
+        spec,
+        max_in_flight,
+        on_core,
+        stats,
+        gpus_per_model,
     )
 
 

@@ -138,8 +138,13 @@ def same_shape_batches(todo: list[Work], size: int) -> list[list[Work]]:
     return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
 
 
-def write_core(ledger: Ledger, tile: Tile, valid: np.ndarray | None, planes: np.ndarray) -> None:
-    """``planes`` (1 or 2, h, w): labels and optionally confidence; invalid pixels become nodata in both."""
+def write_core(
+    ledger: Ledger, tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str | None = None
+) -> None:
+    """``planes`` (1 or 2, h, w): labels and optionally confidence; invalid pixels become nodata in both.
+
+    ``node``: where the core was computed (the Ray engine's node label), kept in the ledger's record."""
     if valid is not None:
         planes = np.where(valid, planes, NODATA_LABEL)
-    ledger.write_core(tile.row, tile.col, planes.astype(np.uint8))
+    extra = {"node": node} if node else {}
+    ledger.write_core(tile.row, tile.col, planes.astype(np.uint8), **extra)

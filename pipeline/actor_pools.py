@@ -1,0 +1,214 @@
+"""Model and CRF actors placed on the cluster's live nodes, sized by each node's resources.
+
+Every actor is pinned to one node (hard node affinity), so the pools know where each window is computed and
+can follow the cluster: a node that joins (an autoscaler added it) gets its actors at the next refresh, and
+the actors of a node that died are dropped; the engine resubmits their windows elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.workers import CRFWorker, ModelWorker, WorkSpec
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The actors one node runs and what each requests."""
+
+    model_actors: int
+    crf_actors: int
+    model_cpus: float
+    crf_cpus: float
+    model_gpus: float
+    model_threads: int
+
+    @classmethod
+    def for_resources(
+        cls,
+        cpus: float,
+        gpus: float,
+        crf: bool,
+        cluster_has_gpus: bool = False,
+        gpus_per_model: float = 1.0,
+    ) -> ActorPlan:
+        """GPU node: ``1 / gpus_per_model`` model actors per GPU, CRF on its other CPUs. CPU node of a GPU
+        cluster: CRF only (inference belongs on the GPUs). CPU cluster: one model actor per node, the rest of
+        its CPUs refine."""
+        if gpus > 0:
+            model_actors = max(1, int(gpus / gpus_per_model + 1e-9)) if gpus >= gpus_per_model else 0
+            model_cpus = 0.5
+            spare = int(cpus - model_actors * model_cpus)
+            return cls(model_actors, max(0, spare) if crf else 0, model_cpus, 1.0, gpus_per_model, 1)
+        if cluster_has_gpus:
+            return cls(0, int(cpus) if crf else 0, 0.0, 1.0, 0.0, 1)
+        if cpus < 0.5:
+            return cls(0, 0, 0.0, 0.0, 0.0, 1)  # e.g. a head started with --num-cpus 0
+        if not crf:
+            return cls(1, 0, max(0.5, float(int(cpus))), 0.0, 0.0, max(1, int(cpus)))
+        if cpus < 1:
+            return cls(1, 1, cpus / 2, cpus / 2, 0.0, 1)
+        # Fractional CPUs so that the model actor and a CRF actor share a small node.
+        crf_actors = max(1, int(cpus) - 1) if cpus >= 3 else 1
+        return cls(1, crf_actors, 0.5, 0.5 if cpus < 3 else 1.0, 0.0, max(1, int(cpus) // 2))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
+
+    @property
+    def label(self) -> str:
+        # several nodes share one address on a single machine: the id tells them apart
+        return f"{self.address} {self.node_id[:8]}"
+
+
+def live_nodes(ray: Any) -> list[NodeInfo]:
+    return [
+        NodeInfo(
+            node["NodeID"],
+            node.get("NodeManagerAddress", "?"),
+            float(node.get("Resources", {}).get("CPU", 0.0)),
+            float(node.get("Resources", {}).get("GPU", 0.0)),
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+
+
+def lost_work_errors(ray: Any) -> tuple[type[BaseException], ...]:
+    """Errors that mean an actor, its node or an object went away: the work is redone elsewhere.
+
+    An exception raised by our own code in an actor (``RayTaskError``) is not among them: it fails the run.
+    """
+    names = ("RayActorError", "ObjectLostError", "OwnerDiedError", "WorkerCrashedError", "NodeDiedError")
+    found = (getattr(ray.exceptions, name, None) for name in names)
+    return tuple(kind for kind in found if isinstance(kind, type))
+
+
+@dataclass
+class Member:
+    """One actor, the node it lives on, and how many windows it holds now."""
+
+    handle: Any
+    kind: str  # "model" or "crf"
+    node: NodeInfo
+    load: int = 0
+
+
+@dataclass
+class PoolStats:
+    """What the pools saw: windows per node and kind, actors lost, windows computed again."""
+
+    windows: Counter[tuple[str, str]] = field(default_factory=Counter)
+    actors_lost: int = 0
+    windows_retried: int = 0
+    nodes_lost: list[str] = field(default_factory=list)
+
+    def by_node(self) -> dict[str, dict[str, int]]:
+        nodes: dict[str, dict[str, int]] = {}
+        for (label, kind), count in sorted(self.windows.items()):
+            nodes.setdefault(label, {})[f"{kind}_windows"] = count
+        return nodes
+
+
+class ActorPools:
+    def __init__(
+        self,
+        ray: Any,
+        checkpoint: str,
+        spec: WorkSpec,
+        gpus_per_model: float = 1.0,
+        stats: PoolStats | None = None,
+        max_restarts: int = 1,
+    ) -> None:
+        self.ray = ray
+        self.checkpoint = checkpoint
+        self.spec = spec
+        self.gpus_per_model = gpus_per_model
+        self.max_restarts = max_restarts
+        self.members: list[Member] = []
+        self.placed: dict[str, NodeInfo] = {}  # nodes whose actors were created, by id
+        self.stats = stats if stats is not None else PoolStats()
+
+    def refresh(self, place: bool = True) -> None:
+        """Create actors on nodes that joined (unless not ``place``); drop the actors of nodes that died."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = live_nodes(self.ray)
+        alive = {n.node_id for n in nodes}
+        for node_id, node in self.placed.items():
+            if node_id not in alive and node.label not in self.stats.nodes_lost:
+                self.stats.nodes_lost.append(node.label)
+        for member in [m for m in self.members if m.node.node_id not in alive]:
+            self.drop(member)
+        cluster_has_gpus = any(n.gpus > 0 for n in nodes)
+        for node in nodes if place else []:
+            if node.node_id in self.placed:
+                continue
+            self.placed[node.node_id] = node
+            plan = ActorPlan.for_resources(
+                node.cpus, node.gpus, self.spec.crf is not None, cluster_has_gpus, self.gpus_per_model
+            )
+            pin = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+            # A crashed actor process restarts in place (same node); a lost node is the engine's to handle.
+            common = {
+                "scheduling_strategy": pin,
+                "max_restarts": self.max_restarts,
+                "max_task_retries": self.max_restarts,
+            }
+            model_cls = self.ray.remote(ModelWorker).options(
+                num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
+            )
+            for _ in range(plan.model_actors):
+                handle = model_cls.remote(
+                    self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp
+                )
+                self.members.append(Member(handle, "model", node))
+            if self.spec.crf is not None:
+                crf_cls = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common)
+                for _ in range(plan.crf_actors):
+                    self.members.append(Member(crf_cls.remote(), "crf", node))
+
+    def of_kind(self, kind: str) -> list[Member]:
+        return [m for m in self.members if m.kind == kind]
+
+    def least_loaded(self, kind: str, near: NodeInfo | None = None) -> Member | None:
+        """The actor of ``kind`` with the least work, preferring ``near``'s node (no transfer)."""
+        candidates = self.of_kind(kind)
+        if not candidates:
+            return None
+        return min(candidates, key=lambda m: (m.load, near is not None and m.node != near))
+
+    def drop(self, member: Member) -> None:
+        if member in self.members:
+            self.members.remove(member)
+            self.stats.actors_lost += 1
+            with suppress(Exception):  # its node may be gone already: nothing left to stop
+                self.ray.kill(member.handle, no_restart=True)
+
+    def capacity(self, batch_size: int) -> int:
+        """Windows in flight that keep every actor busy with one more queued: bounded object-store use."""
+        return 2 * (len(self.of_kind("model")) * batch_size + len(self.of_kind("crf")))
+
+    def peak_rss(self) -> dict[str, list[float]]:
+        memory: dict[str, list[float]] = {}
+        for kind in ("model", "crf"):
+            members = self.of_kind(kind)
+            try:
+                memory[kind] = self.ray.get([m.handle.peak_rss_mb.remote() for m in members], timeout=30)
+            except Exception:  # a report field: a node lost at the very end must not fail the run
+                memory[kind] = []
+        return memory
+
+    def close(self) -> None:
+        for member in self.members:
+            with suppress(Exception):  # already gone
+                self.ray.kill(member.handle)
+        self.members.clear()

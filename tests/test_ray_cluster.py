@@ -1,0 +1,173 @@
+"""A real multi-node Ray cluster on this machine (a head and two worker nodes, each its own raylet), jobs
+submitted with `ray job submit --working-dir`, token authentication on: a worker node's raylet SIGKILLed
+mid-run, a driver SIGKILLed mid-run and the job submitted again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.local_cluster import LocalRayCluster, processes_mentioning
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENE_ID = "RGB.byte"
+OPTIONS = ["--tile", "128", "--halo", "32"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
+    # a short root: Ray's socket paths must stay under 107 bytes
+    root = Path(tmp_path_factory.mktemp("rc", numbered=True))
+    with LocalRayCluster(root, workers=[{"cpus": 1}, {"cpus": 1}]) as running:
+        yield running
+    assert running.pids() == [], "every process of every node is stopped"
+    assert not processes_mentioning(str(root)), "nothing of the cluster is left running"
+
+
+def _submit(cluster: LocalRayCluster, scene: Path, model: Path, out: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        f"--address={cluster.dashboard_url}",
+        f"--working-dir={ROOT}",
+        "--",
+        "deeplab",
+        "segment",
+        str(scene),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *OPTIONS,
+    ]
+
+
+def _recorded(out: Path) -> int:
+    ledger = out / ".work" / SCENE_ID / "ledger.jsonl"
+    return len(ledger.read_text().splitlines()) if ledger.exists() else 0
+
+
+def _wait_for_cores(job: subprocess.Popen[bytes], out: Path, count: int, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while _recorded(out) < count and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _recorded(out)
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / SCENE_ID / "report.json").read_text())
+
+
+def _driver_pids(out: Path) -> list[int]:
+    """The job's driver: the `deeplab segment` process writing into ``out`` (not the shell around it)."""
+    drivers = []
+    for pid in processes_mentioning(str(out)):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1].endswith("/deeplab") and argv[2] == "segment":
+            drivers.append(pid)
+    return drivers
+
+
+@pytest.mark.slow
+def test_token_authentication_refuses_a_client_without_the_token(
+    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+) -> None:
+    env = cluster.client_env()
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    run = subprocess.run(
+        [
+            "deeplab",
+            "segment",
+            str(landsat),
+            "--model",
+            str(landcover_model),
+            "--out",
+            str(tmp_path),
+            "--ray-address",
+            cluster.address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert "refused this client" in run.stdout + run.stderr
+    assert "RAY_AUTH_TOKEN" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
+    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+) -> None:
+    env = cluster.client_env()
+    clean = tmp_path / "clean"
+    run = subprocess.run(
+        _submit(cluster, landsat, landcover_model, clean), env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = _report(clean)
+    nodes = report["cluster"]["nodes"]
+    workers_used = [label for label, done in nodes.items() if done.get("model_windows", 0) > 0]
+    assert len(workers_used) == 2, f"cores computed on both worker nodes: {nodes}"
+    assert all(done.get("crf_windows", 0) > 0 for done in nodes.values())
+    assert report["tiles"]["computed"] == sum(d["model_windows"] for d in nodes.values())
+    total = report["tiles"]["computed"]
+
+    # a worker node lost mid-run: its raylet SIGKILLed (its actors go with it)
+    lost_node = tmp_path / "lost-node"
+    job = subprocess.Popen(
+        _submit(cluster, landsat, landcover_model, lost_node),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    at_kill = _wait_for_cores(job, lost_node, 8)
+    assert at_kill < total, "killed mid-run"
+    cluster.kill_raylet("worker1")
+    output = job.communicate(timeout=600)[0].decode(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    report = _report(lost_node)
+    # the node's actors were lost and their windows computed again on the other node
+    assert report["cluster"]["actors_lost"] >= 1, report["cluster"]
+    assert report["cluster"]["windows_retried"] >= 1, report["cluster"]
+    assert report["tiles"]["computed"] == total
+    assert (lost_node / SCENE_ID / "mask.tif").read_bytes() == (clean / SCENE_ID / "mask.tif").read_bytes()
+
+    # the driver lost mid-run (SIGKILL), the job submitted again: it resumes from the ledger
+    lost_driver = tmp_path / "lost-driver"
+    job = subprocess.Popen(
+        _submit(cluster, landsat, landcover_model, lost_driver),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    done_before = _wait_for_cores(job, lost_driver, 6)
+    drivers = _driver_pids(lost_driver)
+    assert drivers, "the job's driver is running"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    job.wait(timeout=300)
+    assert job.returncode != 0, "the job failed with its driver"
+    assert not (lost_driver / SCENE_ID / "mask.tif").exists()
+    run = subprocess.run(
+        _submit(cluster, landsat, landcover_model, lost_driver), env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = _report(lost_driver)
+    assert report["tiles"]["resumed"] >= done_before > 0
+    assert report["tiles"]["computed"] == total - report["tiles"]["resumed"]
+    assert (lost_driver / SCENE_ID / "mask.tif").read_bytes() == (clean / SCENE_ID / "mask.tif").read_bytes()

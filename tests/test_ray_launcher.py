@@ -1,0 +1,157 @@
+"""`ray up` / `ray submit` / `ray down` with the committed local-provider config (infra/ray/local.yaml), for
+real: the launcher reaches the "head" (this machine) over SSH — an sshd in inetd mode behind the config's
+ProxyCommand, with its own keys and a throw-away HOME —, syncs the project with rsync, starts Ray with token
+authentication, runs the segment-scenes flow through infra/ray/segment_flow.py, and tears the cluster down."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.local_cluster import free_port, process_name, processes_mentioning
+
+ROOT = Path(__file__).resolve().parents[1]
+SSHD = Path("/usr/sbin/sshd")
+
+
+def _ray_running() -> list[int]:
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and process_name(int(p.name)) in ("raylet", "gcs_server")
+    ]
+
+
+@pytest.fixture
+def head_over_ssh() -> Iterator[Path]:
+    """A short base folder: sshd config (inetd mode), keys, the head's HOME with the project installed."""
+    missing = [tool for tool in ("ssh", "ssh-keygen", "rsync") if shutil.which(tool) is None]
+    if missing or not SSHD.exists():
+        pytest.skip(f"the local-provider test needs openssh-server and rsync (missing: {missing or 'sshd'})")
+    if _ray_running():
+        pytest.skip(
+            "another Ray cluster runs on this machine: `ray down` runs `ray stop`, which would kill it"
+        )
+    base = Path(tempfile.mkdtemp(prefix="dlr-"))  # short: Ray's socket paths live under it
+    home, client = base / "h", base / "c"
+    for folder in (home / ".ray", client / ".ray", base / "t", base / "tmp"):
+        folder.mkdir(parents=True)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
+    for key in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / key)], check=True)
+    shutil.copy(base / "client.pub", base / "authorized_keys")
+    (base / "sshd_config").write_text(
+        f"HostKey {base / 'host'}\nAuthorizedKeysFile {base / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"SetEnv HOME={home} RAY_TMPDIR={base / 't'}\n"
+    )
+    # The head already has the project installed (its venv); `make install` there finds it up to date.
+    (home / "deeplab-pipeline").mkdir()
+    (home / "deeplab-pipeline" / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    (client / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    try:
+        yield base
+    finally:
+        for pid in processes_mentioning(str(base)):  # the launcher's SSH control masters and their sshd
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _render(base: Path) -> Path:
+    """infra/ray/local.yaml with this test's keys, ProxyCommand, token and free ports."""
+    config = yaml.safe_load((ROOT / "infra" / "ray" / "local.yaml").read_text())
+    name = f"deeplab-test-{secrets.token_hex(3)}"
+    config["cluster_name"] = name
+    config["auth"]["ssh_private_key"] = str(base / "client")
+    config["auth"]["ssh_proxy_command"] = f"{SSHD} -i -f {base / 'sshd_config'}"
+    config["file_mounts"] = {
+        "~/deeplab-pipeline": str(ROOT),
+        "~/.ray/auth_token": str(base / "c" / ".ray" / "auth_token"),
+    }
+    ports = (
+        f"--port={free_port()} --dashboard-port={free_port()} --ray-client-server-port={free_port()} "
+        "--num-cpus=2 "
+    )
+    config["head_start_ray_commands"] = [
+        command.replace("--port=6379 ", ports) for command in config["head_start_ray_commands"]
+    ]
+    assert ports in config["head_start_ray_commands"][0], "the committed config starts the head on 6379"
+    path = base / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_ray_up_submit_down_with_the_local_provider(
+    head_over_ssh: Path, landsat: Path, landcover_model: Path
+) -> None:
+    base = head_over_ssh
+    config = _render(base)
+    ray = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ)
+    env.update(
+        HOME=str(base / "c"),
+        RAY_TMPDIR=str(base / "t"),
+        TMPDIR=str(base / "tmp"),
+        RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+
+    def launcher(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    up = launcher("up", "-y", "--no-config-cache", str(config))
+    cluster_pids: list[int] = []
+    try:
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        cluster_pids = [
+            pid for pid in processes_mentioning(str(base / "t")) if process_name(pid) not in ("ssh", "sshd")
+        ]
+        started = sorted(process_name(pid) for pid in cluster_pids)
+        assert "gcs_server" in started and "raylet" in started, f"ray up started a head: {started}"
+        out = base / "out"
+        submit = launcher(
+            "submit",
+            str(config),
+            str(ROOT / "infra" / "ray" / "segment_flow.py"),
+            "--",
+            str(landsat),
+            "--model",
+            str(landcover_model),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(base / "work"),
+            "--tile",
+            "256",
+            "--no-crf",
+        )
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+        report = json.loads((out / "RGB.byte" / "report.json").read_text())
+        assert report["tiles"]["computed"] > 0
+        assert report["cluster"]["nodes"], "the flow ran on the launched cluster's actors"
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["runs"][-1]["outcome"] == "completed", manifest["runs"][-1]
+    finally:
+        down = launcher("down", "-y", str(config))
+    assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-4000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [pid for pid in cluster_pids if Path(f"/proc/{pid}").exists()]:
+        time.sleep(0.5)
+    left = {pid: process_name(pid) for pid in cluster_pids if Path(f"/proc/{pid}").exists()}
+    assert not left, f"ray down stopped every process of the cluster: {left}"
