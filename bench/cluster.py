@@ -1,13 +1,14 @@
 """Scaling benchmark: one versus two Ray worker nodes, and the per-tile costs behind a cluster estimate.
 
-    python -m bench.cluster [--scene S] [--model M] [--tile 256]
+    python -m bench.cluster [--scene S --model M --tile 128] [--cost-scene S --cost-model M]
 
 Each run brings up a real multi-node cluster on this machine (pipeline.local_cluster: a head with no CPUs,
 N worker nodes of one CPU each, every node pinned to its own physical core as a separate machine would be)
 and runs `deeplab segment --ray-address` on it as a client would. Throughput is taken from the ledger's
 per-core timestamps between the first and the last core (actor start-up excluded) and end to end.
-The same run measures per-tile costs on one core (model forward, dense CRF, the driver's read and write),
-from which bench/reports/cluster.md derives a km²/h estimate for a named GPU cluster.
+The same run measures per-tile costs on one core (model forward, dense CRF, the driver's read and write) of
+512 px cores of the Kampala aerial scene, from which bench/reports/cluster.md derives a km²/h estimate for a
+named GPU cluster.
 Results go to bench/reports/cluster.{json,md}.
 """
 
@@ -32,13 +33,18 @@ from models.checkpoint import load_checkpoint
 from pipeline.grid import model_halo, plan_tiles, read_padded
 from pipeline.ledger import Ledger
 from pipeline.local_cluster import LocalRayCluster
-from pipeline.stage import StagedScene
+from pipeline.sources import describe
+from pipeline.stage import stage_scene
 from pipeline.workers import CRFWorker, ModelWorker, write_core
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
-SCENE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
-MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
+# Scaling runs: the Landsat scene with its nodata collar (35 cores of 128 px, CRF on: about a minute a node).
+SCENE = DATA / "landsat" / "RGB.byte.tif"
+MODEL = ROOT / "models" / "zoo" / "landcover-dubai.safetensors"
+# Per-tile costs for the estimate: 512 px cores of the 7.5 cm aerial scene and its model.
+COST_SCENE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
+COST_MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
 REPORTS = ROOT / "bench" / "reports"
 
 # The paper estimate's cluster, and the one figure this machine cannot measure (no GPU here): the A10G's
@@ -84,16 +90,18 @@ def run_on_cluster(nodes: int, scene: Path, model: Path, work: Path, tile: int) 
 
 
 def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int = 12) -> dict[str, float]:
-    """Seconds per core on one CPU core: model forward (batch 1), dense CRF, driver's read + write."""
+    """Seconds per core on one CPU core: model forward (batch 1), dense CRF, driver's read + write.
+
+    The scene is staged by the engine's own staging; full-size windows only (no edge windows)."""
     torch.set_num_threads(1)
     loaded = load_checkpoint(model)
-    staged_folder = work / "out-1" / ".work" / scene.stem
-    image = StagedScene.open_image(staged_folder)
+    staged = stage_scene(scene, work / "costs" / ".work", tile)
+    image = staged.image()
     height, width = image.shape[1:]
     crf_params = loaded.metadata.crf
     halo = model_halo(loaded.metadata, crf_params.sigma_alpha, tile)
-    tiles = [t for t in plan_tiles(height, width, tile, halo) if t.window[2:] == (tile + 2 * halo,) * 2]
-    tiles = tiles[:samples]
+    full = (tile + 2 * halo, tile + 2 * halo)
+    tiles = [t for t in plan_tiles(height, width, tile, halo) if t.window[2:] == full][:samples]
     model_worker = ModelWorker(str(model), "cpu", 1, amp=False, loaded=loaded)
     crf_worker = CRFWorker()
     windows = [read_padded(image, t) for t in tiles]
@@ -107,7 +115,7 @@ def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int
         for p, w, t in zip(probabilities, windows, tiles, strict=True)
     ]
     crf = (time.perf_counter() - started) / len(windows)
-    ledger_folder = work / "driver-cost"
+    ledger_folder = work / "costs" / "ledger"
     shutil.rmtree(ledger_folder, ignore_errors=True)
     ledger_folder.mkdir(parents=True)
     ledger = Ledger(ledger_folder, "bench", (height, width), tile)
@@ -124,7 +132,9 @@ def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int
         with counter:
             loaded.model(batch)
     return {
+        "tile_px": tile,
         "window_px": int(windows[0].shape[1]),
+        "pixel_size_m": float(describe(scene).pixel_size_m() or 0.0),
         "model_forward_s": round(forward, 4),
         "crf_s": round(crf, 4),
         "driver_read_write_s": round(driver, 4),
@@ -132,7 +142,7 @@ def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int
     }
 
 
-def estimate(costs: dict[str, float], tile: int, pixel_m: float, scaling: float) -> dict[str, Any]:
+def estimate(costs: dict[str, float], scaling: float) -> dict[str, Any]:
     """Cores per hour of the named cluster: the slowest of GPU inference, CRF CPUs and the driver."""
     gpu_s = costs["model_gflops_per_window"] / (GPU_EFFECTIVE_TFLOPS * 1e3)
     rates = {
@@ -140,7 +150,8 @@ def estimate(costs: dict[str, float], tile: int, pixel_m: float, scaling: float)
         "crf": CRF_CORES / costs["crf_s"] * min(1.0, scaling),
         "driver": DRIVERS / costs["driver_read_write_s"],
     }
-    core_km2 = (tile * pixel_m) ** 2 / 1e6
+    pixel_m = costs["pixel_size_m"]
+    core_km2 = (costs["tile_px"] * pixel_m) ** 2 / 1e6
     with_crf = min(rates.values())
     without_crf = min(rates["gpu_inference"], rates["driver"])
     return {
@@ -162,14 +173,16 @@ def main() -> None:
     )
     parser.add_argument("--scene", type=Path, default=SCENE)
     parser.add_argument("--model", type=Path, default=MODEL)
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--cost-scene", type=Path, default=COST_SCENE)
+    parser.add_argument("--cost-model", type=Path, default=COST_MODEL)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deeplab-bench-cluster"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     runs = [run_on_cluster(n, args.scene, args.model, args.work, args.tile) for n in (1, 2)]
     one, two = runs
     scaling = two["cores_per_second_steady"] / one["cores_per_second_steady"]
-    costs = per_tile_costs(args.scene, args.model, args.tile, args.work)
+    costs = per_tile_costs(args.cost_scene, args.cost_model, 512, args.work)
     results = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "scene": args.scene.name,
@@ -180,10 +193,10 @@ def main() -> None:
         "two_over_one_end_to_end": round(
             two["cores_per_second_end_to_end"] / one["cores_per_second_end_to_end"], 3
         ),
+        "cost_scene": args.cost_scene.name,
+        "cost_model": args.cost_model.name,
         "per_tile_costs": costs,
-        "estimate_512": estimate(
-            per_tile_costs(args.scene, args.model, 512, args.work), 512, one["pixel_size_m"], scaling / 2
-        ),
+        "estimate": estimate(costs, scaling / 2),
     }
     REPORTS.mkdir(parents=True, exist_ok=True)
     write_text_atomically(REPORTS / "cluster.json", json.dumps(results, indent=2))
@@ -193,7 +206,7 @@ def main() -> None:
 
 def render(results: dict[str, Any]) -> str:
     one, two = results["runs"]
-    est = results["estimate_512"]
+    est = results["estimate"]
     costs = results["per_tile_costs"]
     lines = [
         "# Cluster benchmark: one versus two worker nodes",
@@ -217,14 +230,16 @@ def render(results: dict[str, Any]) -> str:
         f"Two nodes over one: **{results['two_over_one_steady']}x** steady, "
         f"{results['two_over_one_end_to_end']}x end to end (actor start-up included).",
         "",
-        f"Per-tile costs on one core ({costs['window_px']} px windows): model forward "
+        f"Per-tile costs on one core, {results['cost_scene']} with {results['cost_model']} "
+        f"({costs['tile_px']} px cores, {costs['window_px']} px windows): model forward "
         f"{costs['model_forward_s']} s ({costs['model_gflops_per_window']} GFLOP), dense CRF "
         f"{costs['crf_s']} s, driver read + ledger write {costs['driver_read_write_s']} s.",
         "",
         f"## Estimate: {est['cluster']}",
         "",
-        f"512 px cores at {est['pixel_size_m']:.3g} m/px ({est['km2_per_core']:.5f} km² each). GPU inference "
-        f"assumed at {est['assumed_gpu_effective_tflops']} TFLOP/s effective per A10G "
+        f"{costs['tile_px']} px cores at {est['pixel_size_m']:.3g} m/px "
+        f"({est['km2_per_core']:.5f} km² each). GPU inference assumed at "
+        f"{est['assumed_gpu_effective_tflops']} TFLOP/s effective per A10G "
         f"({est['gpu_seconds_per_window']} s per window; not measured: no GPU here); the CRF and driver "
         "costs are this machine's, per core, scaled by the measured two-node efficiency.",
         "",

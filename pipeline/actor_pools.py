@@ -152,10 +152,12 @@ class ActorPools:
         for node in nodes if place else []:
             if node.node_id in self.placed:
                 continue
-            self.placed[node.node_id] = node
             plan = ActorPlan.for_resources(
                 node.cpus, node.gpus, self.spec.crf is not None, cluster_has_gpus, self.gpus_per_model
             )
+            if plan.model_actors + plan.crf_actors == 0:
+                continue  # nothing fits (yet: a joining node may not have reported its resources)
+            self.placed[node.node_id] = node
             pin = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
             # A crashed actor process restarts in place (same node); a lost node is the engine's to handle.
             common = {

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import DeepLabError
-from pipeline.actor_pools import live_nodes, lost_work_errors
+from pipeline.actor_pools import NodeInfo, live_nodes, lost_work_errors
 
 _PROBE = ".deeplab-storage-probe"
 
@@ -37,38 +37,53 @@ def sees(probe: str, token: str, checkpoint: str, checkpoint_sha256: str) -> lis
     return problems
 
 
-def check_nodes_see(
-    ray: Any, folder: Path, checkpoint: Path, checkpoint_sha256: str, timeout_s: float = 120.0
-) -> None:
-    """Raise naming each node that cannot see ``folder`` or ``checkpoint``; a one-node cluster passes."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class StorageCheck:
+    """Started before the actors, so that it runs while they load their models; ``result()`` raises naming
+    each node that cannot see ``folder`` or ``checkpoint``. A one-node cluster passes at once."""
 
-    nodes = live_nodes(ray)
-    if len(nodes) < 2:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f"{_PROBE}-{secrets.token_hex(4)}"
-    token = secrets.token_hex(16)
-    probe.write_text(token)
-    try:
+    def __init__(
+        self, ray: Any, folder: Path, checkpoint: Path, checkpoint_sha256: str, timeout_s: float = 120.0
+    ) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray, self.timeout_s = ray, timeout_s
+        self.refs: dict[Any, NodeInfo] = {}
+        self.probe: Path | None = None
+        nodes = live_nodes(ray)
+        if len(nodes) < 2:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.probe = folder / f"{_PROBE}-{secrets.token_hex(4)}"
+        token = secrets.token_hex(16)
+        self.probe.write_text(token)
         task = ray.remote(num_cpus=0, max_retries=0)(sees)
-        refs = {
-            task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(
-                str(probe.resolve()), token, str(checkpoint.resolve()), checkpoint_sha256
-            ): n
-            for n in nodes
-        }
-        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        problems = []
-        for ref in ready:
-            with suppress(*lost_work_errors(ray)):  # a node that died meanwhile: no storage fault
-                problems += [f"node {refs[ref].label}: {p}" for p in ray.get(ref)]
-        problems += [f"node {refs[ref].label}: no answer within {timeout_s:.0f} s" for ref in late]
-    finally:
-        probe.unlink(missing_ok=True)
-    if problems:
-        raise DeepLabError(
-            "every Ray node must see the work folder and the checkpoint at the driver's paths "
-            "(put them on storage all nodes mount: NFS, EFS, Filestore, a shared volume): "
-            + "; ".join(problems)
-        )
+        for node in nodes:
+            pinned = task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+            )
+            ref = pinned.remote(
+                str(self.probe.resolve()), token, str(checkpoint.resolve()), checkpoint_sha256
+            )
+            self.refs[ref] = node
+
+    def result(self) -> None:
+        if self.probe is None:
+            return
+        try:
+            ready, late = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=self.timeout_s)
+            problems = []
+            for ref in ready:
+                with suppress(*lost_work_errors(self.ray)):  # a node that died meanwhile: no storage fault
+                    problems += [f"node {self.refs[ref].label}: {p}" for p in self.ray.get(ref)]
+            problems += [
+                f"node {self.refs[ref].label}: no answer within {self.timeout_s:.0f} s" for ref in late
+            ]
+        finally:
+            self.probe.unlink(missing_ok=True)
+            self.probe = None
+        if problems:
+            raise DeepLabError(
+                "every Ray node must see the work folder and the checkpoint at the driver's paths "
+                "(put them on storage all nodes mount: NFS, EFS, Filestore, a shared volume): "
+                + "; ".join(problems)
+            )

@@ -9,7 +9,6 @@ from typing import Literal
 import numpy as np
 
 from models.metadata import CheckpointMetadata
-from models.receptive_field import receptive_radius
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,9 @@ def default_halo(receptive_radius: int, crf_sigma_alpha: float | None, tile: int
 
 def model_halo(metadata: CheckpointMetadata, crf_sigma_alpha: float | None, tile: int) -> int:
     """``default_halo`` for a checkpoint's architecture (the one place that asks for its receptive field)."""
+    # here, not at the top: it builds the model (torch), and the CRF actors import this module
+    from models.receptive_field import receptive_radius
+
     arch_args = tuple(sorted(metadata.arch_args.items()))
     return default_halo(receptive_radius(metadata.architecture, arch_args), crf_sigma_alpha, tile)
 

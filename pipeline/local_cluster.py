@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,6 +71,7 @@ class RayNode:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    gone: bool = False  # stopped or killed on purpose: its exit is no failure
 
     @property
     def pgid(self) -> int:
@@ -150,12 +152,26 @@ class LocalRayCluster:
         args = [f"--address={self.address}", f"--num-cpus={worker['cpus']}"]
         if worker.get("resources"):
             args.append(f"--resources={json.dumps(worker['resources'])}")
-        node = self._start_node(name, args, worker.get("affinity"))
+        node = self._start_node(name, args, worker.get("affinity"), worker.get("hide", []))
         self.nodes.append(node)
         return node
 
-    def _start_node(self, name: str, args: list[str], affinity: list[int] | None = None) -> RayNode:
-        """``affinity``: the CPU cores every process of the node is bound to (a machine of its own)."""
+    def stop_node(self, name: str, grace: float = 20.0) -> None:
+        node = next(n for n in self.nodes if n.name == name)
+        node.gone = True
+        _signal_group(node.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and node.pids():
+            time.sleep(0.5)
+        _signal_group(node.pgid, signal.SIGKILL)
+        node.process.wait(timeout=30)
+
+    def _start_node(
+        self, name: str, args: list[str], affinity: list[int] | None = None, hide: list[str] | None = None
+    ) -> RayNode:
+        """``affinity``: the CPU cores every process of the node is bound to (a machine of its own).
+        ``hide``: folders this node cannot see (an empty tmpfs over each, in a mount namespace of its own),
+        as a machine without the shared storage mounted."""
         ray = Path(sys.executable).parent / "ray"
         log = self.root / f"{name}.log"
         command = [
@@ -167,6 +183,10 @@ class LocalRayCluster:
             "--disable-usage-stats",
             *args,
         ]
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs deeplab-hidden {shlex.quote(p)}" for p in hide)
+            unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"']
+            command = [*unshare, "sh", *command]
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 command,
@@ -194,7 +214,7 @@ class LocalRayCluster:
         seen = -1
         while time.monotonic() < deadline:
             for node in self.nodes:
-                if node.process.poll() is not None:
+                if not node.gone and node.process.poll() is not None:
                     raise RuntimeError(f"Ray node {node.name} exited: see {node.log}")
             try:
                 seen = len(self.alive_nodes())
@@ -211,6 +231,7 @@ class LocalRayCluster:
         pid = node.raylet_pid()
         if pid is None:
             raise RuntimeError(f"node {name} has no raylet running")
+        node.gone = True
         os.kill(pid, signal.SIGKILL)
         return pid
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,12 +138,14 @@ def run_tiles(
     stats: RunStats | None = None,
     gpus_per_model: float = 1.0,
     node_wait_s: float = 120.0,
+    before_work: Callable[[], None] | None = None,
 ) -> int:
     """Compute every core in ``todo`` on actors across the cluster, each written to the ledger when done.
 
     Windows in flight are bounded (``max_in_flight``, else twice what the actors can hold). Work on an actor
     or node that is lost is resubmitted to the remaining ones; the cores written never depend on which node
-    computed them. ``stats`` receives windows per node, losses and each actor's peak RSS.
+    computed them. ``stats`` receives windows per node, losses and each actor's peak RSS. ``before_work`` runs
+    once the first actors are being created, before any window is sent (a check that may refuse the run).
     """
     if not todo:
         return 0
@@ -174,6 +176,9 @@ def run_tiles(
             if time.monotonic() - last_refresh > _REFRESH_S:
                 pools.refresh()
                 last_refresh = time.monotonic()
+            if before_work is not None:
+                before_work()
+                before_work = None
             limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
             while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
                 index = queue.popleft()

@@ -441,12 +441,13 @@ def _compute_on_ray(
     on_core: CoreDone,
     stats: RunStats,
 ) -> int:
-    from pipeline.cluster_storage import check_nodes_see
+    from pipeline.cluster_storage import StorageCheck
     from pipeline.ray_engine import run_tiles
 
+    if not work.todo:
+        return 0
     checkpoint = work.prepared.checkpoint
-    if work.todo:
-        check_nodes_see(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
+    storage = StorageCheck(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
     return run_tiles(
         ray,
         work.staged.image(),
@@ -458,6 +459,7 @@ def _compute_on_ray(
         on_core,
         stats,
         gpus_per_model,
+        before_work=storage.result,
     )
 
 

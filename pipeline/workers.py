@@ -6,13 +6,16 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.checkpoint import LoadedModel
 from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of
 from pipeline.ledger import NODATA_LABEL, Ledger
+
+if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
+    from models.checkpoint import LoadedModel
 
 # Confidence is stored as uint8 0-254 (255 is nodata); the published raster carries the 1/254 scale.
 CONFIDENCE_SCALE = 254.0

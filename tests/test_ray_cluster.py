@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on this machine (a head and two worker nodes, each its own raylet), jobs
-submitted with `ray job submit --working-dir`, token authentication on: a worker node's raylet SIGKILLed
-mid-run, a driver SIGKILLed mid-run and the job submitted again."""
+submitted with `ray job submit --working-dir`, token authentication on: a node joining mid-run, a worker
+node's raylet SIGKILLed mid-run, a driver SIGKILLed mid-run and the job submitted again."""
 
 from __future__ import annotations
 
@@ -107,6 +107,75 @@ def test_token_authentication_refuses_a_client_without_the_token(
     assert run.returncode != 0
     assert "refused this client" in run.stdout + run.stderr
     assert "RAY_AUTH_TOKEN" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_see_the_work_folder_is_named(
+    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+) -> None:
+    """A worker node started without the shared folder (its own mount namespace, an empty tmpfs over it)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is not permitted here (needs CAP_SYS_ADMIN)")
+    cluster.add_worker("blind", {"cpus": 1, "hide": [str(shared)]})
+    try:
+        cluster.wait_for_nodes(4)
+        command = ["deeplab", "segment", str(landsat), "--model", str(landcover_model)]
+        command += ["--out", str(shared / "out"), "--ray-address", cluster.address, *OPTIONS]
+        run = subprocess.run(command, env=cluster.client_env(), capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.stop_node("blind")
+    said = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "every Ray node must see the work folder and the checkpoint" in said, said[-3000:]
+    assert f"cannot read {shared / 'out' / '.work' / SCENE_ID}" in said, said[-3000:]
+    assert said.count("cannot read") == 1, "only the blind node is named"
+    assert not (shared / "out" / SCENE_ID / "mask.tif").exists()
+
+
+@pytest.mark.slow
+def test_actor_pools_follow_nodes_that_join_and_leave(
+    cluster: LocalRayCluster, landcover_model: Path
+) -> None:
+    """What an autoscaler does to a running job: a node added gets actors, a node removed loses them."""
+    probe = subprocess.Popen(
+        [sys.executable, "-m", "tests.pools_probe", cluster.address, str(landcover_model)],
+        cwd=ROOT,
+        env=cluster.client_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert probe.stdin is not None and probe.stdout is not None
+
+    def refresh(until_nodes: int | None = None) -> dict:
+        """Refresh until the actors live on ``until_nodes`` nodes (a joining node's resources and a
+        stopped node's death reach the node table within seconds), at most 60 s."""
+        deadline = time.monotonic() + 60
+        while True:
+            probe.stdin.write("refresh\n")
+            probe.stdin.flush()
+            seen = json.loads(probe.stdout.readline())
+            if until_nodes in (None, len(seen["nodes"])) or time.monotonic() > deadline:
+                return seen
+            time.sleep(2)
+
+    try:
+        first = refresh()
+        assert len(first["nodes"]) == 2, "actors on both worker nodes, none on the CPU-less head"
+        cluster.add_worker("worker3", {"cpus": 1})
+        cluster.wait_for_nodes(4)
+        second = refresh(until_nodes=3)
+        assert len(second["nodes"]) == 3 and set(first["nodes"]) < set(second["nodes"])
+        cluster.stop_node("worker3")
+        cluster.wait_for_nodes(3)
+        third = refresh(until_nodes=2)
+        assert third["nodes"] == first["nodes"] and len(third["lost"]) == 1
+    finally:
+        probe.stdin.close()
+        probe.wait(timeout=120)
+    assert probe.returncode == 0
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ authentication, runs the segment-scenes flow through infra/ray/segment_flow.py, 
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import os
 import secrets
@@ -27,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SSHD = Path("/usr/sbin/sshd")
 
 
+def _missing_tools() -> list[str]:
+    missing = [tool for tool in ("ssh", "ssh-keygen", "rsync") if shutil.which(tool) is None]
+    return missing + ([str(SSHD)] if not SSHD.exists() else [])
+
+
 def _ray_running() -> list[int]:
     return [
         int(p.name)
@@ -38,9 +45,16 @@ def _ray_running() -> list[int]:
 @pytest.fixture
 def head_over_ssh() -> Iterator[Path]:
     """A short base folder: sshd config (inetd mode), keys, the head's HOME with the project installed."""
-    missing = [tool for tool in ("ssh", "ssh-keygen", "rsync") if shutil.which(tool) is None]
-    if missing or not SSHD.exists():
-        pytest.skip(f"the local-provider test needs openssh-server and rsync (missing: {missing or 'sshd'})")
+    missing = _missing_tools()
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        # the Debian packages, as the issue's test setup asks (CI runs as root with the package registries)
+        apt = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=apt, capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server", "rsync"]
+        subprocess.run(install, env=apt, capture_output=True, timeout=600)
+        missing = _missing_tools()
+    if missing:
+        pytest.skip(f"the local-provider test needs openssh-server and rsync (missing: {', '.join(missing)})")
     if _ray_running():
         pytest.skip(
             "another Ray cluster runs on this machine: `ray down` runs `ray stop`, which would kill it"
@@ -58,9 +72,15 @@ def head_over_ssh() -> Iterator[Path]:
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n"
         f"SetEnv HOME={home} RAY_TMPDIR={base / 't'}\n"
     )
-    # The head already has the project installed (its venv); `make install` there finds it up to date.
-    (home / "deeplab-pipeline").mkdir()
-    (home / "deeplab-pipeline" / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    # The head already has the project installed: its venv's parts link to this one's, and its own stamp,
+    # newer than any synced pyproject.toml, lets `make install` there find it up to date (never reinstall
+    # into this checkout's venv through the links).
+    venv, head_venv = Path(sys.executable).parent.parent, home / "deeplab-pipeline" / ".venv"
+    head_venv.mkdir(parents=True)
+    for part in ("bin", "lib", "include", "pyvenv.cfg"):
+        if (venv / part).exists():
+            (head_venv / part).symlink_to(venv / part)
+    (head_venv / ".installed").touch()
     (client / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     try:
         yield base
@@ -71,17 +91,17 @@ def head_over_ssh() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _render(base: Path) -> Path:
+def _render(base: Path) -> tuple[Path, str]:
     """infra/ray/local.yaml with this test's keys, ProxyCommand, token and free ports."""
     config = yaml.safe_load((ROOT / "infra" / "ray" / "local.yaml").read_text())
     name = f"deeplab-test-{secrets.token_hex(3)}"
     config["cluster_name"] = name
     config["auth"]["ssh_private_key"] = str(base / "client")
     config["auth"]["ssh_proxy_command"] = f"{SSHD} -i -f {base / 'sshd_config'}"
-    config["file_mounts"] = {
-        "~/deeplab-pipeline": str(ROOT),
-        "~/.ray/auth_token": str(base / "c" / ".ray" / "auth_token"),
-    }
+    mounts = config["file_mounts"]
+    assert mounts.pop("~/.ray/auth_token") == "~/.ray/auth_token"
+    config["file_mounts"] = {target: str(ROOT / source) for target, source in mounts.items()}
+    config["file_mounts"]["~/.ray/auth_token"] = str(base / "c" / ".ray" / "auth_token")
     ports = (
         f"--port={free_port()} --dashboard-port={free_port()} --ray-client-server-port={free_port()} "
         "--num-cpus=2 "
@@ -92,7 +112,13 @@ def _render(base: Path) -> Path:
     assert ports in config["head_start_ray_commands"][0], "the committed config starts the head on 6379"
     path = base / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
-    return path
+    return path, name
+
+
+def _ssh_control_dir(cluster_name: str) -> Path:
+    """Where the launcher keeps this cluster's SSH control sockets (ray.autoscaler's command runner)."""
+    user = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]
+    return Path("/tmp") / f"ray_ssh_{user}" / hashlib.sha256(cluster_name.encode()).hexdigest()[:10]
 
 
 @pytest.mark.slow
@@ -100,7 +126,9 @@ def test_ray_up_submit_down_with_the_local_provider(
     head_over_ssh: Path, landsat: Path, landcover_model: Path
 ) -> None:
     base = head_over_ssh
-    config = _render(base)
+    config, name = _render(base)
+    control = _ssh_control_dir(name)
+    control_parent_existed = control.parent.exists()
     ray = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ)
     env.update(
@@ -149,6 +177,10 @@ def test_ray_up_submit_down_with_the_local_provider(
         assert manifest["runs"][-1]["outcome"] == "completed", manifest["runs"][-1]
     finally:
         down = launcher("down", "-y", str(config))
+        shutil.rmtree(control, ignore_errors=True)
+        if not control_parent_existed:
+            with suppress(OSError):
+                control.parent.rmdir()
     assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-4000:]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and [pid for pid in cluster_pids if Path(f"/proc/{pid}").exists()]:

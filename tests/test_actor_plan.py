@@ -1,0 +1,61 @@
+"""Actor shapes per node (no Ray needed) and what a node checks of the shared storage."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.actor_pools import ActorPlan, PoolStats
+from pipeline.cluster_storage import sees
+
+
+def test_gpu_node_runs_model_actors_per_gpu_share_and_crf_on_spare_cpus() -> None:
+    plan = ActorPlan.for_resources(cpus=4, gpus=1, crf=True, cluster_has_gpus=True, gpus_per_model=0.5)
+    assert (plan.model_actors, plan.model_gpus) == (2, 0.5)
+    assert plan.crf_actors == 3 and plan.crf_cpus == 1.0
+    whole = ActorPlan.for_resources(cpus=8, gpus=2, crf=False, cluster_has_gpus=True)
+    assert (whole.model_actors, whole.model_gpus, whole.crf_actors) == (2, 1.0, 0)
+
+
+def test_cpu_node_of_a_gpu_cluster_only_refines() -> None:
+    plan = ActorPlan.for_resources(cpus=16, gpus=0, crf=True, cluster_has_gpus=True)
+    assert (plan.model_actors, plan.crf_actors) == (0, 16)
+    assert ActorPlan.for_resources(cpus=16, gpus=0, crf=False, cluster_has_gpus=True).model_actors == 0
+
+
+@pytest.mark.parametrize(
+    ("cpus", "crf", "expected"),
+    [
+        (0, True, (0, 0)),  # a head started with --num-cpus 0 runs drivers only
+        (1, True, (1, 1)),
+        (2, True, (1, 1)),
+        (8, True, (1, 7)),
+        (8, False, (1, 0)),
+    ],
+)
+def test_cpu_cluster_node_shapes(cpus: float, crf: bool, expected: tuple[int, int]) -> None:
+    plan = ActorPlan.for_resources(cpus=cpus, gpus=0, crf=crf)
+    assert (plan.model_actors, plan.crf_actors) == expected
+    requested = plan.model_actors * plan.model_cpus + plan.crf_actors * plan.crf_cpus
+    assert requested <= max(cpus, 0), "the node's actors fit its CPUs"
+
+
+def test_pool_stats_by_node() -> None:
+    stats = PoolStats(windows=Counter({("10.0.0.1 aa", "model"): 3, ("10.0.0.1 aa", "crf"): 2}))
+    assert stats.by_node() == {"10.0.0.1 aa": {"crf_windows": 2, "model_windows": 3}}
+
+
+def test_a_node_reports_what_it_cannot_see(tmp_path: Path) -> None:
+    probe, checkpoint = tmp_path / "probe", tmp_path / "model.safetensors"
+    probe.write_text("token")
+    checkpoint.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert sees(str(probe), "token", str(checkpoint), digest) == []
+    problems = sees(str(probe), "another", str(checkpoint), "0" * 64)
+    assert "holds another probe" in problems[0] and "differs from the driver's" in problems[1]
+    problems = sees(str(tmp_path / "missing" / "probe"), "token", str(tmp_path / "none"), digest)
+    assert problems[0].startswith(f"cannot read {tmp_path / 'missing'}")
+    assert problems[1].startswith(f"cannot read {tmp_path / 'none'}")
