@@ -33,22 +33,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluste
 
 
 def _submit(cluster: LocalRayCluster, scene: Path, model: Path, out: Path) -> list[str]:
-    return [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        f"--address={cluster.dashboard_url}",
-        f"--working-dir={ROOT}",
-        "--",
-        "deeplab",
-        "segment",
-        str(scene),
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        *OPTIONS,
-    ]
+    """`ray job submit --working-dir <checkout> -- deeplab segment ...` against the cluster's dashboard."""
+    ray = str(Path(sys.executable).parent / "ray")
+    job = [ray, "job", "submit", f"--address={cluster.dashboard_url}", f"--working-dir={ROOT}", "--"]
+    return [*job, "deeplab", "segment", str(scene), "--model", str(model), "--out", str(out), *OPTIONS]
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _recorded(out: Path) -> int:
@@ -198,12 +190,7 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
 
     # a worker node lost mid-run: its raylet SIGKILLed (its actors go with it)
     lost_node = tmp_path / "lost-node"
-    job = subprocess.Popen(
-        _submit(cluster, landsat, landcover_model, lost_node),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    job = _start(_submit(cluster, landsat, landcover_model, lost_node), env)
     at_kill = _wait_for_cores(job, lost_node, 8)
     assert at_kill < total, "killed mid-run"
     cluster.kill_raylet("worker1")
@@ -218,18 +205,13 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
 
     # the driver lost mid-run (SIGKILL), the job submitted again: it resumes from the ledger
     lost_driver = tmp_path / "lost-driver"
-    job = subprocess.Popen(
-        _submit(cluster, landsat, landcover_model, lost_driver),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    job = _start(_submit(cluster, landsat, landcover_model, lost_driver), env)
     done_before = _wait_for_cores(job, lost_driver, 6)
     drivers = _driver_pids(lost_driver)
     assert drivers, "the job's driver is running"
     for pid in drivers:
         os.kill(pid, signal.SIGKILL)
-    job.wait(timeout=300)
+    job.communicate(timeout=300)
     assert job.returncode != 0, "the job failed with its driver"
     assert not (lost_driver / SCENE_ID / "mask.tif").exists()
     run = subprocess.run(
