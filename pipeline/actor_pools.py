@@ -14,6 +14,8 @@ from typing import Any
 
 from pipeline.workers import CRFWorker, ModelWorker, WorkSpec
 
+_MAX_REPLACEMENTS_PER_NODE = 2
+
 
 @dataclass(frozen=True)
 class ActorPlan:
@@ -100,6 +102,8 @@ class Member:
     kind: str  # "model" or "crf"
     node: NodeInfo
     load: int = 0
+    answered: Any = None  # the reference of a first call: done once the actor is up
+    ready: bool = False
 
 
 @dataclass
@@ -135,21 +139,27 @@ class ActorPools:
         self.max_restarts = max_restarts
         self.members: list[Member] = []
         self.placed: dict[str, NodeInfo] = {}  # nodes whose actors were created, by id
+        self.plans: dict[str, ActorPlan] = {}
+        self.replacements: list[tuple[NodeInfo, str]] = []  # actors lost, to start again on their node
+        self.replaced: Counter[str] = Counter()
         self.stats = stats if stats is not None else PoolStats()
 
     def refresh(self, place: bool = True) -> None:
-        """Create actors on nodes that joined (unless not ``place``); drop the actors of nodes that died."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+        """Create actors on nodes that joined and replace lost ones on nodes still alive (unless not
+        ``place``); drop the actors of nodes that died."""
         nodes = live_nodes(self.ray)
-        alive = {n.node_id for n in nodes}
+        alive = {n.node_id: n for n in nodes}
         for node_id, node in self.placed.items():
             if node_id not in alive and node.label not in self.stats.nodes_lost:
                 self.stats.nodes_lost.append(node.label)
         for member in [m for m in self.members if m.node.node_id not in alive]:
-            self.drop(member)
+            self.drop(member, replace=False)
+        replacements, self.replacements = self.replacements, []
+        self._note_ready()
+        if not place:
+            return
         cluster_has_gpus = any(n.gpus > 0 for n in nodes)
-        for node in nodes if place else []:
+        for node in nodes:
             if node.node_id in self.placed:
                 continue
             plan = ActorPlan.for_resources(
@@ -158,40 +168,65 @@ class ActorPools:
             if plan.model_actors + plan.crf_actors == 0:
                 continue  # nothing fits (yet: a joining node may not have reported its resources)
             self.placed[node.node_id] = node
-            pin = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-            # A crashed actor process restarts in place (same node); a lost node is the engine's to handle.
-            common = {
-                "scheduling_strategy": pin,
-                "max_restarts": self.max_restarts,
-                "max_task_retries": self.max_restarts,
-            }
-            model_cls = self.ray.remote(ModelWorker).options(
-                num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
-            )
-            for _ in range(plan.model_actors):
-                handle = model_cls.remote(
-                    self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp
+            self.plans[node.node_id] = plan
+            self._start(node, "model", plan.model_actors)
+            self._start(node, "crf", plan.crf_actors if self.spec.crf is not None else 0)
+        # An actor lost on a node that is still alive (its process died twice, it became unreachable) is
+        # replaced there, a bounded number of times: a node whose actors keep dying stops getting new ones.
+        for node, kind in replacements:
+            if node.node_id in alive and self.replaced[node.node_id] < _MAX_REPLACEMENTS_PER_NODE:
+                self.replaced[node.node_id] += 1
+                self._start(node, kind, 1)
+
+    def _start(self, node: NodeInfo, kind: str, count: int) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        plan = self.plans[node.node_id]
+        # A crashed actor process restarts in place (same node); a lost node is the engine's to handle.
+        common = {
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            "max_restarts": self.max_restarts,
+            "max_task_retries": self.max_restarts,
+        }
+        for _ in range(count):
+            if kind == "model":
+                model_cls = self.ray.remote(ModelWorker).options(
+                    num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
                 )
-                self.members.append(Member(handle, "model", node))
-            if self.spec.crf is not None:
-                crf_cls = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common)
-                for _ in range(plan.crf_actors):
-                    self.members.append(Member(crf_cls.remote(), "crf", node))
+                args = (self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp)
+                handle = model_cls.remote(*args)
+            else:
+                handle = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common).remote()
+            self.members.append(Member(handle, kind, node, answered=handle.peak_rss_mb.remote()))
+
+    def _note_ready(self) -> None:
+        waiting = {m.answered: m for m in self.members if not m.ready}
+        if waiting:
+            done, _ = self.ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            for (
+                ref
+            ) in done:  # an actor that failed to start is "ready" too: its first task fails and is redone
+                waiting[ref].ready = True
 
     def of_kind(self, kind: str) -> list[Member]:
         return [m for m in self.members if m.kind == kind]
 
     def least_loaded(self, kind: str, near: NodeInfo | None = None) -> Member | None:
-        """The actor of ``kind`` with the least work, preferring ``near``'s node (no transfer)."""
+        """The actor of ``kind`` with the least work, preferring actors that are up (an actor still starting,
+        perhaps on a node that died unnoticed, takes work only when none is up) and ``near``'s node (no
+        transfer)."""
         candidates = self.of_kind(kind)
         if not candidates:
             return None
-        return min(candidates, key=lambda m: (m.load, near is not None and m.node != near))
+        return min(candidates, key=lambda m: (not m.ready, m.load, near is not None and m.node != near))
 
-    def drop(self, member: Member) -> None:
+    def drop(self, member: Member, replace: bool = True) -> None:
+        """Stop using ``member``; unless its node is gone, the next refresh starts another in its place."""
         if member in self.members:
             self.members.remove(member)
             self.stats.actors_lost += 1
+            if replace:
+                self.replacements.append((member.node, member.kind))
             with suppress(Exception):  # its node may be gone already: nothing left to stop
                 self.ray.kill(member.handle, no_restart=True)
 

@@ -31,19 +31,28 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgid, ...; empty when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def is_live(pid: int) -> bool:
+    """Running, not a zombie (which holds nothing but its exit status)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
 def group_pids(pgid: int) -> list[int]:
-    """Live processes of one process group (zombies excluded: they hold nothing)."""
-    pids = []
+    """Live processes of one process group."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else []
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:  # read once: it may exit meanwhile
+            found.append(int(entry.name))
+    return found
 
 
 def processes_mentioning(text: str) -> list[int]:

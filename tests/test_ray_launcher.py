@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.local_cluster import free_port, process_name, processes_mentioning
+from pipeline.local_cluster import free_port, is_live, process_name, processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 SSHD = Path("/usr/sbin/sshd")
@@ -34,12 +34,21 @@ def _missing_tools() -> list[str]:
     return missing + ([str(SSHD)] if not SSHD.exists() else [])
 
 
-def _ray_running() -> list[int]:
-    return [
-        int(p.name)
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and process_name(int(p.name)) in ("raylet", "gcs_server")
-    ]
+def _ray_running(wait_s: float = 30.0) -> list[int]:
+    """Live raylets and GCS servers on this machine, after waiting a little for a cluster just stopped
+    (an earlier test's) to be gone; zombies, which hold nothing, do not count."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        running = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and process_name(int(p.name)) in ("raylet", "gcs_server")
+            and is_live(int(p.name))
+        ]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(1)
 
 
 @pytest.fixture
@@ -57,7 +66,8 @@ def head_over_ssh() -> Iterator[Path]:
         pytest.skip(f"the local-provider test needs openssh-server and rsync (missing: {', '.join(missing)})")
     if _ray_running():
         pytest.skip(
-            "another Ray cluster runs on this machine: `ray down` runs `ray stop`, which would kill it"
+            f"another Ray cluster runs on this machine (PIDs {_ray_running(0)}): `ray down` runs `ray stop`, "
+            "which would kill it"
         )
     base = Path(tempfile.mkdtemp(prefix="dlr-"))  # short: Ray's socket paths live under it
     home, client = base / "h", base / "c"
