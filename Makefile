@@ -31,8 +31,8 @@ demo: $(STAMP)
 	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips every unchanged scene)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline models flows tests bench
-	$(BIN)/ruff format --check pipeline models flows tests bench
+	$(BIN)/ruff check pipeline models flows tests bench infra
+	$(BIN)/ruff format --check pipeline models flows tests bench infra
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -161,6 +161,13 @@ def run_tiles(
     last_refresh = -1e9
     starved_since: float | None = None
 
+    def lose(member: Member, windows: int) -> None:
+        """An actor (or its node) is gone: stop using it; its ``windows`` are queued again by the caller."""
+        nonlocal last_refresh
+        pools.drop(member)
+        stats.pools.windows_retried += windows
+        last_refresh = -1e9  # find out now whether the node is gone
+
     def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
         nonlocal finished
         write_core(ledger, tile, valid, planes, node=node)
@@ -216,10 +223,8 @@ def run_tiles(
                     try:
                         results = ray.get(ref)
                     except lost:
-                        pools.drop(model_job.member)
+                        lose(model_job.member, len(model_job.windows))
                         queue.appendleft(model_job.batch)
-                        stats.pools.windows_retried += len(model_job.windows)
-                        last_refresh = -1e9  # find out now whether the node is gone
                         continue
                     label = model_job.member.node.label
                     stats.pools.windows[(label, "model")] += len(results)
@@ -236,11 +241,9 @@ def run_tiles(
                     try:
                         planes = ray.get(ref)
                     except lost:
-                        pools.drop(crf_job.member)
+                        lose(crf_job.member, 1)
                         crf_job.member = None
                         crf_waiting.appendleft(crf_job)
-                        stats.pools.windows_retried += 1
-                        last_refresh = -1e9
                         continue
                     label = crf_job.member.node.label
                     stats.pools.windows[(label, "crf")] += 1

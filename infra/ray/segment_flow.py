@@ -1,6 +1,6 @@
-"""Run the segment-scenes Prefect flow on the Ray cluster this script runs on (the head, through `ray submit`).
+"""Run the segment-scenes Prefect flow on the Ray cluster this script runs on (the head, via `ray submit`).
 
-    ray submit infra/ray/local.yaml infra/ray/segment_flow.py -- SCENES... --model M --out DIR [engine options]
+    ray submit infra/ray/local.yaml infra/ray/segment_flow.py -- SCENES... --model M --out DIR [options]
 
 The same arguments as `deeplab run-flow`; the flow joins this cluster (``RAY_ADDRESS``, else ``auto``: the
 cluster started on this machine) and reports to ``PREFECT_API_URL`` if set, else to a Prefect server it
