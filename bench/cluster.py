@@ -30,7 +30,7 @@ import torch
 
 from models.atomic import write_text_atomically
 from models.checkpoint import load_checkpoint
-from pipeline.grid import model_halo, plan_tiles, read_padded
+from pipeline.grid import model_halo, plan_tiles, read_window
 from pipeline.ledger import Ledger
 from pipeline.local_cluster import LocalRayCluster
 from pipeline.sources import describe
@@ -104,7 +104,7 @@ def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int
     tiles = [t for t in plan_tiles(height, width, tile, halo) if t.window[2:] == full][:samples]
     model_worker = ModelWorker(str(model), "cpu", 1, amp=False, loaded=loaded)
     crf_worker = CRFWorker()
-    windows = [read_padded(image, t) for t in tiles]
+    windows = [read_window(image, t) for t in tiles]
     model_worker.predict(windows[:1], (1.0,), "max", True)  # warm-up
     started = time.perf_counter()
     probabilities = [model_worker.predict([w], (1.0,), "max", True)[0] for w in windows]
@@ -121,7 +121,7 @@ def per_tile_costs(scene: Path, model: Path, tile: int, work: Path, samples: int
     ledger = Ledger(ledger_folder, "bench", (height, width), tile)
     started = time.perf_counter()
     for t, p in zip(tiles, planes, strict=True):
-        read_padded(image, t)
+        read_window(image, t)
         write_core(ledger, t, None, p)
     driver = (time.perf_counter() - started) / len(tiles)
     with torch.no_grad():

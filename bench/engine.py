@@ -28,7 +28,7 @@ import torch
 from rasterio.windows import Window
 
 from models.atomic import write_text_atomically
-from pipeline.grid import plan_tiles, read_padded
+from pipeline.grid import plan_tiles, read_window
 from pipeline.stage import StagedScene
 from pipeline.workers import ModelWorker, Work, same_shape_batches
 
@@ -115,7 +115,7 @@ def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, t
     ]
     seconds = 0.0
     for group in same_shape_batches(todo, 4):
-        windows = [read_padded(image, t) for t, _ in group]
+        windows = [read_window(image, t) for t, _ in group]
         started = time.perf_counter()
         worker.predict(windows, (1.0,), "max", False)
         seconds += time.perf_counter() - started

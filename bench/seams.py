@@ -1,7 +1,7 @@
 """Seams: does tiling change predictions? Tiled output against whole-image output and a shifted tiling.
 
-Uses the engine's own pieces (tile plan, reflection-padded windows, the model worker, core cropping), so what
-is measured is what `deeplab segment` does. Run: python -m bench.seams (writes bench/reports/seams.*).
+Uses the engine's own pieces (tile plan, windows clipped to the scene, the model worker, core cropping), so
+what is measured is what `deeplab segment` does. Run: python -m bench.seams (writes bench/reports/seams.*).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
-from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_padded
+from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_window
 from pipeline.workers import ModelWorker, Work, same_shape_batches
 
 BORDER = 16  # px each side of a core border counted as "near a border"
@@ -33,11 +33,11 @@ def predict_tiled(
 ) -> np.ndarray:
     """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px."""
     height, width = image.shape[-2:]
-    tiles = [_shifted(t, shift) for t in plan_tiles(height + shift, width + shift, tile, halo)]
+    tiles = [_shifted(t, shift, height, width) for t in plan_tiles(height + shift, width + shift, tile, halo)]
     todo: list[Work] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
     for group in same_shape_batches(todo, batch):
-        windows = [read_padded(image, t) for t, _ in group]
+        windows = [read_window(image, t) for t, _ in group]
         for (t, _), result in zip(group, worker.predict(windows, (1.0,), "max", False), strict=True):
             labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
                 core_of(result, t)[0]
@@ -45,18 +45,18 @@ def predict_tiled(
     return labels
 
 
-def predict_whole(worker: ModelWorker, image: np.ndarray, halo: int) -> np.ndarray:
-    """One window over the whole scene, padded by the same halo (the engine's padding, no tiling)."""
+def predict_whole(worker: ModelWorker, image: np.ndarray) -> np.ndarray:
+    """One window over the whole scene (windows stop at the scene's edges, so no halo is added)."""
     height, width = image.shape[-2:]
-    return predict_tiled(worker, image, max(height, width), halo, batch=1)
+    return predict_tiled(worker, image, max(height, width), 0, batch=1)
 
 
-def _shifted(tile: Tile, shift: int) -> Tile:
+def _shifted(tile: Tile, shift: int, height: int, width: int) -> Tile:
     """A tile of a grid planned on a (H + shift, W + shift) canvas, moved back by ``shift``, clipped."""
     top, left = tile.core_top - shift, tile.core_left - shift
     bottom, right = top + tile.core_height, left + tile.core_width
     top, left = max(top, 0), max(left, 0)
-    return Tile(tile.row, tile.col, top, left, bottom - top, right - left, tile.halo)
+    return Tile(tile.row, tile.col, top, left, bottom - top, right - left, tile.halo, height, width)
 
 
 def border_mask(height: int, width: int, tile: int, shift: int = 0) -> np.ndarray:
@@ -137,7 +137,7 @@ def measure(loaded: LoadedModel, scene: Path, tile: int = 512) -> dict[str, Any]
     halo = model_halo(loaded.metadata, None, tile)
     worker = worker_for(loaded)
     tiled = predict_tiled(worker, image, tile, halo)
-    whole = compare(tiled, predict_whole(worker, image, halo), valid, tile)
+    whole = compare(tiled, predict_whole(worker, image), valid, tile)
     shifted = compare(tiled, predict_tiled(worker, image, tile, halo, shift=tile // 2), valid, tile)
     return {
         "scene": scene.name,

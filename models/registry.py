@@ -189,6 +189,14 @@ def _build_lite0(decoder: bool) -> Callable[[int, int, int, str], nn.Module]:
     return build
 
 
+def _build_lite0_v2(num_classes: int, in_channels: int, output_stride: int, pretrained: str) -> nn.Module:
+    """DeepLab-v2 ASPP on the compact backbone: no image pooling, so tiles stitch exactly (a trainable v2)."""
+    features = EfficientNetLite0Features(in_channels=in_channels, output_stride=output_stride)
+    if pretrained == "imagenet":
+        load_lite0_imagenet(features)
+    return DeepLab(features, ASPPv2(LITE0_OUT_CHANNELS, num_classes, _v2_rates(output_stride), hidden=None))
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
@@ -231,6 +239,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             8,
             _IMAGENET,
             _largefov_rate,
+        ),
+        Architecture(
+            "deeplabv2_efficientnet_lite0",
+            "DeepLab-v2, EfficientNet-Lite0 (ImageNet weights shipped), ASPP 6/12/18/24 (summed scores)",
+            _build_lite0_v2,
+            16,
+            _LITE,
+            _max_v2_rate,
         ),
         Architecture(
             "deeplabv3_efficientnet_lite0",

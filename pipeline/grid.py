@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -22,17 +21,25 @@ class Tile:
     core_height: int
     core_width: int
     halo: int
+    scene_height: int
+    scene_width: int
 
     @property
     def window(self) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of core + halo; may extend past the scene (padded by reflection)."""
-        return (
-            self.core_top - self.halo,
-            self.core_left - self.halo,
-            self.core_height + 2 * self.halo,
-            self.core_width + 2 * self.halo,
-        )
+        """(top, left, height, width) of core + halo, clipped to the scene.
 
+        Clipped, not padded: at a scene edge the model sees the real edge, as whole-image inference does,
+        instead of reflected pixels that no whole-image pass would see (and edge windows cost less).
+        """
+        top = max(self.core_top - self.halo, 0)
+        left = max(self.core_left - self.halo, 0)
+        bottom = min(self.core_top + self.core_height + self.halo, self.scene_height)
+        right = min(self.core_left + self.core_width + self.halo, self.scene_width)
+        return top, left, bottom - top, right - left
+
+
+# Part of every ledger key: a change to how windows are cut changes results, so old ledgers are not reused.
+PLAN_VERSION = "clipped-windows"
 
 HALO_ALIGN = 32  # a multiple of every output stride: tiles sample the feature grid in phase with the scene
 
@@ -64,38 +71,21 @@ def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
     if tile < 16 or halo < 0:
         raise ValueError(f"tile must be >= 16 and halo >= 0 (got {tile}, {halo})")
     return [
-        Tile(r, c, top, left, min(tile, height - top), min(tile, width - left), halo)
+        Tile(r, c, top, left, min(tile, height - top), min(tile, width - left), halo, height, width)
         for r, top in enumerate(range(0, height, tile))
         for c, left in enumerate(range(0, width, tile))
     ]
 
 
-def read_padded(source: np.ndarray, tile: Tile) -> np.ndarray:
-    """The tile's window from a (bands, H, W) array, reflected where it overhangs the scene."""
+def read_window(source: np.ndarray, tile: Tile) -> np.ndarray:
+    """The tile's window from a (bands, H, W) array (zarr or numpy)."""
     top, left, height, width = tile.window
-    scene_h, scene_w = source.shape[-2:]
-    inner = source[..., max(top, 0) : min(top + height, scene_h), max(left, 0) : min(left + width, scene_w)]
-    return pad_reflect(
-        inner, (max(0, -top), max(0, top + height - scene_h)), (max(0, -left), max(0, left + width - scene_w))
-    )
-
-
-def pad_reflect(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    """Reflect-pad the last two axes; repeats reflection when the pad exceeds the array (tiny scenes)."""
-    while rows[0] or rows[1] or cols[0] or cols[1]:
-        h, w = array.shape[-2:]
-        step_rows = (min(rows[0], h - 1), min(rows[1], h - 1)) if h > 1 else rows
-        step_cols = (min(cols[0], w - 1), min(cols[1], w - 1)) if w > 1 else cols
-        mode: Literal["reflect", "edge"] = "reflect" if h > 1 and w > 1 else "edge"
-        widths = [(0, 0)] * (array.ndim - 2) + [step_rows, step_cols]
-        array = np.pad(array, widths, mode=mode)
-        rows = (rows[0] - step_rows[0], rows[1] - step_rows[1])
-        cols = (cols[0] - step_cols[0], cols[1] - step_cols[1])
-    return array
+    return np.asarray(source[..., top : top + height, left : left + width])
 
 
 def core_of(window_array: np.ndarray, tile: Tile) -> np.ndarray:
     """Crop a window-sized array (…, H, W) back to the tile's core."""
-    return window_array[
-        ..., tile.halo : tile.halo + tile.core_height, tile.halo : tile.halo + tile.core_width
-    ]
+    top, left = tile.window[:2]
+    rows = tile.core_top - top
+    cols = tile.core_left - left
+    return window_array[..., rows : rows + tile.core_height, cols : cols + tile.core_width]

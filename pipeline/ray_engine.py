@@ -23,7 +23,7 @@ import numpy as np
 
 from models.errors import DeepLabError
 from pipeline.actor_pools import ActorPools, Member, NodeInfo, PoolStats, lost_work_errors
-from pipeline.grid import Tile, core_of, read_padded
+from pipeline.grid import Tile, core_of, read_window
 from pipeline.ledger import Ledger
 from pipeline.workers import CoreDone, Work, WorkSpec, same_shape_batches, write_core
 
@@ -189,7 +189,7 @@ def run_tiles(
             limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
             while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
                 index = queue.popleft()
-                windows = [read_padded(image, tile) for tile, _ in batches[index]]
+                windows = [read_window(image, tile) for tile, _ in batches[index]]
                 ref = member.handle.predict.remote(
                     windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence
                 )

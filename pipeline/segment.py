@@ -24,7 +24,7 @@ from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_padded
+from pipeline.grid import PLAN_VERSION, Tile, core_of, model_halo, plan_tiles, read_window
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -232,6 +232,7 @@ def stage_work(
         scales=options.scales,
         fuse=options.fuse,
         scale=plan.check.scale,
+        plan=PLAN_VERSION,
     )
     ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
     valid_store = staged.valid()
@@ -420,7 +421,7 @@ def _compute(
     model = ModelWorker(str(loaded.path), spec.device, None, spec.amp)
     crf = CRFWorker()
     for group in same_shape_batches(todo, spec.batch_size):
-        windows = [read_padded(image, tile) for tile, _ in group]
+        windows = [read_window(image, tile) for tile, _ in group]
         results = model.predict(windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence)
         for (tile, valid), window, result in zip(group, windows, results, strict=True):
             if spec.crf is not None:

@@ -30,7 +30,7 @@ def test_a_model_without_global_context_tiles_like_the_whole_image(
     assert halo == 224  # its receptive field, 209 px, on the 32 px lattice
     worker = worker_for(subject)
     tiled = predict_tiled(worker, image, TILE, halo)
-    whole = predict_whole(worker, image, halo)
+    whole = predict_whole(worker, image)
     shares = np.bincount(whole[valid], minlength=6) / valid.sum()
     assert (shares > 0.05).sum() >= 4, "a non-trivial subject: several classes hold real shares"
     figures = compare(tiled, whole, valid, TILE)
@@ -50,7 +50,7 @@ def test_v3_disagreement_is_little_higher_at_core_borders(kampala: Path, buildin
     halo = model_halo(loaded.metadata, None, TILE)
     worker = worker_for(loaded)
     tiled = predict_tiled(worker, image, TILE, halo)
-    against_whole = compare(tiled, predict_whole(worker, image, halo), valid, TILE)
+    against_whole = compare(tiled, predict_whole(worker, image), valid, TILE)
     against_shifted = compare(tiled, predict_tiled(worker, image, TILE, halo, shift=TILE // 2), valid, TILE)
     assert against_whole.agreement > 0.97
     assert against_whole.excess_at_borders <= 0.015, against_whole

@@ -8,7 +8,7 @@ import pytest
 import rasterio
 
 from pipeline.cli import main
-from pipeline.grid import pad_reflect, plan_tiles
+from pipeline.grid import core_of, plan_tiles
 
 
 def test_plan_covers_the_scene_once() -> None:
@@ -23,11 +23,19 @@ def test_plan_covers_the_scene_once() -> None:
     assert len(tiles) == 4 * 3
 
 
-def test_reflection_padding_handles_pads_larger_than_the_array() -> None:
-    array = np.arange(12).reshape(1, 3, 4)
-    padded = pad_reflect(array, (5, 5), (6, 6))
-    assert padded.shape == (1, 13, 16)
-    np.testing.assert_array_equal(padded[:, 5:8, 6:10], array)
+def test_windows_stay_inside_the_scene_and_crop_back_to_their_cores() -> None:
+    height, width, tile, halo = 1000, 700, 256, 64
+    scene = np.arange(height * width).reshape(1, height, width)
+    for t in plan_tiles(height, width, tile, halo):
+        top, left, win_h, win_w = t.window
+        assert top >= 0 and left >= 0 and top + win_h <= height and left + win_w <= width
+        # a full halo where the scene has room for it, none beyond the scene
+        assert t.core_top - top == min(halo, t.core_top)
+        assert left + win_w - (t.core_left + t.core_width) == min(halo, width - t.core_left - t.core_width)
+        window = scene[:, top : top + win_h, left : left + win_w]
+        core = scene[:, t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width]
+        np.testing.assert_array_equal(core_of(window, t), core)
+    assert plan_tiles(100, 90, 512, 256)[0].window == (0, 0, 100, 90)  # a small scene is one window
 
 
 def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:
