@@ -34,6 +34,8 @@ class Architecture:
     default_output_stride: int
     imagenet_normalisation: tuple[tuple[float, ...], tuple[float, ...]]  # mean, std on the 0-255 scale
     head_rate: Callable[[int], int]  # largest atrous rate of the head at an output stride
+    # An image-pooling branch: every prediction depends on the whole window, so no halo makes tiles exact.
+    global_context: bool = True
 
     def head_reach(self, output_stride: int | None = None) -> int:
         """Half-width in input pixels of the atrous head's field of view (largest rate x output stride)."""
@@ -231,6 +233,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             8,
             _IMAGENET,
             _max_v2_rate,
+            global_context=False,
         ),
         Architecture(
             "deeplab_largefov_vgg16",
@@ -239,6 +242,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             8,
             _IMAGENET,
             _largefov_rate,
+            global_context=False,
         ),
         Architecture(
             "deeplabv2_efficientnet_lite0",
@@ -247,6 +251,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             16,
             _LITE,
             _max_v2_rate,
+            global_context=False,
         ),
         Architecture(
             "deeplabv3_efficientnet_lite0",

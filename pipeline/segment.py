@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -235,10 +235,17 @@ def stage_work(
         plan=PLAN_VERSION,
     )
     ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
-    valid_store = staged.valid()
+    todo, skipped = cores_to_compute(plan.tiles, staged.valid(), ledger.is_done)
+    return StagedWork(prepared, staged, ledger, todo, skipped, ledger.done_count)
+
+
+def cores_to_compute(
+    tiles: list[Tile], valid_store: Any, is_done: Callable[[int, int], bool]
+) -> tuple[list[Work], int]:
+    """The cores still to compute (with a valid mask where partly nodata), and how many are wholly nodata."""
     todo: list[Work] = []
     skipped = 0
-    for tile in plan.tiles:
+    for tile in tiles:
         core_valid = np.asarray(
             valid_store[
                 tile.core_top : tile.core_top + tile.core_height,
@@ -247,9 +254,9 @@ def stage_work(
         )
         if not core_valid.any():
             skipped += 1  # left nodata, never computed
-        elif not ledger.is_done(tile.row, tile.col):
+        elif not is_done(tile.row, tile.col):
             todo.append((tile, None if core_valid.all() else core_valid))
-    return StagedWork(prepared, staged, ledger, todo, skipped, ledger.done_count)
+    return todo, skipped
 
 
 def compute_work(

@@ -63,6 +63,13 @@ def landcover_model() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def buildings_v2_model() -> Path:
+    path = ZOO / "buildings-kampala-v2.safetensors"
+    assert path.exists(), f"the reference model {path} must be committed"
+    return path
+
+
 def kampala_chip(kampala: Path, stem: str = "OAM-1238456-1046532-21") -> tuple[Path, Path]:
     return kampala / "chips" / f"{stem}.tif", kampala / "masks" / f"{stem}.tif"
 

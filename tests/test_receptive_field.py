@@ -34,5 +34,7 @@ def test_largefov_radius_and_the_default_halo() -> None:
     radius = receptive_radius("deeplab_largefov_vgg16", (("in_channels", 3), ("num_classes", 2)))
     assert radius == 209
     assert default_halo(radius, None, 1024) == 224  # rounded up to the 32 px lattice
-    assert default_halo(radius, None, 256) == 128  # capped at half the core
+    assert default_halo(radius, None, 256) == 128  # capped at half the core for models with image pooling
+    assert default_halo(radius, None, 128, global_context=False) == 128  # at the core for models without
+    assert default_halo(649, None, 512, global_context=False) == 512
     assert default_halo(10, 20.0, 512) == 64  # the CRF's 3 σα when it reaches further

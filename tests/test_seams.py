@@ -38,6 +38,27 @@ def test_a_model_without_global_context_tiles_like_the_whole_image(
 
 
 @pytest.mark.slow
+def test_a_trained_v2_aspp_model_tiles_like_the_whole_image(
+    kampala: Path, landsat: Path, buildings_v2_model: Path
+) -> None:
+    """DeepLab-v2 ASPP (summed atrous branches, no image pooling), trained on the Kampala chips: with the
+    default core and halo, tiled output matches whole-image output on both real scenes."""
+    loaded = load_checkpoint(buildings_v2_model)
+    assert loaded.metadata.architecture == "deeplabv2_efficientnet_lite0"
+    halo = model_halo(loaded.metadata, None, TILE)
+    worker = worker_for(loaded)
+    for path in (kampala / "scene" / "kampala_z21_rgb.tif", landsat):
+        with rasterio.open(path) as scene:
+            image = scene.read()
+            valid = scene.dataset_mask() > 0
+        tiled = predict_tiled(worker, image, TILE, halo)
+        whole = predict_whole(worker, image)
+        assert 0.02 < (whole[valid] == 1).mean() < 0.98, "a non-trivial subject: both classes present"
+        figures = compare(tiled, whole, valid, TILE)
+        assert figures.agreement >= 0.995, (path.name, figures)
+
+
+@pytest.mark.slow
 def test_v3_disagreement_is_little_higher_at_core_borders(kampala: Path, buildings_model: Path) -> None:
     """DeepLab-v3's image pooling and wide atrous rates make every prediction depend on the window seen:
     agreement with whole-image output is below 100% everywhere. Measured with the default halo (256 px)

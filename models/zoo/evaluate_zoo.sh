@@ -24,6 +24,14 @@ if [[ "$which" == kampala || "$which" == all ]]; then
     --report "$here/reports/buildings-kampala.held-out-untuned.json" --record-as held_out_not_used_for_crf_tuning
   "$deeplab" card "$model" --attribution "$here/attribution/kampala.md" --out "$here/buildings-kampala.md"
 fi
+if [[ "$which" == kampala-v2 || "$which" == all ]]; then
+  # The seam reference (DeepLab-v2 ASPP): evaluated without CRF tuning, on the same held-out chips.
+  model="$here/buildings-kampala-v2.safetensors"
+  chips="$data/kampala-buildings/chips"; masks="$data/kampala-buildings/masks"
+  "$deeplab" evaluate --model "$model" --images "$chips/OAM-12384[5][6-9]-104653[2-5]-21.tif" --masks "$masks" \
+    --report "$here/reports/buildings-kampala-v2.held-out.json" --record-as held_out
+  "$deeplab" card "$model" --attribution "$here/attribution/kampala.md" --out "$here/buildings-kampala-v2.md"
+fi
 if [[ "$which" == dubai || "$which" == all ]]; then
   model="$here/landcover-dubai.safetensors"
   images="$data/dubai-landcover/images"; masks="$data/dubai-landcover/masks"
