@@ -41,7 +41,7 @@ REPORTS = ROOT / "bench" / "reports"
 
 
 class ReadWindows:
-    """Ray Data task stage: one row per batch of same-shaped cores -> their windows, read from the zarr."""
+    """Ray Data stage (an actor that keeps the zarr store open): a batch of same-shaped cores -> windows."""
 
     def __init__(self, image_folder: str) -> None:
         self.image = StagedScene.open_image(Path(image_folder))
@@ -113,8 +113,11 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 def run_ray_data(
     ray: Any, folder: Path, todo: list[Work], checkpoint: Path, spec: WorkSpec, plan: ActorPlan
 ) -> np.ndarray:
-    """The same cores through a Ray Data pipeline: read (tasks) -> model (actor pool) -> CRF (actor pool)."""
+    """The same cores through a Ray Data pipeline: read -> model -> CRF, each an actor pool."""
     import ray.data
+
+    def pool(size: int) -> Any:
+        return ray.data.ActorPoolStrategy(size=size)
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -124,13 +127,13 @@ def run_ray_data(
     ]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     dataset = dataset.map_batches(
-        ReadWindows, fn_constructor_args=(str(folder),), batch_size=1, concurrency=1, num_cpus=0.1
+        ReadWindows, fn_constructor_args=(str(folder),), batch_size=1, compute=pool(1), num_cpus=0.1
     )
     dataset = dataset.map_batches(
         ModelStage,
         fn_constructor_args=(str(checkpoint), plan.model_threads, spec),
         batch_size=1,
-        concurrency=plan.model_actors,
+        compute=pool(plan.model_actors),
         num_cpus=plan.model_cpus,
     )
     if spec.crf is not None:
@@ -138,7 +141,7 @@ def run_ray_data(
             CRFStage,
             fn_constructor_args=(spec,),
             batch_size=1,
-            concurrency=plan.crf_actors,
+            compute=pool(plan.crf_actors),
             num_cpus=plan.crf_cpus,
         )
     valid_of = {(t.row, t.col): v for t, v in todo}
