@@ -144,7 +144,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
         report = evaluate(
-            loaded, pairs, args.crf, exclude_classes=exclude, on_image=lambda stem: progress.advance(task)
+            loaded,
+            pairs,
+            args.crf,
+            exclude_classes=exclude,
+            on_image=lambda stem: progress.advance(task),
+            scales=tuple(args.scales),
         )
     _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
@@ -426,6 +431,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     evaluate.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
     evaluate.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
     evaluate.add_argument("--report", type=Path, help="write the JSON report here")
+    evaluate.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="multi-scale inputs, fused by max (the paper's)",
+    )
     evaluate.add_argument(
         "--record-as", help="also store the results in the checkpoint's metrics under this name"
     )

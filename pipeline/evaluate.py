@@ -29,13 +29,15 @@ def find_pairs(images: str, masks: str) -> list[Pair]:
     return pair_by_stem(list_files(images, "image"), list_files(masks, "mask"))
 
 
-def predictions(loaded: LoadedModel, pairs: list[Pair]) -> Iterator[Prediction]:
-    """Read and check each pair, then run the model on the whole image."""
+def predictions(
+    loaded: LoadedModel, pairs: list[Pair], scales: tuple[float, ...] = (1.0,)
+) -> Iterator[Prediction]:
+    """Read and check each pair, then run the model on the whole image (at each of ``scales``)."""
     metadata = loaded.metadata
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
-        yield Prediction(pair, image, truth, predict_image(loaded.model, metadata, image))
+        yield Prediction(pair, image, truth, predict_image(loaded.model, metadata, image, scales))
 
 
 def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:
@@ -53,6 +55,7 @@ def evaluate(
     crf_params: CRFParams | None = None,
     exclude_classes: list[str] | None = None,
     on_image: Callable[[str], None] | None = None,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded."""
     metadata = loaded.metadata
@@ -61,14 +64,14 @@ def evaluate(
     plain = SegmentationMetrics(names, metadata.ignore_index)
     refined = SegmentationMetrics(names, metadata.ignore_index)
     params = crf_params or metadata.crf
-    for prediction in predictions(loaded, pairs):
+    for prediction in predictions(loaded, pairs, scales):
         plain.update(prediction.probabilities.argmax(0), prediction.truth)
         if with_crf:
             labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
             refined.update(labels, prediction.truth)
         if on_image:
             on_image(prediction.pair.stem)
-    report: dict[str, Any] = {"no_crf": plain.summary(miou_classes)}
+    report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | {"scales": list(scales)}}
     if with_crf:
         report["crf"] = refined.summary(miou_classes) | {"crf_params": params.model_dump()}
     return report

@@ -69,7 +69,31 @@ def test_evaluate_without_crf_has_no_crf_part(kampala: Path, buildings_model: Pa
         )
         == 0
     )
-    assert set(json.loads(report_path.read_text())) == {"no_crf"}
+    single = json.loads(report_path.read_text())
+    assert set(single) == {"no_crf"} and single["no_crf"]["scales"] == [1.0]
+    # the paper's multi-scale inputs, fused by max: recorded, and they change the predictions
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(buildings_model),
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--scales",
+                "0.75",
+                "1",
+                "--report",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
+    multi = json.loads(report_path.read_text())["no_crf"]
+    assert multi["scales"] == [0.75, 1.0]
+    assert multi["miou"] != single["no_crf"]["miou"] and multi["per_class_iou"]["building"] > 0.3
 
 
 def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(

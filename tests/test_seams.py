@@ -62,8 +62,9 @@ def test_a_trained_v2_aspp_model_tiles_like_the_whole_image(
 def test_v3_disagreement_is_little_higher_at_core_borders(kampala: Path, buildings_model: Path) -> None:
     """DeepLab-v3's image pooling and wide atrous rates make every prediction depend on the window seen:
     agreement with whole-image output is below 100% everywhere. Measured with the default halo (256 px)
-    on this scene: excess at borders 1.25 points against whole-image output and 0.48 against a tiling
-    shifted by half a core (0.93 and 1.05 with a 64 px halo). The bounds guard against regressions."""
+    and windows clipped at the scene's edges: excess at borders 1.06 points against whole-image output and
+    0.74 against a tiling shifted by half a core (with reflection-padded edge windows it was 1.25 and 0.48).
+    The bounds guard against regressions."""
     loaded = load_checkpoint(buildings_model)
     with rasterio.open(kampala / "scene" / "kampala_z21_rgb.tif") as scene:
         image = scene.read()
@@ -73,7 +74,7 @@ def test_v3_disagreement_is_little_higher_at_core_borders(kampala: Path, buildin
     tiled = predict_tiled(worker, image, TILE, halo)
     against_whole = compare(tiled, predict_whole(worker, image), valid, TILE)
     against_shifted = compare(tiled, predict_tiled(worker, image, TILE, halo, shift=TILE // 2), valid, TILE)
-    assert against_whole.agreement > 0.97
-    assert against_whole.excess_at_borders <= 0.015, against_whole
-    assert against_shifted.excess_at_borders <= 0.0075, against_shifted
+    assert against_whole.agreement > 0.975
+    assert against_whole.excess_at_borders <= 0.0125, against_whole
+    assert against_shifted.excess_at_borders <= 0.009, against_shifted
     assert np.isin(tiled[valid], [0, 1]).all()
