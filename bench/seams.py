@@ -23,22 +23,32 @@ from models.inference import normalise
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
 from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_window
-from pipeline.workers import ModelWorker, Work, same_shape_batches
+from pipeline.segment import cores_to_compute
+from pipeline.workers import ModelWorker, Work, context_of, local_context_sums, same_shape_batches
 
 BORDER = 16  # px each side of a core border counted as "near a border"
 
 
 def predict_tiled(
-    worker: ModelWorker, image: np.ndarray, tile: int, halo: int, shift: int = 0, batch: int = 2
+    worker: ModelWorker,
+    image: np.ndarray,
+    tile: int,
+    halo: int,
+    shift: int = 0,
+    batch: int = 2,
+    context: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px."""
+    """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px.
+
+    ``context``: the scene's pooled features for DeepLab-v3's image pooling (``--context scene``)."""
     height, width = image.shape[-2:]
     tiles = [_shifted(t, shift, height, width) for t in plan_tiles(height + shift, width + shift, tile, halo)]
     todo: list[Work] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
     for group in same_shape_batches(todo, batch):
         windows = [read_window(image, t) for t, _ in group]
-        for (t, _), result in zip(group, worker.predict(windows, (1.0,), "max", False), strict=True):
+        results = worker.predict(windows, (1.0,), "max", False, context=context)
+        for (t, _), result in zip(group, results, strict=True):
             labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
                 core_of(result, t)[0]
             )
@@ -49,6 +59,15 @@ def predict_whole(worker: ModelWorker, image: np.ndarray) -> np.ndarray:
     """One window over the whole scene (windows stop at the scene's edges, so no halo is added)."""
     height, width = image.shape[-2:]
     return predict_tiled(worker, image, max(height, width), 0, batch=1)
+
+
+def scene_context(
+    worker: ModelWorker, image: np.ndarray, valid: np.ndarray, tile: int, halo: int
+) -> np.ndarray:
+    """The pooled features ``--context scene`` gives every window: the engine's own pass over the cores."""
+    tiles = plan_tiles(image.shape[-2], image.shape[-1], tile, halo)
+    every_core, _ = cores_to_compute(tiles, valid, lambda row, col: False)
+    return context_of(local_context_sums(worker, image, every_core, 2))
 
 
 def _shifted(tile: Tile, shift: int, height: int, width: int) -> Tile:
@@ -129,19 +148,27 @@ def random_subject(
     return LoadedModel(Centred(model, offset).eval(), subject, Path(f"random-{architecture}"), "random")
 
 
-def measure(loaded: LoadedModel, scene: Path, tile: int = 512) -> dict[str, Any]:
-    """Seam figures of one model on one scene with the engine's default halo (no CRF)."""
+def measure(
+    loaded: LoadedModel, scene: Path, tile: int = 512, with_scene_context: bool = False
+) -> dict[str, Any]:
+    """Seam figures of one model on one scene with the engine's default halo (no CRF).
+
+    ``with_scene_context``: as ``--context scene`` (the scene's pooled features for every window, and the
+    halo that goes with it)."""
     with rasterio.open(scene) as source:
         image = source.read()
         valid = source.dataset_mask() > 0
-    halo = model_halo(loaded.metadata, None, tile)
+    halo = model_halo(loaded.metadata, None, tile, scene_context=with_scene_context)
     worker = worker_for(loaded)
-    tiled = predict_tiled(worker, image, tile, halo)
+    context = scene_context(worker, image, valid, tile, halo) if with_scene_context else None
+    tiled = predict_tiled(worker, image, tile, halo, context=context)
     whole = compare(tiled, predict_whole(worker, image), valid, tile)
-    shifted = compare(tiled, predict_tiled(worker, image, tile, halo, shift=tile // 2), valid, tile)
+    shifted_tiling = predict_tiled(worker, image, tile, halo, shift=tile // 2, context=context)
+    shifted = compare(tiled, shifted_tiling, valid, tile)
     return {
         "scene": scene.name,
         "halo": halo,
+        "context": "scene" if with_scene_context else "window",
         "against_whole_image": asdict(whole) | {"excess_at_borders": whole.excess_at_borders},
         "against_shifted_tiling": asdict(shifted) | {"excess_at_borders": shifted.excess_at_borders},
     }
@@ -158,6 +185,9 @@ def main() -> None:
     for name in ("buildings-kampala", "buildings-kampala-v2", "landcover-dubai"):
         loaded = load_checkpoint(root / "models" / "zoo" / f"{name}.safetensors")
         results["models"][f"{name}.safetensors"] = [measure(loaded, scene) for scene in scenes]
+        if name == "buildings-kampala":  # DeepLab-v3+ with --context scene
+            runs = [measure(loaded, scene, with_scene_context=True) for scene in scenes]
+            results["models"][f"{name}.safetensors, --context scene"] = runs
     metadata = load_checkpoint(root / "models" / "zoo" / "landcover-dubai.safetensors").metadata
     # VGG-16 at output stride 8 costs ~20 CPU-minutes three times over on the Kampala scene: Landsat only.
     for architecture in ("deeplab_largefov_vgg16",):

@@ -317,8 +317,15 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--halo",
         type=int,
-        help="context read around each core, pixels (default: the model head's field of view and 3 σα of "
-        "the CRF, up to a quarter of the core)",
+        help="context read around each core, pixels (default: the model's receptive field and 3 σα of "
+        "the CRF, up to half the core for models with image pooling, else up to the core)",
+    )
+    parser.add_argument(
+        "--context",
+        choices=["window", "scene"],
+        default="window",
+        help="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more model pass; "
+        "tiles then agree where they meet)",
     )
     parser.add_argument("--no-crf", action="store_true")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
@@ -362,6 +369,7 @@ def segment_options(args: argparse.Namespace) -> Any:
     return SegmentOptions(
         tile=args.tile,
         halo=args.halo,
+        context=args.context,
         crf=not args.no_crf,
         scales=tuple(args.scales),
         fuse=args.fuse,

@@ -62,16 +62,27 @@ def default_halo(
     return max(HALO_ALIGN, min(needed, cap))
 
 
-def model_halo(metadata: CheckpointMetadata, crf_sigma_alpha: float | None, tile: int) -> int:
-    """``default_halo`` for a checkpoint's architecture (the one place that asks for its receptive field)."""
+def model_halo(
+    metadata: CheckpointMetadata, crf_sigma_alpha: float | None, tile: int, scene_context: bool = False
+) -> int:
+    """``default_halo`` for a checkpoint's architecture (the one place that asks for its receptive field).
+
+    ``scene_context``: the image pooling gets the scene's vector (``--context scene``), so the windows no
+    longer change it and the model tiles like one without global context."""
     # here, not at the top: it builds the model (torch), and the CRF actors import this module
     from models.receptive_field import receptive_radius
-    from models.registry import get_architecture
 
     arch_args = tuple(sorted(metadata.arch_args.items()))
     radius = receptive_radius(metadata.architecture, arch_args)
-    global_context = get_architecture(metadata.architecture).global_context
+    global_context = has_image_pooling(metadata) and not scene_context
     return default_halo(radius, crf_sigma_alpha, tile, global_context)
+
+
+def has_image_pooling(metadata: CheckpointMetadata) -> bool:
+    """Whether the checkpoint's architecture pools the whole window (DeepLab-v3's image-level branch)."""
+    from models.registry import get_architecture
+
+    return get_architecture(metadata.architecture).global_context
 
 
 def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:

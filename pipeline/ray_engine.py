@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ def run_tiles(
                 index = queue.popleft()
                 windows = [read_window(image, tile) for tile, _ in batches[index]]
                 ref = member.handle.predict.remote(
-                    windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence
+                    windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
                 )
                 member.load += len(windows)
                 model_jobs[ref] = _ModelJob(member, index, windows)
@@ -253,3 +253,65 @@ def run_tiles(
     finally:
         pools.close()
     return len(todo)
+
+
+def scene_context_sums(
+    ray: Any,
+    image: Any,
+    todo: list[Work],
+    checkpoint: Path,
+    spec: WorkSpec,
+    gpus_per_model: float = 1.0,
+    node_wait_s: float = 120.0,
+    before_work: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Pass one of ``--context scene``: every core's pooled-feature sums, on model actors across the cluster.
+
+    A batch lost with its actor or node is sent again; the sums are added in batch order, so the result
+    does not depend on which actor finished first."""
+    lost = lost_work_errors(ray)
+    pools = ActorPools(ray, str(checkpoint), replace(spec, crf=None), gpus_per_model, PoolStats())
+    batches = same_shape_batches(todo, spec.batch_size)
+    queue = deque(range(len(batches)))
+    running: dict[Any, tuple[Member, int]] = {}
+    sums: dict[int, np.ndarray] = {}
+    last_refresh = -1e9
+    starved_since: float | None = None
+    try:
+        while len(sums) < len(batches):
+            if time.monotonic() - last_refresh > _REFRESH_S:
+                pools.refresh()
+                last_refresh = time.monotonic()
+            if before_work is not None:
+                before_work()
+                before_work = None
+            limit = max(pools.capacity(spec.batch_size), spec.batch_size)
+            while queue and len(running) * spec.batch_size < limit and (m := pools.least_loaded("model")):
+                index = queue.popleft()
+                tiles = [tile for tile, _ in batches[index]]
+                ref = m.handle.context_sums.remote([read_window(image, t) for t in tiles], tiles)
+                m.load += len(tiles)
+                running[ref] = (m, index)
+            if not running:
+                starved_since = starved_since or time.monotonic()
+                if time.monotonic() - starved_since > node_wait_s:
+                    raise DeepLabError(
+                        f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)"
+                    )
+                time.sleep(_REFRESH_S)
+                last_refresh = -1e9
+                continue
+            starved_since = None
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_REFRESH_S)
+            for ref in ready:
+                member, index = running.pop(ref)
+                member.load -= len(batches[index])
+                try:
+                    sums[index] = ray.get(ref)
+                except lost:
+                    pools.drop(member)
+                    queue.appendleft(index)
+                    last_refresh = -1e9
+    finally:
+        pools.close()
+    return np.sum([sums[index] for index in range(len(batches))], axis=0)

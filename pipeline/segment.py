@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -24,7 +24,7 @@ from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import PLAN_VERSION, Tile, core_of, model_halo, plan_tiles, read_window
+from pipeline.grid import PLAN_VERSION, Tile, core_of, has_image_pooling, model_halo, plan_tiles, read_window
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -48,6 +48,8 @@ from pipeline.workers import (
     ModelWorker,
     Work,
     WorkSpec,
+    context_of,
+    local_context_sums,
     peak_rss_mb,
     same_shape_batches,
     write_core,
@@ -75,6 +77,9 @@ class SegmentOptions(BaseModel):
     probabilities: bool = False
     vectorize: bool = False
     ome_zarr: bool = Field(False, description="slides: also write the mask as OME-Zarr (NGFF 0.5)")
+    context: Literal["window", "scene"] = Field(
+        "window", description="DeepLab-v3 image pooling over each window, or once over the whole scene"
+    )
 
 
 @dataclass
@@ -144,7 +149,8 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     shape = resampled_shape(scene.height, scene.width, check.scale)
     halo = options.halo
     if halo is None:
-        halo = model_halo(metadata, crf.sigma_alpha if crf else None, options.tile)
+        scene_context = options.context == "scene"
+        halo = model_halo(metadata, crf.sigma_alpha if crf else None, options.tile, scene_context)
     return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
 
 
@@ -233,6 +239,7 @@ def stage_work(
         fuse=options.fuse,
         scale=plan.check.scale,
         plan=PLAN_VERSION,
+        context=options.context if has_image_pooling(prepared.checkpoint.metadata) else "window",
     )
     ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
     todo, skipped = cores_to_compute(plan.tiles, staged.valid(), ledger.is_done)
@@ -281,7 +288,11 @@ def compute_work(
         with_confidence=options.probabilities,
     )
     on_core = progress.cores(name, len(work.todo))
-    if options.engine == "ray" and ray is not None:
+    on_ray = options.engine == "ray" and ray is not None
+    if work.todo and options.context == "scene" and has_image_pooling(prepared.checkpoint.metadata):
+        progress.stage(name, "context", "pooled features of the whole scene")
+        spec = replace(spec, context=_scene_context(work, spec, ray if on_ray else None, options))
+    if on_ray:
         work.cluster = RunStats()
         work.computed = _compute_on_ray(
             ray, work, spec, options.max_in_flight, options.gpus_per_model_actor, on_core, work.cluster
@@ -429,7 +440,9 @@ def _compute(
     crf = CRFWorker()
     for group in same_shape_batches(todo, spec.batch_size):
         windows = [read_window(image, tile) for tile, _ in group]
-        results = model.predict(windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence)
+        results = model.predict(
+            windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
+        )
         for (tile, valid), window, result in zip(group, windows, results, strict=True):
             if spec.crf is not None:
                 planes = crf.refine_core(result, window, spec.crf, spec.input_max, tile, spec.with_confidence)
@@ -438,6 +451,39 @@ def _compute(
             write_core(ledger, tile, valid, planes)
             on_core()
     return len(todo)
+
+
+def _scene_context(work: StagedWork, spec: WorkSpec, ray: Any, options: SegmentOptions) -> np.ndarray:
+    """The scene's pooled features (--context scene) over every valid core, computed once per ledger key.
+
+    Kept beside the ledger: a resumed run reuses it, so its cores see the same vector as the first run's."""
+    path = work.staged.folder / "context.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == work.ledger.key:
+            return np.asarray(saved["context"], dtype=np.float64)
+    every_core, _ = cores_to_compute(work.prepared.plan.tiles, work.staged.valid(), lambda row, col: False)
+    checkpoint = work.prepared.checkpoint
+    if ray is not None:
+        from pipeline.cluster_storage import StorageCheck
+        from pipeline.ray_engine import scene_context_sums
+
+        storage = StorageCheck(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
+        sums = scene_context_sums(
+            ray,
+            work.staged.image(),
+            every_core,
+            checkpoint.path,
+            spec,
+            options.gpus_per_model_actor,
+            before_work=storage.result,
+        )
+    else:
+        model = ModelWorker(str(checkpoint.path), spec.device, None, spec.amp)
+        sums = local_context_sums(model, work.staged.image(), every_core, spec.batch_size)
+    context = context_of(sums)
+    write_text_atomically(path, json.dumps({"key": work.ledger.key, "context": context.tolist()}))
+    return context
 
 
 def _compute_on_ray(
@@ -577,6 +623,7 @@ def _report(
         "tiles": tiles,
         "tile": options.tile,
         "halo": plan.halo,
+        "context": options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
         "model_grid": list(plan.shape),
         "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),
         "class_pixels": {c.name: int(n) for c, n in zip(classes, per_row.sum(0), strict=True)},

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.metadata import CRFParams
-from pipeline.grid import Tile, core_of
+from pipeline.grid import Tile, core_of, read_window
 from pipeline.ledger import NODATA_LABEL, Ledger
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
@@ -33,6 +34,7 @@ class WorkSpec:
     device: str = "auto"
     amp: bool = True
     with_confidence: bool = False
+    context: np.ndarray | None = None  # --context scene: (branches, channels) pooled features of the scene
 
 
 CoreDone = Callable[[], None]  # progress callback, once per finished core
@@ -86,16 +88,22 @@ class ModelWorker(MemoryReporting):
         fuse: str,
         as_probabilities: bool,
         with_confidence: bool = False,
+        context: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """Per window: float16 probabilities (classes, H, W) for the CRF, else ``labels_of`` them."""
+        """Per window: float16 probabilities (classes, H, W) for the CRF, else ``labels_of`` them.
+
+        ``context``: (branches, channels) scene-level pooled features for DeepLab-v3's image pooling."""
         import torch
 
+        from models.context import fixed_context
         from models.inference import normalise, predict_probabilities
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
-        probabilities = predict_probabilities(
-            self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
-        )
+        vectors = [] if context is None else [torch.from_numpy(row).float() for row in context]
+        with fixed_context(self.loaded.model, vectors) if context is not None else nullcontext():
+            probabilities = predict_probabilities(
+                self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
+            )
         if as_probabilities:
             return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
         top, labels = probabilities.max(1)
@@ -103,6 +111,33 @@ class ModelWorker(MemoryReporting):
         if with_confidence:
             planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
         return list(torch.stack(planes, 1).cpu().numpy())
+
+    def context_sums(self, windows: list[np.ndarray], tiles: list[Tile]) -> np.ndarray:
+        """(branches, channels + 1): the features each image-pooling branch averages, summed over the cells
+        of each window's core (last column: the number of cells). Summed over a scene's cores and divided,
+        they give the scene's pooled vector."""
+        import torch
+
+        from models.context import cell_span, pooled_inputs
+        from models.inference import SIZE_MULTIPLE, normalise, predict_probabilities
+
+        batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
+        with pooled_inputs(self.loaded.model) as seen:
+            predict_probabilities(self.loaded.model, batch, amp=self.amp)
+        if not seen:
+            raise ValueError(f"{self.loaded.path}: the model has no image-pooling branch to give a context")
+        padded = [-(-side // SIZE_MULTIPLE) * SIZE_MULTIPLE for side in batch.shape[-2:]]
+        sums = np.zeros((len(seen), seen[0].shape[1] + 1))
+        for branch, features in enumerate(seen):
+            cells_h, cells_w = features.shape[-2:]
+            for index, tile in enumerate(tiles):
+                top, left = tile.window[:2]
+                r0, r1 = cell_span(tile.core_top - top, tile.core_height, padded[0], cells_h)
+                c0, c1 = cell_span(tile.core_left - left, tile.core_width, padded[1], cells_w)
+                core = features[index, :, r0:r1, c0:c1].double()
+                sums[branch, :-1] += core.sum((1, 2)).cpu().numpy()
+                sums[branch, -1] += (r1 - r0) * (c1 - c0)
+        return sums
 
     def device_name(self) -> str:
         return str(self.device)
@@ -123,6 +158,20 @@ class CRFWorker(MemoryReporting):
 
         refined = refine(probabilities.astype(np.float32), window, params, input_max)
         return labels_of(core_of(refined, tile), with_confidence)
+
+
+def context_of(sums: np.ndarray) -> np.ndarray:
+    """Summed ``context_sums`` of a scene's cores -> the scene's (branches, channels) pooled features."""
+    return sums[:, :-1] / np.maximum(sums[:, -1:], 1.0)
+
+
+def local_context_sums(worker: ModelWorker, image: Any, todo: list[Work], batch_size: int) -> np.ndarray:
+    """``context_sums`` over every core of ``todo``, in this process (the local engine, benchmarks, tests)."""
+    parts = [
+        worker.context_sums([read_window(image, t) for t, _ in group], [t for t, _ in group])
+        for group in same_shape_batches(todo, batch_size)
+    ]
+    return np.sum(parts, axis=0)
 
 
 def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:

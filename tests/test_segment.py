@@ -100,3 +100,34 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
     local = tmp_path / "local"
     assert _segment(landsat, buildings_model, local, "--engine", "local") == 0
     assert (local / "RGB.byte" / "mask.tif").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_scene_context_is_computed_once_and_shared_by_both_engines(
+    landsat: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    """``--context scene`` on Ray: a first pass over every core gives the scene's pooled features (kept beside
+    the ledger), then every window uses them; a re-run reuses them, the local engine gives the same bytes."""
+    out = tmp_path / "out"
+    assert _segment(landsat, buildings_model, out, "--no-crf", "--context", "scene") == 0
+    report = json.loads((out / "RGB.byte" / "report.json").read_text())
+    assert report["context"] == "scene" and report["tiles"]["computed"] >= 1
+    saved = json.loads((out / ".work" / "RGB.byte" / "context.json").read_text())
+    context = np.asarray(saved["context"])
+    assert context.shape == (1, 320) and np.isfinite(context).all() and context.any()
+    mask = (out / "RGB.byte" / "mask.tif").read_bytes()
+
+    window = tmp_path / "window"
+    assert _segment(landsat, buildings_model, window, "--no-crf") == 0
+    assert json.loads((window / "RGB.byte" / "report.json").read_text())["context"] == "window"
+    assert (window / "RGB.byte" / "mask.tif").read_bytes() != mask, "the pooled vector changes predictions"
+
+    assert _segment(landsat, buildings_model, out, "--no-crf", "--context", "scene") == 0
+    assert json.loads((out / "RGB.byte" / "report.json").read_text())["tiles"]["computed"] == 0
+    assert (out / "RGB.byte" / "mask.tif").read_bytes() == mask
+
+    local = tmp_path / "local"
+    assert (
+        _segment(landsat, buildings_model, local, "--no-crf", "--context", "scene", "--engine", "local") == 0
+    )
+    assert (local / "RGB.byte" / "mask.tif").read_bytes() == mask
