@@ -126,6 +126,41 @@ class _CRFJob:
     member: Member | None = None
 
 
+class _Upkeep:
+    """What both passes do around their work: look at the cluster every few seconds (nodes join, die), run a
+    one-time check before the first work is sent, and give up when no node can take work for too long."""
+
+    def __init__(self, pools: ActorPools, node_wait_s: float, before_work: Callable[[], None] | None) -> None:
+        self.pools = pools
+        self.node_wait_s = node_wait_s
+        self.before_work = before_work
+        self.last_refresh = -1e9
+        self.starved_since: float | None = None
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last_refresh > _REFRESH_S:
+            self.pools.refresh()
+            self.last_refresh = time.monotonic()
+        if self.before_work is not None:
+            check, self.before_work = self.before_work, None
+            check()
+
+    def look_now(self) -> None:
+        """An actor was lost: find out at the next tick whether its node is gone."""
+        self.last_refresh = -1e9
+
+    def starving(self, why: Callable[[], str]) -> None:
+        """Nothing runs: no actor can take the work until a node joins; wait, or fail after node_wait_s."""
+        self.starved_since = self.starved_since or time.monotonic()
+        if time.monotonic() - self.starved_since > self.node_wait_s:
+            raise DeepLabError(why())
+        time.sleep(_REFRESH_S)
+        self.look_now()
+
+    def working(self) -> None:
+        self.starved_since = None
+
+
 def run_tiles(
     ray: Any,
     image: Any,
@@ -158,15 +193,13 @@ def run_tiles(
     crf_waiting: deque[_CRFJob] = deque()
     crf_jobs: dict[Any, _CRFJob] = {}
     finished = 0
-    last_refresh = -1e9
-    starved_since: float | None = None
+    upkeep = _Upkeep(pools, node_wait_s, before_work)
 
     def lose(member: Member, windows: int) -> None:
         """An actor (or its node) is gone: stop using it; its ``windows`` are queued again by the caller."""
-        nonlocal last_refresh
         pools.drop(member)
         stats.pools.windows_retried += windows
-        last_refresh = -1e9  # find out now whether the node is gone
+        upkeep.look_now()
 
     def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
         nonlocal finished
@@ -180,12 +213,7 @@ def run_tiles(
 
     try:
         while finished < len(todo):
-            if time.monotonic() - last_refresh > _REFRESH_S:
-                pools.refresh()
-                last_refresh = time.monotonic()
-            if before_work is not None:
-                before_work()
-                before_work = None
+            upkeep.tick()
             limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
             while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
                 index = queue.popleft()
@@ -204,17 +232,14 @@ def run_tiles(
                 )
                 crf_jobs[ref] = job
             if not model_jobs and not crf_jobs:
-                # nothing running: no actor can take the work until a node joins
-                starved_since = starved_since or time.monotonic()
-                if time.monotonic() - starved_since > node_wait_s:
-                    raise DeepLabError(
+                upkeep.starving(
+                    lambda: (
                         f"no live Ray node can run the {'CRF' if crf_waiting else 'model'} actors: "
                         f"{len(todo) - finished} cores left after waiting {node_wait_s:.0f} s for a node"
                     )
-                time.sleep(_REFRESH_S)
-                last_refresh = -1e9
+                )
                 continue
-            starved_since = None
+            upkeep.working()
             ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1, timeout=_REFRESH_S)
             for ref in ready:
                 if ref in model_jobs:
@@ -275,16 +300,10 @@ def scene_context_sums(
     queue = deque(range(len(batches)))
     running: dict[Any, tuple[Member, int]] = {}
     sums: dict[int, np.ndarray] = {}
-    last_refresh = -1e9
-    starved_since: float | None = None
+    upkeep = _Upkeep(pools, node_wait_s, before_work)
     try:
         while len(sums) < len(batches):
-            if time.monotonic() - last_refresh > _REFRESH_S:
-                pools.refresh()
-                last_refresh = time.monotonic()
-            if before_work is not None:
-                before_work()
-                before_work = None
+            upkeep.tick()
             limit = max(pools.capacity(spec.batch_size), spec.batch_size)
             while queue and len(running) * spec.batch_size < limit and (m := pools.least_loaded("model")):
                 index = queue.popleft()
@@ -293,15 +312,11 @@ def scene_context_sums(
                 m.load += len(tiles)
                 running[ref] = (m, index)
             if not running:
-                starved_since = starved_since or time.monotonic()
-                if time.monotonic() - starved_since > node_wait_s:
-                    raise DeepLabError(
-                        f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)"
-                    )
-                time.sleep(_REFRESH_S)
-                last_refresh = -1e9
+                upkeep.starving(
+                    lambda: f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)"
+                )
                 continue
-            starved_since = None
+            upkeep.working()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=_REFRESH_S)
             for ref in ready:
                 member, index = running.pop(ref)
@@ -311,7 +326,7 @@ def scene_context_sums(
                 except lost:
                     pools.drop(member)
                     queue.appendleft(index)
-                    last_refresh = -1e9
+                    upkeep.look_now()
     finally:
         pools.close()
     return np.sum([sums[index] for index in range(len(batches))], axis=0)

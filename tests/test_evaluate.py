@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,50 +51,22 @@ def test_evaluate_writes_both_reports(
     assert "boundary F1" in capsys.readouterr().out
 
 
+def _evaluate(model: Path, images: Path, masks: Path, report: Path, *extra: str) -> dict[str, Any]:
+    args = ["evaluate", "--model", str(model), "--images", str(images), "--masks", str(masks)]
+    assert main([*args, "--report", str(report), *extra]) == 0
+    result: dict[str, Any] = json.loads(report.read_text())
+    return result
+
+
 def test_evaluate_without_crf_has_no_crf_part(kampala: Path, buildings_model: Path, tmp_path: Path) -> None:
     images, masks = _held_out(kampala, tmp_path)
-    report_path = tmp_path / "report.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(buildings_model),
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
-                "--report",
-                str(report_path),
-            ]
-        )
-        == 0
-    )
-    single = json.loads(report_path.read_text())
+    single = _evaluate(buildings_model, images, masks, tmp_path / "report.json")
     assert set(single) == {"no_crf"} and single["no_crf"]["scales"] == [1.0]
     # the paper's multi-scale inputs, fused by max: recorded, and they change the predictions
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(buildings_model),
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
-                "--scales",
-                "0.75",
-                "1",
-                "--report",
-                str(report_path),
-            ]
-        )
-        == 0
-    )
-    multi = json.loads(report_path.read_text())["no_crf"]
-    assert multi["scales"] == [0.75, 1.0]
-    assert multi["miou"] != single["no_crf"]["miou"] and multi["per_class_iou"]["building"] > 0.3
+    multi = _evaluate(buildings_model, images, masks, tmp_path / "multi.json", "--scales", "0.75", "1")
+    assert multi["no_crf"]["scales"] == [0.75, 1.0]
+    assert multi["no_crf"]["miou"] != single["no_crf"]["miou"]
+    assert multi["no_crf"]["per_class_iou"]["building"] > 0.3
 
 
 def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
