@@ -117,11 +117,6 @@ def test_scene_context_is_computed_once_and_shared_by_both_engines(
     assert context.shape == (1, 320) and np.isfinite(context).all() and context.any()
     mask = (out / "RGB.byte" / "mask.tif").read_bytes()
 
-    window = tmp_path / "window"
-    assert _segment(landsat, buildings_model, window, "--no-crf") == 0
-    assert json.loads((window / "RGB.byte" / "report.json").read_text())["context"] == "window"
-    assert (window / "RGB.byte" / "mask.tif").read_bytes() != mask, "the pooled vector changes predictions"
-
     assert _segment(landsat, buildings_model, out, "--no-crf", "--context", "scene") == 0
     assert json.loads((out / "RGB.byte" / "report.json").read_text())["tiles"]["computed"] == 0
     assert (out / "RGB.byte" / "mask.tif").read_bytes() == mask
