@@ -184,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         staged = stage_scene(args.scene, work / ".work", args.tile)
         height, width = staged.shape
         halo = model_halo(metadata, crf.sigma_alpha if crf else None, args.tile)
-        todo, skipped = cores_to_compute(
-            plan_tiles(height, width, args.tile, halo), staged.valid(), lambda r, c: False
-        )
+        todo, skipped = cores_to_compute(plan_tiles(height, width, args.tile, halo), staged.valid())
         times: dict[str, list[float]] = {"engine": [], "ray_data": []}
         masks: dict[str, np.ndarray] = {}
         with ray_session(work, num_cpus=cpus) as ray:

@@ -66,7 +66,7 @@ def scene_context(
 ) -> np.ndarray:
     """The pooled features ``--context scene`` gives every window: the engine's own pass over the cores."""
     tiles = plan_tiles(image.shape[-2], image.shape[-1], tile, halo)
-    every_core, _ = cores_to_compute(tiles, valid, lambda row, col: False)
+    every_core, _ = cores_to_compute(tiles, valid)
     return context_of(local_context_sums(worker, image, every_core, 2))
 
 

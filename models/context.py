@@ -23,7 +23,9 @@ def pooling_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def fixed_context(model: nn.Module, vectors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Inside: each pooling layer returns its given (channels,) vector instead of its window's average."""
+    """Inside: each pooling layer returns its given (channels,) vector instead of its window's average.
+
+    ``vectors``: one per pooling layer, e.g. the rows of a (branches, channels) tensor."""
     layers = pooling_layers(model)
     if len(layers) != len(vectors):
         raise ValueError(f"{len(vectors)} context vector(s) given for {len(layers)} pooling branch(es)")

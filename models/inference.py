@@ -69,6 +69,11 @@ def predict_probabilities(
     return torch.softmax(fused[..., :height, :width], dim=1)
 
 
+def padded_size(side: int) -> int:
+    """A window side as the model sees it: rounded up to ``SIZE_MULTIPLE``."""
+    return -(-side // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
 def _pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
     height, width = batch.shape[-2:]
     extra_rows, extra_cols = -height % multiple, -width % multiple

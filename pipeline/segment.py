@@ -239,17 +239,24 @@ def stage_work(
         fuse=options.fuse,
         scale=plan.check.scale,
         plan=PLAN_VERSION,
-        context=options.context if has_image_pooling(prepared.checkpoint.metadata) else "window",
+        context=scene_context_used(options, prepared.checkpoint.metadata),
     )
     ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
     todo, skipped = cores_to_compute(plan.tiles, staged.valid(), ledger.is_done)
     return StagedWork(prepared, staged, ledger, todo, skipped, ledger.done_count)
 
 
+def scene_context_used(options: SegmentOptions, metadata: CheckpointMetadata) -> bool:
+    """``--context scene`` changes anything only for a model with image pooling."""
+    return options.context == "scene" and has_image_pooling(metadata)
+
+
 def cores_to_compute(
-    tiles: list[Tile], valid_store: Any, is_done: Callable[[int, int], bool]
+    tiles: list[Tile], valid_store: Any, is_done: Callable[[int, int], bool] | None = None
 ) -> tuple[list[Work], int]:
-    """The cores still to compute (with a valid mask where partly nodata), and how many are wholly nodata."""
+    """The cores still to compute (with a valid mask where partly nodata), and how many are wholly nodata.
+
+    Without ``is_done``: every core with a valid pixel."""
     todo: list[Work] = []
     skipped = 0
     for tile in tiles:
@@ -261,7 +268,7 @@ def cores_to_compute(
         )
         if not core_valid.any():
             skipped += 1  # left nodata, never computed
-        elif not is_done(tile.row, tile.col):
+        elif is_done is None or not is_done(tile.row, tile.col):
             todo.append((tile, None if core_valid.all() else core_valid))
     return todo, skipped
 
@@ -289,7 +296,7 @@ def compute_work(
     )
     on_core = progress.cores(name, len(work.todo))
     on_ray = options.engine == "ray" and ray is not None
-    if work.todo and options.context == "scene" and has_image_pooling(prepared.checkpoint.metadata):
+    if work.todo and scene_context_used(options, prepared.checkpoint.metadata):
         progress.stage(name, "context", "pooled features of the whole scene")
         spec = replace(spec, context=_scene_context(work, spec, ray if on_ray else None, options))
     if on_ray:
@@ -462,7 +469,7 @@ def _scene_context(work: StagedWork, spec: WorkSpec, ray: Any, options: SegmentO
         saved = json.loads(path.read_text())
         if saved.get("key") == work.ledger.key:
             return np.asarray(saved["context"], dtype=np.float64)
-    every_core, _ = cores_to_compute(work.prepared.plan.tiles, work.staged.valid(), lambda row, col: False)
+    every_core, _ = cores_to_compute(work.prepared.plan.tiles, work.staged.valid())
     checkpoint = work.prepared.checkpoint
     if ray is not None:
         from pipeline.cluster_storage import StorageCheck

@@ -99,8 +99,12 @@ class ModelWorker(MemoryReporting):
         from models.inference import normalise, predict_probabilities
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
-        vectors = [] if context is None else [torch.from_numpy(row).float() for row in context]
-        with fixed_context(self.loaded.model, vectors) if context is not None else nullcontext():
+        scope = (
+            nullcontext()
+            if context is None
+            else fixed_context(self.loaded.model, list(torch.from_numpy(context)))
+        )
+        with scope:
             probabilities = predict_probabilities(
                 self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
             )
@@ -119,14 +123,14 @@ class ModelWorker(MemoryReporting):
         import torch
 
         from models.context import cell_span, pooled_inputs
-        from models.inference import SIZE_MULTIPLE, normalise, predict_probabilities
+        from models.inference import normalise, padded_size, predict_probabilities
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
         with pooled_inputs(self.loaded.model) as seen:
             predict_probabilities(self.loaded.model, batch, amp=self.amp)
         if not seen:
             raise ValueError(f"{self.loaded.path}: the model has no image-pooling branch to give a context")
-        padded = [-(-side // SIZE_MULTIPLE) * SIZE_MULTIPLE for side in batch.shape[-2:]]
+        padded = [padded_size(side) for side in batch.shape[-2:]]
         sums = np.zeros((len(seen), seen[0].shape[1] + 1))
         for branch, features in enumerate(seen):
             cells_h, cells_w = features.shape[-2:]
