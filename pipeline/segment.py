@@ -296,16 +296,19 @@ def compute_work(
     )
     on_core = progress.cores(name, len(work.todo))
     on_ray = options.engine == "ray" and ray is not None
+    # the local engine's one model, for the context pass and the cores alike
+    model = None if on_ray else ModelWorker(str(prepared.checkpoint.path), spec.device, None, spec.amp)
     if work.todo and scene_context_used(options, prepared.checkpoint.metadata):
         progress.stage(name, "context", "pooled features of the whole scene")
-        spec = replace(spec, context=_scene_context(work, spec, ray if on_ray else None, options))
+        spec = replace(spec, context=_scene_context(work, spec, ray if on_ray else None, model, options))
     if on_ray:
         work.cluster = RunStats()
         work.computed = _compute_on_ray(
             ray, work, spec, options.max_in_flight, options.gpus_per_model_actor, on_core, work.cluster
         )
     else:
-        work.computed = _compute(work.staged, prepared.checkpoint, work.ledger, work.todo, spec, on_core)
+        assert model is not None
+        work.computed = _compute(work.staged, model, work.ledger, work.todo, spec, on_core)
     prepared.timings["segment"] = time.perf_counter() - clock
     return work
 
@@ -435,7 +438,7 @@ def _on_source_grid(array: Any, scene: Scene, plan: ScenePlan) -> Any:
 
 def _compute(
     staged: StagedScene,
-    loaded: CheckpointInfo,
+    model: ModelWorker,
     ledger: Ledger,
     todo: list[Work],
     spec: WorkSpec,
@@ -443,7 +446,6 @@ def _compute(
 ) -> int:
     """The local engine: the Ray engine's workers, called in this process."""
     image = staged.image()
-    model = ModelWorker(str(loaded.path), spec.device, None, spec.amp)
     crf = CRFWorker()
     for group in same_shape_batches(todo, spec.batch_size):
         windows = [read_window(image, tile) for tile, _ in group]
@@ -460,7 +462,9 @@ def _compute(
     return len(todo)
 
 
-def _scene_context(work: StagedWork, spec: WorkSpec, ray: Any, options: SegmentOptions) -> np.ndarray:
+def _scene_context(
+    work: StagedWork, spec: WorkSpec, ray: Any, model: ModelWorker | None, options: SegmentOptions
+) -> np.ndarray:
     """The scene's pooled features (--context scene) over every valid core, computed once per ledger key.
 
     Kept beside the ledger: a resumed run reuses it, so its cores see the same vector as the first run's."""
@@ -486,7 +490,7 @@ def _scene_context(work: StagedWork, spec: WorkSpec, ray: Any, options: SegmentO
             before_work=storage.result,
         )
     else:
-        model = ModelWorker(str(checkpoint.path), spec.device, None, spec.amp)
+        assert model is not None  # the local engine's
         sums = local_context_sums(model, work.staged.image(), every_core, spec.batch_size)
     context = context_of(sums)
     write_text_atomically(path, json.dumps({"key": work.ledger.key, "context": context.tolist()}))
