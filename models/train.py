@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -56,6 +56,13 @@ class TrainConfig(BaseModel):
     val_every: int = Field(1, ge=1)
     pixel_size_m: float | None = None
     init_from: str | None = Field(None, description="fine-tune from this checkpoint (same architecture)")
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"scale range must be 0 < low <= high (got {value[0]} {value[1]})")
+        return value
 
 
 @dataclass

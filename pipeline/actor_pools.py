@@ -57,6 +57,13 @@ class ActorPlan:
         crf_actors = max(1, int(cpus) - 1) if cpus >= 3 else 1
         return cls(1, crf_actors, 0.5, 0.5 if cpus < 3 else 1.0, 0.0, max(1, int(cpus) // 2))
 
+    def threads_without_crf(self, cpus: float) -> int:
+        """Torch threads of a model actor while the node's CRF actors have nothing to do (the scene-context
+        pass): on a CPU node the model actors share all its CPUs; a GPU actor keeps its one thread."""
+        if self.model_gpus > 0 or self.model_actors == 0:
+            return self.model_threads
+        return max(self.model_threads, int(cpus) // self.model_actors)
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -111,6 +118,7 @@ class PoolStats:
     """What the pools saw: windows per node and kind, actors lost, windows computed again."""
 
     windows: Counter[tuple[str, str]] = field(default_factory=Counter)
+    actors_started: Counter[str] = field(default_factory=Counter)  # by kind: loads of the model, replacements
     actors_lost: int = 0
     windows_retried: int = 0
     nodes_lost: list[str] = field(default_factory=list)
@@ -198,6 +206,7 @@ class ActorPools:
             else:
                 handle = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common).remote()
             self.members.append(Member(handle, kind, node, answered=handle.peak_rss_mb.remote()))
+            self.stats.actors_started[kind] += 1
 
     def _note_ready(self) -> None:
         waiting = {m.answered: m for m in self.members if not m.ready}
@@ -229,6 +238,11 @@ class ActorPools:
                 self.replacements.append((member.node, member.kind))
             with suppress(Exception):  # its node may be gone already: nothing left to stop
                 self.ray.kill(member.handle, no_restart=True)
+
+    def context_threads(self, member: Member) -> int:
+        """Threads for a model actor while the CRF actors wait (the scene-context pass): on a CPU node its
+        share of all the node's CPUs, not only of those it keeps beside the CRF actors."""
+        return self.plans[member.node.node_id].threads_without_crf(member.node.cpus)
 
     def capacity(self, batch_size: int) -> int:
         """Windows in flight that keep every actor busy with one more queued: bounded object-store use."""

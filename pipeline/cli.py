@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -92,6 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             else None
         ),
         crop_size=args.crop_size,
+        scale_range=tuple(args.scale_range),
+        colour_jitter=args.colour_jitter,
         batch_size=args.batch_size,
         epochs=args.epochs,
         optimizer=args.optimizer,
@@ -416,6 +419,15 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     train.add_argument("--pretrained", choices=["none", "imagenet"], default="imagenet")
     train.add_argument("--output-stride", type=int, choices=[8, 16])
     train.add_argument("--crop-size", type=int, default=256)
+    train.add_argument(
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=[0.75, 1.25],
+        metavar=("LOW", "HIGH"),
+        help="random scaling of each crop (the DeepLab papers use 0.5 2.0)",
+    )
+    train.add_argument("--colour-jitter", type=float, default=0.2, help="brightness/contrast jitter")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
@@ -523,6 +535,11 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         return handler(args)
     except DeepLabError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except ValidationError as exc:  # an option out of range: one line per problem, named as typed
+        for problem in exc.errors():
+            option = "--" + str(problem["loc"][0]).replace("_", "-")
+            console.print(f"[red]error:[/red] {option}: {problem['msg']}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

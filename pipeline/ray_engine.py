@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class RunStats:
         return {
             "nodes": self.pools.by_node(),
             "nodes_lost": self.pools.nodes_lost,
+            "actors_started": dict(sorted(self.pools.actors_started.items())),
             "actors_lost": self.pools.actors_lost,
             "windows_retried": self.pools.windows_retried,
         }
@@ -174,6 +175,7 @@ def run_tiles(
     gpus_per_model: float = 1.0,
     node_wait_s: float = 120.0,
     before_work: Callable[[], None] | None = None,
+    pools: ActorPools | None = None,
 ) -> int:
     """Compute every core in ``todo`` on actors across the cluster, each written to the ledger when done.
 
@@ -181,12 +183,28 @@ def run_tiles(
     or node that is lost is resubmitted to the remaining ones; the cores written never depend on which node
     computed them. ``stats`` receives windows per node, losses and each actor's peak RSS. ``before_work`` runs
     once the first actors are being created, before any window is sent (a check that may refuse the run).
+    ``pools``: actors the caller started (``actor_pools``), left running; else the run starts its own.
     """
     if not todo:
         return 0
     stats = stats if stats is not None else RunStats()
+    if pools is None:
+        with actor_pools(ray, checkpoint, spec, gpus_per_model, stats.pools) as own:
+            return run_tiles(
+                ray,
+                image,
+                todo,
+                ledger,
+                checkpoint,
+                spec,
+                max_in_flight,
+                on_core,
+                stats,
+                node_wait_s=node_wait_s,
+                before_work=before_work,
+                pools=own,
+            )
     lost = lost_work_errors(ray)
-    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats.pools)
     batches = same_shape_batches(todo, spec.batch_size)
     queue = deque(range(len(batches)))
     model_jobs: dict[Any, _ModelJob] = {}
@@ -211,72 +229,69 @@ def run_tiles(
     def in_flight() -> int:
         return sum(len(j.windows) for j in model_jobs.values()) + len(crf_jobs) + len(crf_waiting)
 
-    try:
-        while finished < len(todo):
-            upkeep.tick()
-            limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
-            while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
-                index = queue.popleft()
-                windows = [read_window(image, tile) for tile, _ in batches[index]]
-                ref = member.handle.predict.remote(
-                    windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
+    while finished < len(todo):
+        upkeep.tick()
+        limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
+        while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
+            index = queue.popleft()
+            windows = [read_window(image, tile) for tile, _ in batches[index]]
+            ref = member.handle.predict.remote(
+                windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
+            )
+            member.load += len(windows)
+            model_jobs[ref] = _ModelJob(member, index, windows)
+        while crf_waiting and (member := pools.least_loaded("crf", crf_waiting[0].near)) is not None:
+            job = crf_waiting.popleft()
+            job.member = member
+            member.load += 1
+            ref = member.handle.refine_core.remote(
+                job.probabilities, job.window, spec.crf, spec.input_max, job.tile, spec.with_confidence
+            )
+            crf_jobs[ref] = job
+        if not model_jobs and not crf_jobs:
+            upkeep.starving(
+                lambda: (
+                    f"no live Ray node can run the {'CRF' if crf_waiting else 'model'} actors: "
+                    f"{len(todo) - finished} cores left after waiting {node_wait_s:.0f} s for a node"
                 )
-                member.load += len(windows)
-                model_jobs[ref] = _ModelJob(member, index, windows)
-            while crf_waiting and (member := pools.least_loaded("crf", crf_waiting[0].near)) is not None:
-                job = crf_waiting.popleft()
-                job.member = member
-                member.load += 1
-                ref = member.handle.refine_core.remote(
-                    job.probabilities, job.window, spec.crf, spec.input_max, job.tile, spec.with_confidence
-                )
-                crf_jobs[ref] = job
-            if not model_jobs and not crf_jobs:
-                upkeep.starving(
-                    lambda: (
-                        f"no live Ray node can run the {'CRF' if crf_waiting else 'model'} actors: "
-                        f"{len(todo) - finished} cores left after waiting {node_wait_s:.0f} s for a node"
-                    )
-                )
-                continue
-            upkeep.working()
-            ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1, timeout=_REFRESH_S)
-            for ref in ready:
-                if ref in model_jobs:
-                    model_job = model_jobs.pop(ref)
-                    model_job.member.load -= len(model_job.windows)
-                    try:
-                        results = ray.get(ref)
-                    except lost:
-                        lose(model_job.member, len(model_job.windows))
-                        queue.appendleft(model_job.batch)
-                        continue
-                    label = model_job.member.node.label
-                    stats.pools.windows[(label, "model")] += len(results)
-                    group = batches[model_job.batch]
-                    for (tile, valid), window, result in zip(group, model_job.windows, results, strict=True):
-                        if spec.crf is not None:
-                            crf_waiting.append(_CRFJob(tile, valid, result, window, model_job.member.node))
-                        else:
-                            done(tile, valid, core_of(result, tile), label)
-                else:
-                    crf_job = crf_jobs.pop(ref)
-                    assert crf_job.member is not None
-                    crf_job.member.load -= 1
-                    try:
-                        planes = ray.get(ref)
-                    except lost:
-                        lose(crf_job.member, 1)
-                        crf_job.member = None
-                        crf_waiting.appendleft(crf_job)
-                        continue
-                    label = crf_job.member.node.label
-                    stats.pools.windows[(label, "crf")] += 1
-                    done(crf_job.tile, crf_job.valid, planes, label)
-        stats.actor_memory = pools.peak_rss()
-        pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
-    finally:
-        pools.close()
+            )
+            continue
+        upkeep.working()
+        ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1, timeout=_REFRESH_S)
+        for ref in ready:
+            if ref in model_jobs:
+                model_job = model_jobs.pop(ref)
+                model_job.member.load -= len(model_job.windows)
+                try:
+                    results = ray.get(ref)
+                except lost:
+                    lose(model_job.member, len(model_job.windows))
+                    queue.appendleft(model_job.batch)
+                    continue
+                label = model_job.member.node.label
+                stats.pools.windows[(label, "model")] += len(results)
+                group = batches[model_job.batch]
+                for (tile, valid), window, result in zip(group, model_job.windows, results, strict=True):
+                    if spec.crf is not None:
+                        crf_waiting.append(_CRFJob(tile, valid, result, window, model_job.member.node))
+                    else:
+                        done(tile, valid, core_of(result, tile), label)
+            else:
+                crf_job = crf_jobs.pop(ref)
+                assert crf_job.member is not None
+                crf_job.member.load -= 1
+                try:
+                    planes = ray.get(ref)
+                except lost:
+                    lose(crf_job.member, 1)
+                    crf_job.member = None
+                    crf_waiting.appendleft(crf_job)
+                    continue
+                label = crf_job.member.node.label
+                stats.pools.windows[(label, "crf")] += 1
+                done(crf_job.tile, crf_job.valid, planes, label)
+    stats.actor_memory = pools.peak_rss()
+    pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
     return len(todo)
 
 
@@ -284,49 +299,57 @@ def scene_context_sums(
     ray: Any,
     image: Any,
     todo: list[Work],
-    checkpoint: Path,
-    spec: WorkSpec,
-    gpus_per_model: float = 1.0,
+    pools: ActorPools,
     node_wait_s: float = 120.0,
     before_work: Callable[[], None] | None = None,
 ) -> np.ndarray:
-    """Pass one of ``--context scene``: every core's pooled-feature sums, on model actors across the cluster.
+    """Pass one of ``--context scene``: every core's pooled-feature sums, on the model actors of ``pools``
+    (those of pass two: each loads its model once). The CRF actors wait meanwhile, so each model actor may
+    use its node's CPUs (``ActorPools.context_threads``).
 
     A batch lost with its actor or node is sent again; the sums are added in batch order, so the result
     does not depend on which actor finished first."""
     lost = lost_work_errors(ray)
-    pools = ActorPools(ray, str(checkpoint), replace(spec, crf=None), gpus_per_model, PoolStats())
-    batches = same_shape_batches(todo, spec.batch_size)
+    batch_size = pools.spec.batch_size
+    batches = same_shape_batches(todo, batch_size)
     queue = deque(range(len(batches)))
     running: dict[Any, tuple[Member, int]] = {}
     sums: dict[int, np.ndarray] = {}
     upkeep = _Upkeep(pools, node_wait_s, before_work)
+    while len(sums) < len(batches):
+        upkeep.tick()
+        limit = max(pools.capacity(batch_size), batch_size)
+        while queue and len(running) * batch_size < limit and (m := pools.least_loaded("model")):
+            index = queue.popleft()
+            tiles = [tile for tile, _ in batches[index]]
+            windows = [read_window(image, t) for t in tiles]
+            ref = m.handle.context_sums.remote(windows, tiles, pools.context_threads(m))
+            m.load += len(tiles)
+            running[ref] = (m, index)
+        if not running:
+            upkeep.starving(lambda: f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)")
+            continue
+        upkeep.working()
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=_REFRESH_S)
+        for ref in ready:
+            member, index = running.pop(ref)
+            member.load -= len(batches[index])
+            try:
+                sums[index] = ray.get(ref)
+            except lost:
+                pools.drop(member)
+                queue.appendleft(index)
+                upkeep.look_now()
+    return np.sum([sums[index] for index in range(len(batches))], axis=0)
+
+
+@contextmanager
+def actor_pools(
+    ray: Any, checkpoint: Path, spec: WorkSpec, gpus_per_model: float = 1.0, stats: PoolStats | None = None
+) -> Iterator[ActorPools]:
+    """Model and CRF actors for one scene's passes (started as the cluster allows), stopped at the end."""
+    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats)
     try:
-        while len(sums) < len(batches):
-            upkeep.tick()
-            limit = max(pools.capacity(spec.batch_size), spec.batch_size)
-            while queue and len(running) * spec.batch_size < limit and (m := pools.least_loaded("model")):
-                index = queue.popleft()
-                tiles = [tile for tile, _ in batches[index]]
-                ref = m.handle.context_sums.remote([read_window(image, t) for t in tiles], tiles)
-                m.load += len(tiles)
-                running[ref] = (m, index)
-            if not running:
-                upkeep.starving(
-                    lambda: f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)"
-                )
-                continue
-            upkeep.working()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=_REFRESH_S)
-            for ref in ready:
-                member, index = running.pop(ref)
-                member.load -= len(batches[index])
-                try:
-                    sums[index] = ray.get(ref)
-                except lost:
-                    pools.drop(member)
-                    queue.appendleft(index)
-                    upkeep.look_now()
+        yield pools
     finally:
         pools.close()
-    return np.sum([sums[index] for index in range(len(batches))], axis=0)

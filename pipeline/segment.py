@@ -295,20 +295,14 @@ def compute_work(
         with_confidence=options.probabilities,
     )
     on_core = progress.cores(name, len(work.todo))
-    on_ray = options.engine == "ray" and ray is not None
-    # the local engine's one model, for the context pass and the cores alike
-    model = None if on_ray else ModelWorker(str(prepared.checkpoint.path), spec.device, None, spec.amp)
-    if work.todo and scene_context_used(options, prepared.checkpoint.metadata):
-        progress.stage(name, "context", "pooled features of the whole scene")
-        spec = replace(spec, context=_scene_context(work, spec, ray if on_ray else None, model, options))
-    if on_ray:
+    with_context = scene_context_used(options, prepared.checkpoint.metadata)
+    if options.engine == "ray" and ray is not None:
         work.cluster = RunStats()
         work.computed = _compute_on_ray(
-            ray, work, spec, options.max_in_flight, options.gpus_per_model_actor, on_core, work.cluster
+            ray, work, spec, options, with_context, on_core, progress, work.cluster
         )
     else:
-        assert model is not None
-        work.computed = _compute(work.staged, model, work.ledger, work.todo, spec, on_core)
+        work.computed = _compute_in_process(work, spec, with_context, on_core, progress)
     prepared.timings["segment"] = time.perf_counter() - clock
     return work
 
@@ -436,18 +430,20 @@ def _on_source_grid(array: Any, scene: Scene, plan: ScenePlan) -> Any:
     return NearestView(array, (scene.height, scene.width), plan.check.scale)
 
 
-def _compute(
-    staged: StagedScene,
-    model: ModelWorker,
-    ledger: Ledger,
-    todo: list[Work],
-    spec: WorkSpec,
-    on_core: CoreDone,
+def _compute_in_process(
+    work: StagedWork, spec: WorkSpec, with_context: bool, on_core: CoreDone, progress: Progress
 ) -> int:
-    """The local engine: the Ray engine's workers, called in this process."""
-    image = staged.image()
+    """The local engine: the Ray engine's workers, called in this process; one model load for both passes."""
+    if not work.todo:
+        return 0
+    model = ModelWorker(str(work.prepared.checkpoint.path), spec.device, None, spec.amp)
+    image = work.staged.image()
+    if with_context:
+        progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
+        context = _scene_context(work, lambda cores: local_context_sums(model, image, cores, spec.batch_size))
+        spec = replace(spec, context=context)
     crf = CRFWorker()
-    for group in same_shape_batches(todo, spec.batch_size):
+    for group in same_shape_batches(work.todo, spec.batch_size):
         windows = [read_window(image, tile) for tile, _ in group]
         results = model.predict(
             windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
@@ -457,42 +453,23 @@ def _compute(
                 planes = crf.refine_core(result, window, spec.crf, spec.input_max, tile, spec.with_confidence)
             else:
                 planes = core_of(result, tile)
-            write_core(ledger, tile, valid, planes)
+            write_core(work.ledger, tile, valid, planes)
             on_core()
-    return len(todo)
+    return len(work.todo)
 
 
-def _scene_context(
-    work: StagedWork, spec: WorkSpec, ray: Any, model: ModelWorker | None, options: SegmentOptions
-) -> np.ndarray:
+def _scene_context(work: StagedWork, sums_of: Callable[[list[Work]], np.ndarray]) -> np.ndarray:
     """The scene's pooled features (--context scene) over every valid core, computed once per ledger key.
 
-    Kept beside the ledger: a resumed run reuses it, so its cores see the same vector as the first run's."""
+    ``sums_of`` runs the context pass on the engine in use. Kept beside the ledger: a resumed run reuses it,
+    so its cores see the same vector as the first run's."""
     path = work.staged.folder / "context.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == work.ledger.key:
             return np.asarray(saved["context"], dtype=np.float64)
     every_core, _ = cores_to_compute(work.prepared.plan.tiles, work.staged.valid())
-    checkpoint = work.prepared.checkpoint
-    if ray is not None:
-        from pipeline.cluster_storage import StorageCheck
-        from pipeline.ray_engine import scene_context_sums
-
-        storage = StorageCheck(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
-        sums = scene_context_sums(
-            ray,
-            work.staged.image(),
-            every_core,
-            checkpoint.path,
-            spec,
-            options.gpus_per_model_actor,
-            before_work=storage.result,
-        )
-    else:
-        assert model is not None  # the local engine's
-        sums = local_context_sums(model, work.staged.image(), every_core, spec.batch_size)
-    context = context_of(sums)
+    context = context_of(sums_of(every_core))
     write_text_atomically(path, json.dumps({"key": work.ledger.key, "context": context.tolist()}))
     return context
 
@@ -501,31 +478,42 @@ def _compute_on_ray(
     ray: Any,
     work: StagedWork,
     spec: WorkSpec,
-    max_in_flight: int | None,
-    gpus_per_model: float,
+    options: SegmentOptions,
+    with_context: bool,
     on_core: CoreDone,
+    progress: Progress,
     stats: RunStats,
 ) -> int:
+    """Both passes (scene context when asked, then the cores) on one set of actors: one model load each."""
     from pipeline.cluster_storage import StorageCheck
-    from pipeline.ray_engine import run_tiles
+    from pipeline.ray_engine import actor_pools, run_tiles, scene_context_sums
 
     if not work.todo:
         return 0
     checkpoint = work.prepared.checkpoint
     storage = StorageCheck(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
-    return run_tiles(
-        ray,
-        work.staged.image(),
-        work.todo,
-        work.ledger,
-        checkpoint.path,
-        spec,
-        max_in_flight,
-        on_core,
-        stats,
-        gpus_per_model,
-        before_work=storage.result,
-    )
+    image = work.staged.image()
+    with actor_pools(ray, checkpoint.path, spec, options.gpus_per_model_actor, stats.pools) as pools:
+        if with_context:
+            progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
+            context = _scene_context(
+                work, lambda cores: scene_context_sums(ray, image, cores, pools, before_work=storage.result)
+            )
+            spec = replace(spec, context=context)
+        return run_tiles(
+            ray,
+            image,
+            work.todo,
+            work.ledger,
+            checkpoint.path,
+            spec,
+            options.max_in_flight,
+            on_core,
+            stats,
+            options.gpus_per_model_actor,
+            before_work=storage.result,
+            pools=pools,
+        )
 
 
 def check_scenes(

@@ -116,18 +116,26 @@ class ModelWorker(MemoryReporting):
             planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
         return list(torch.stack(planes, 1).cpu().numpy())
 
-    def context_sums(self, windows: list[np.ndarray], tiles: list[Tile]) -> np.ndarray:
+    def context_sums(
+        self, windows: list[np.ndarray], tiles: list[Tile], threads: int | None = None
+    ) -> np.ndarray:
         """(branches, channels + 1): the features each image-pooling branch averages, summed over the cells
         of each window's core (last column: the number of cells). Summed over a scene's cores and divided,
-        they give the scene's pooled vector."""
+        they give the scene's pooled vector. ``threads``: torch threads for this call only."""
         import torch
 
         from models.context import cell_span, pooled_inputs
         from models.inference import normalise, padded_size, predict_probabilities
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
-        with pooled_inputs(self.loaded.model) as seen:
-            predict_probabilities(self.loaded.model, batch, amp=self.amp)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with pooled_inputs(self.loaded.model) as seen:
+                predict_probabilities(self.loaded.model, batch, amp=self.amp)
+        finally:
+            torch.set_num_threads(before)
         if not seen:
             raise ValueError(f"{self.loaded.path}: the model has no image-pooling branch to give a context")
         padded = [padded_size(side) for side in batch.shape[-2:]]

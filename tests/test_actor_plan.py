@@ -43,6 +43,14 @@ def test_cpu_cluster_node_shapes(cpus: float, crf: bool, expected: tuple[int, in
     assert requested <= max(cpus, 0), "the node's actors fit its CPUs"
 
 
+def test_model_actors_borrow_the_idle_crf_cpus_for_the_context_pass() -> None:
+    beside_crf = ActorPlan.for_resources(cpus=2, gpus=0, crf=True)
+    assert beside_crf.model_threads == 1 and beside_crf.threads_without_crf(2) == 2
+    assert ActorPlan.for_resources(cpus=8, gpus=0, crf=True).threads_without_crf(8) == 8
+    gpu = ActorPlan.for_resources(cpus=8, gpus=1, crf=True, cluster_has_gpus=True)
+    assert gpu.threads_without_crf(8) == gpu.model_threads == 1
+
+
 def test_pool_stats_by_node() -> None:
     stats = PoolStats(windows=Counter({("10.0.0.1 aa", "model"): 3, ("10.0.0.1 aa", "crf"): 2}))
     assert stats.by_node() == {"10.0.0.1 aa": {"crf_windows": 2, "model_windows": 3}}

@@ -109,6 +109,19 @@ def test_missing_path(buildings_model: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_training_option_out_of_range(kampala: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _run(
+        "train",
+        *("--images", str(kampala / "chips"), "--masks", str(kampala / "masks"), "--classes", "a,b"),
+        *("--scale-range", "2", "0.5", "--out", str(out / "m.safetensors")),
+        cwd=tmp_path,
+    )
+    _one_line_error(result, "--scale-range", "0 < low <= high")
+    assert list(out.iterdir()) == []
+
+
 def test_a_checkpoint_that_is_not_one(kampala: Path, tmp_path: Path) -> None:
     fake = tmp_path / "model.safetensors"
     fake.write_text("this is a text file\n" * 10)

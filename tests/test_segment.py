@@ -112,6 +112,8 @@ def test_scene_context_is_computed_once_and_shared_by_both_engines(
     assert _segment(landsat, buildings_model, out, "--no-crf", "--context", "scene") == 0
     report = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert report["context"] == "scene" and report["tiles"]["computed"] >= 1
+    # both passes ran on the same actor: the model was loaded once
+    assert report["cluster"]["actors_started"] == {"model": 1}
     saved = json.loads((out / ".work" / "RGB.byte" / "context.json").read_text())
     context = np.asarray(saved["context"])
     assert context.shape == (1, 320) and np.isfinite(context).all() and context.any()
