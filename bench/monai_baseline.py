@@ -3,6 +3,8 @@
 MONAI (as TorchGeo-style scripts do) holds the whole scene and its full probability map in memory; the
 window is our core + 2 halo and the overlap makes its stride our core, so both run the same windows.
 Run as a separate process by bench/engine.py so that its peak RSS is its own. Needs ``pip install monai``.
+``--prepared`` gives MONAI the model as the engine runs it (``models.optimize.for_inference``); without it,
+the model as a MONAI user loads it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.inference import normalise
+from models.optimize import for_inference
 from pipeline.workers import peak_rss_mb
 
 
@@ -30,11 +33,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="run the engine's prepared model (BatchNorm folded, channels last)",
+    )
     args = parser.parse_args()
     from monai.inferers import sliding_window_inference
 
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.model)
+    model = for_inference(loaded.model) if args.prepared else loaded.model.eval()
     started = time.perf_counter()
     with rasterio.open(args.scene) as source:
         image = source.read()
@@ -46,7 +55,7 @@ def main() -> None:
             batch,
             roi_size=(window, window),
             sw_batch_size=args.batch_size,
-            predictor=lambda x: torch.softmax(loaded.model(x), 1),
+            predictor=lambda x: torch.softmax(model(x), 1),
             overlap=2 * args.halo / window,
             mode="constant",
             padding_mode="reflect",
