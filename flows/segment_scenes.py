@@ -34,6 +34,7 @@ from flows.task_progress import TaskLogProgress
 from models.checkpoint import CheckpointInfo, checkpoint_info
 from models.errors import DeepLabError
 from pipeline.manifest import Manifest, SceneKey, SceneRecord, config_hash, now_iso
+from pipeline.ray_engine import KeptActors
 from pipeline.segment import (
     PreparedScene,
     SegmentOptions,
@@ -74,14 +75,15 @@ class SceneJob:
 class SharedRay:
     """The flow run's Ray session (None: the local engine); scenes take turns on it."""
 
-    def __init__(self, ray: Any, options: SegmentOptions) -> None:
+    def __init__(self, ray: Any, options: SegmentOptions, actors: KeptActors | None = None) -> None:
         self.ray = ray
         self.options = options
+        self.actors = actors  # kept for the flow run: the scenes share the actors' model loads
         self.lock = threading.Lock()
 
     def compute(self, work: StagedWork, progress: TaskLogProgress) -> StagedWork:
         with self.lock:
-            return compute_work(work, self.options, self.ray, progress)
+            return compute_work(work, self.options, self.ray, progress, self.actors)
 
 
 def _not_ours(task: Any, run: Any, state: State) -> bool:
@@ -244,16 +246,18 @@ def segment_scenes(
     chains: dict[Source, list[PrefectFuture[Any]]] = {}
     with ExitStack() as stack:
         ray = None
+        actors = None
         if to_compute and options.engine == "ray":
             # started here, in the flow's main thread (Ray's signal handlers need it), and only when a
             # scene has work: a run that skips every scene never starts a cluster
-            from pipeline.ray_engine import ray_session
+            from pipeline.ray_engine import kept_actors, ray_session
 
             work_dir = out / ".work"
             ray = stack.enter_context(
                 ray_session(work_dir, options.ray_address, worker_env=worker_environment())
             )
-        shared = SharedRay(ray, options)
+            actors = stack.enter_context(kept_actors(ray))
+        shared = SharedRay(ray, options, actors)
         for source, checked in checks.items():
             # a task takes its upstream's future in place of its value; Prefect resolves it (or, when the
             # upstream failed, leaves the task NotReady), which the type checker cannot know

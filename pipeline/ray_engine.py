@@ -343,6 +343,53 @@ def scene_context_sums(
     return np.sum([sums[index] for index in range(len(batches))], axis=0)
 
 
+class KeptActors:
+    """Actor pools kept for a Ray session: the scenes of a batch share the actors, and with them each
+    actor's start and model load (seconds per actor on a CPU, more with a GPU's context)."""
+
+    def __init__(self, ray: Any) -> None:
+        self.ray = ray
+        self.kept: dict[tuple[str, bool, str, bool, float], ActorPools] = {}
+
+    def pools(
+        self,
+        checkpoint: Path,
+        checkpoint_sha256: str,
+        spec: WorkSpec,
+        gpus_per_model: float,
+        stats: PoolStats,
+    ) -> ActorPools:
+        """The pools for this checkpoint and actor shape, started at first use; ``stats`` counts for the
+        scene now computing."""
+        key = (checkpoint_sha256, spec.crf is not None, spec.device, spec.amp, gpus_per_model)
+        pools = self.kept.get(key)
+        if pools is None:
+            pools = self.kept[key] = ActorPools(self.ray, str(checkpoint), spec, gpus_per_model, stats)
+        pools.stats = stats
+        return pools
+
+    def discard_unless_idle(self, pools: ActorPools) -> None:
+        """After a scene: pools whose actors still hold work (the scene failed while windows were in flight)
+        are stopped, so the next scene starts on clean actors instead of queueing behind stale work."""
+        if any(member.load for member in pools.members):
+            pools.close()
+            self.kept = {key: kept for key, kept in self.kept.items() if kept is not pools}
+
+    def close(self) -> None:
+        for pools in self.kept.values():
+            pools.close()
+        self.kept.clear()
+
+
+@contextmanager
+def kept_actors(ray: Any) -> Iterator[KeptActors]:
+    actors = KeptActors(ray)
+    try:
+        yield actors
+    finally:
+        actors.close()
+
+
 @contextmanager
 def actor_pools(
     ray: Any, checkpoint: Path, spec: WorkSpec, gpus_per_model: float = 1.0, stats: PoolStats | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -28,7 +29,7 @@ from pipeline.grid import PLAN_VERSION, Tile, core_of, has_image_pooling, model_
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
-from pipeline.ray_engine import RunStats
+from pipeline.ray_engine import KeptActors, RunStats
 from pipeline.regrid import NearestView
 from pipeline.slide_publish import write_ome_pyramid, write_ome_zarr
 from pipeline.slides import level_for_scale
@@ -274,9 +275,14 @@ def cores_to_compute(
 
 
 def compute_work(
-    work: StagedWork, options: SegmentOptions, ray: Any = None, progress: Progress | None = None
+    work: StagedWork,
+    options: SegmentOptions,
+    ray: Any = None,
+    progress: Progress | None = None,
+    actors: KeptActors | None = None,
 ) -> StagedWork:
-    """Compute every core still to do, on Ray when ``ray`` is a started Ray module, else in this process."""
+    """Compute every core still to do, on Ray when ``ray`` is a started Ray module (on ``actors`` when the
+    session keeps them), else in this process."""
     progress = progress or Silent()
     clock = time.perf_counter()
     prepared = work.prepared
@@ -299,7 +305,7 @@ def compute_work(
     if options.engine == "ray" and ray is not None:
         work.cluster = RunStats()
         work.computed = _compute_on_ray(
-            ray, work, spec, options, with_context, on_core, progress, work.cluster
+            ray, work, spec, options, with_context, on_core, progress, work.cluster, actors
         )
     else:
         work.computed = _compute_in_process(work, spec, with_context, on_core, progress)
@@ -381,11 +387,13 @@ def segment_scene(
     options: SegmentOptions,
     ray: Any = None,
     progress: Progress | None = None,
+    actors: KeptActors | None = None,
 ) -> SegmentResult:
-    """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``."""
+    """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``, ``actors``
+    the session's kept actors (else the scene starts and stops its own)."""
     prepared = prepare_scene(scene_path, checkpoint, options, progress=progress)
     work = stage_work(prepared, out_dir, options, progress)
-    return publish_work(compute_work(work, options, ray, progress), out_dir, options, progress)
+    return publish_work(compute_work(work, options, ray, progress, actors), out_dir, options, progress)
 
 
 _OUTPUT_FILES = {
@@ -483,8 +491,10 @@ def _compute_on_ray(
     on_core: CoreDone,
     progress: Progress,
     stats: RunStats,
+    actors: KeptActors | None,
 ) -> int:
-    """Both passes (scene context when asked, then the cores) on one set of actors: one model load each."""
+    """Both passes (scene context when asked, then the cores) on one set of actors: one model load each,
+    for the whole batch when the session keeps its actors."""
     from pipeline.cluster_storage import StorageCheck
     from pipeline.ray_engine import actor_pools, run_tiles, scene_context_sums
 
@@ -493,7 +503,13 @@ def _compute_on_ray(
     checkpoint = work.prepared.checkpoint
     storage = StorageCheck(ray, work.staged.folder, checkpoint.path, checkpoint.sha256)
     image = work.staged.image()
-    with actor_pools(ray, checkpoint.path, spec, options.gpus_per_model_actor, stats.pools) as pools:
+    gpus = options.gpus_per_model_actor
+    with ExitStack() as stack:
+        if actors is not None:
+            pools = actors.pools(checkpoint.path, checkpoint.sha256, spec, gpus, stats.pools)
+            stack.callback(actors.discard_unless_idle, pools)  # a failed scene's work may still be queued
+        else:
+            pools = stack.enter_context(actor_pools(ray, checkpoint.path, spec, gpus, stats.pools))
         if with_context:
             progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
             context = _scene_context(
@@ -552,11 +568,11 @@ def segment_scenes(
         for scene in ready:
             yield scene, _attempt(scene, checkpoint, out_dir, options, None, progress)
         return
-    from pipeline.ray_engine import ray_session
+    from pipeline.ray_engine import kept_actors, ray_session
 
-    with ray_session(Path(out_dir) / ".work", options.ray_address) as ray:
+    with ray_session(Path(out_dir) / ".work", options.ray_address) as ray, kept_actors(ray) as actors:
         for scene in ready:
-            yield scene, _attempt(scene, checkpoint, out_dir, options, ray, progress)
+            yield scene, _attempt(scene, checkpoint, out_dir, options, ray, progress, actors)
 
 
 def _attempt(
@@ -566,9 +582,10 @@ def _attempt(
     options: SegmentOptions,
     ray: Any,
     progress: Progress | None,
+    actors: KeptActors | None = None,
 ) -> SegmentResult | DeepLabError:
     try:
-        return segment_scene(scene, checkpoint, out_dir, options, ray, progress)
+        return segment_scene(scene, checkpoint, out_dir, options, ray, progress, actors)
     except DeepLabError as exc:
         return exc
 

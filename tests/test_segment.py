@@ -128,3 +128,27 @@ def test_scene_context_is_computed_once_and_shared_by_both_engines(
         _segment(landsat, buildings_model, local, "--no-crf", "--context", "scene", "--engine", "local") == 0
     )
     assert (local / "RGB.byte" / "mask.tif").read_bytes() == mask
+
+
+@pytest.mark.slow
+def test_a_batch_shares_its_actors_and_a_bad_scene_does_not_stop_it(
+    landsat: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    """The scenes of one `deeplab segment` share the session's actors (one model load for the batch); a scene
+    that fails is reported, the others are published, the exit code says something failed."""
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    first, second, broken = scenes / "a.tif", scenes / "b.tif", scenes / "c.tif"
+    first.write_bytes(landsat.read_bytes())
+    second.write_bytes(landsat.read_bytes())
+    broken.write_text("not a GeoTIFF")
+    out = tmp_path / "out"
+    command = ["segment", str(first), str(broken), str(second), "--model", str(buildings_model)]
+    assert main([*command, "--out", str(out), "--tile", "256", "--halo", "32", "--no-crf"]) != 0
+    reports = [json.loads((out / name / "report.json").read_text()) for name in ("a", "b")]
+    assert reports[0]["cluster"]["actors_started"] == {"model": 1}
+    assert reports[1]["cluster"]["actors_started"] == {}  # the first scene's actor, model loaded already
+    assert reports[1]["tiles"]["computed"] == reports[0]["tiles"]["computed"] > 0
+    assert not (out / "c").exists()
+    with rasterio.open(out / "a" / "mask.tif") as a, rasterio.open(out / "b" / "mask.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
