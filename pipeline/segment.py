@@ -447,9 +447,9 @@ def _compute_in_process(
     model = ModelWorker(str(work.prepared.checkpoint.path), spec.device, None, spec.amp)
     image = work.staged.image()
     if with_context:
-        progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
-        context = _scene_context(work, lambda cores: local_context_sums(model, image, cores, spec.batch_size))
-        spec = replace(spec, context=context)
+        spec = _with_scene_context(
+            work, spec, progress, lambda cores: local_context_sums(model, image, cores, spec.batch_size)
+        )
     crf = CRFWorker()
     for group in same_shape_batches(work.todo, spec.batch_size):
         windows = [read_window(image, tile) for tile, _ in group]
@@ -466,11 +466,17 @@ def _compute_in_process(
     return len(work.todo)
 
 
-def _scene_context(work: StagedWork, sums_of: Callable[[list[Work]], np.ndarray]) -> np.ndarray:
-    """The scene's pooled features (--context scene) over every valid core, computed once per ledger key.
+def _with_scene_context(
+    work: StagedWork, spec: WorkSpec, progress: Progress, sums_of: Callable[[list[Work]], np.ndarray]
+) -> WorkSpec:
+    """``spec`` with the scene's pooled features (--context scene) over every valid core, computed once per
+    ledger key. ``sums_of`` runs the context pass on the engine in use. Kept beside the ledger: a resumed run
+    reuses it, so its cores see the same vector as the first run's."""
+    progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
+    return replace(spec, context=_scene_context(work, sums_of))
 
-    ``sums_of`` runs the context pass on the engine in use. Kept beside the ledger: a resumed run reuses it,
-    so its cores see the same vector as the first run's."""
+
+def _scene_context(work: StagedWork, sums_of: Callable[[list[Work]], np.ndarray]) -> np.ndarray:
     path = work.staged.folder / "context.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -511,11 +517,12 @@ def _compute_on_ray(
         else:
             pools = stack.enter_context(actor_pools(ray, checkpoint.path, spec, gpus, stats.pools))
         if with_context:
-            progress.stage(work.prepared.name, "context", "pooled features of the whole scene")
-            context = _scene_context(
-                work, lambda cores: scene_context_sums(ray, image, cores, pools, before_work=storage.result)
+            spec = _with_scene_context(
+                work,
+                spec,
+                progress,
+                lambda cores: scene_context_sums(ray, image, cores, pools, before_work=storage.result),
             )
-            spec = replace(spec, context=context)
         return run_tiles(
             ray,
             image,
