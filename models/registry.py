@@ -13,12 +13,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from models.deeplab import DeepLab, V3PlusDecoder
-from models.efficientnet_lite import (
-    LITE0_LOW_LEVEL_CHANNELS,
-    LITE0_OUT_CHANNELS,
-    EfficientNetLite0Features,
-    load_lite0_imagenet,
-)
+from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet
 from models.errors import CheckpointError, ConfigError
 from models.heads import ASPPv2
 from models.layers import apply_output_stride, replace_first_conv
@@ -173,30 +168,37 @@ def _build_vgg16_largefov(
     return DeepLab(backbone, ASPPv2(512, num_classes, (rate,)))
 
 
-def _build_lite0(decoder: bool) -> Callable[[int, int, int, str], nn.Module]:
+def _lite_features(
+    variant_name: str, in_channels: int, output_stride: int, pretrained: str
+) -> EfficientNetLiteFeatures:
+    features = EfficientNetLiteFeatures(LITE_VARIANTS[variant_name], in_channels, output_stride)
+    if pretrained == "imagenet":
+        load_imagenet(features)
+    return features
+
+
+def _build_lite(variant_name: str, decoder: bool) -> Callable[[int, int, int, str], nn.Module]:
     def build(num_classes: int, in_channels: int, output_stride: int, pretrained: str) -> nn.Module:
-        features = EfficientNetLite0Features(in_channels=in_channels, output_stride=output_stride)
-        if pretrained == "imagenet":
-            load_lite0_imagenet(features)
+        features = _lite_features(variant_name, in_channels, output_stride, pretrained)
+        out_channels = features.variant.out_channels
         rates = _v3_rates(output_stride)
         if decoder:
             return DeepLab(
                 features,
-                ASPP(LITE0_OUT_CHANNELS, list(rates)),
+                ASPP(out_channels, list(rates)),
                 # A 128-channel decoder: a third of the 256-channel one's cost on CPU, for the compact model.
-                V3PlusDecoder(LITE0_LOW_LEVEL_CHANNELS, 256, num_classes, channels=128),
+                V3PlusDecoder(features.variant.low_level_channels, 256, num_classes, channels=128),
             )
-        return DeepLab(features, DeepLabHead(LITE0_OUT_CHANNELS, num_classes, rates))
+        return DeepLab(features, DeepLabHead(out_channels, num_classes, rates))
 
     return build
 
 
-def _build_lite0_v2(num_classes: int, in_channels: int, output_stride: int, pretrained: str) -> nn.Module:
+def _build_lite_v2(num_classes: int, in_channels: int, output_stride: int, pretrained: str) -> nn.Module:
     """DeepLab-v2 ASPP on the compact backbone: no image pooling, so tiles stitch exactly (a trainable v2)."""
-    features = EfficientNetLite0Features(in_channels=in_channels, output_stride=output_stride)
-    if pretrained == "imagenet":
-        load_lite0_imagenet(features)
-    return DeepLab(features, ASPPv2(LITE0_OUT_CHANNELS, num_classes, _v2_rates(output_stride), hidden=None))
+    features = _lite_features("lite0", in_channels, output_stride, pretrained)
+    rates = _v2_rates(output_stride)
+    return DeepLab(features, ASPPv2(features.variant.out_channels, num_classes, rates, hidden=None))
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -247,7 +249,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "deeplabv2_efficientnet_lite0",
             "DeepLab-v2, EfficientNet-Lite0 (ImageNet weights shipped), ASPP 6/12/18/24 (summed scores)",
-            _build_lite0_v2,
+            _build_lite_v2,
             16,
             _LITE,
             _max_v2_rate,
@@ -256,7 +258,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "deeplabv3_efficientnet_lite0",
             "DeepLab-v3, EfficientNet-Lite0 (ImageNet weights shipped), ASPP",
-            _build_lite0(decoder=False),
+            _build_lite("lite0", decoder=False),
             16,
             _LITE,
             _max_v3_rate,
@@ -264,7 +266,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "deeplabv3plus_efficientnet_lite0",
             "DeepLab-v3+, EfficientNet-Lite0 (ImageNet weights shipped), ASPP + decoder",
-            _build_lite0(decoder=True),
+            _build_lite("lite0", decoder=True),
+            16,
+            _LITE,
+            _max_v3_rate,
+        ),
+        Architecture(
+            "deeplabv3plus_efficientnet_lite2",
+            "DeepLab-v3+, EfficientNet-Lite2 (ImageNet weights shipped), ASPP + decoder",
+            _build_lite("lite2", decoder=True),
             16,
             _LITE,
             _max_v3_rate,

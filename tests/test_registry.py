@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet, pretrained_path
 from models.errors import ConfigError
 from models.registry import ARCHITECTURES, build_model
 from pipeline.cli import main
@@ -47,6 +48,19 @@ def test_lite0_imagenet_weights_load_and_adapt_to_nir() -> None:
     # RGB filters are kept (rescaled by 3/4) and the NIR filter is their mean.
     torch.testing.assert_close(stem_rgbn[:, :3], stem_rgb * 0.75)
     torch.testing.assert_close(stem_rgbn[:, 3], stem_rgb.mean(1) * 0.75)
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_every_lite_variant_takes_all_of_its_imagenet_backbone(variant: str) -> None:
+    features = EfficientNetLiteFeatures(LITE_VARIANTS[variant])
+    load_imagenet(features)
+    shipped = torch.load(pretrained_path(features.variant), map_location="cpu", weights_only=True)
+    for key, tensor in features.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, shipped[key]), key
+    # Only the classifier's head conv, its BN and the fully connected layer are left out.
+    left_out = {key.split(".")[0] for key in shipped if key not in features.state_dict()}
+    assert left_out == {"_conv_head", "_bn1", "_fc"}
 
 
 def test_unknown_architecture_and_bad_stride_are_errors() -> None:
