@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Tile:
 
 
 # Part of every ledger key: a change to how windows are cut changes results, so old ledgers are not reused.
-PLAN_VERSION = "clipped-windows"
+PLAN_VERSION = "clipped-windows, crf-reach"
 
 HALO_ALIGN = 32  # a multiple of every output stride: tiles sample the feature grid in phase with the scene
 
@@ -56,10 +56,15 @@ def default_halo(
     trained v2 ASPP on EfficientNet-Lite0 agreed with whole-image output on 98.2% of a Kampala crop at 256 px,
     99.7% at 384, 99.99% at 512 (bench/seams.py).
     """
-    crf_reach = math.ceil(3 * crf_sigma_alpha) if crf_sigma_alpha else 0
-    needed = -(-max(receptive_radius, crf_reach) // HALO_ALIGN) * HALO_ALIGN
+    crf_context = crf_reach(crf_sigma_alpha) if crf_sigma_alpha else 0
+    needed = -(-max(receptive_radius, crf_context) // HALO_ALIGN) * HALO_ALIGN
     cap = (tile // 2 if global_context else tile) // HALO_ALIGN * HALO_ALIGN
     return max(HALO_ALIGN, min(needed, cap))
+
+
+def crf_reach(*sigmas: float) -> int:
+    """Pixels around a core that the CRF's Gaussian kernels still draw on: 3 σ of the widest (1% weight)."""
+    return math.ceil(3 * max(sigmas))
 
 
 def model_halo(
@@ -99,6 +104,19 @@ def read_window(source: np.ndarray, tile: Tile) -> np.ndarray:
     """The tile's window from a (bands, H, W) array (zarr or numpy)."""
     top, left, height, width = tile.window
     return np.asarray(source[..., top : top + height, left : left + width])
+
+
+def narrowed(tile: Tile, halo: int) -> Tile:
+    """The same core with at most ``halo`` of context (the CRF needs less than the model)."""
+    return replace(tile, halo=min(halo, tile.halo))
+
+
+def crop_window(window_array: np.ndarray, tile: Tile, inner: Tile) -> np.ndarray:
+    """Crop an array the size of ``tile``'s window (…, H, W) to the window of ``inner`` (same core)."""
+    top, left = tile.window[:2]
+    inner_top, inner_left, height, width = inner.window
+    rows, cols = inner_top - top, inner_left - left
+    return window_array[..., rows : rows + height, cols : cols + width]
 
 
 def core_of(window_array: np.ndarray, tile: Tile) -> np.ndarray:

@@ -25,7 +25,7 @@ from models.errors import DeepLabError
 from pipeline.actor_pools import ActorPools, Member, NodeInfo, PoolStats, lost_work_errors
 from pipeline.grid import Tile, core_of, read_window
 from pipeline.ledger import Ledger
-from pipeline.workers import CoreDone, Work, WorkSpec, same_shape_batches, write_core
+from pipeline.workers import CoreDone, Work, WorkSpec, crf_inputs, same_shape_batches, write_core
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
@@ -273,7 +273,11 @@ def run_tiles(
                 group = batches[model_job.batch]
                 for (tile, valid), window, result in zip(group, model_job.windows, results, strict=True):
                     if spec.crf is not None:
-                        crf_waiting.append(_CRFJob(tile, valid, result, window, model_job.member.node))
+                        # cut here, not in the CRF actor: only the CRF's reach travels to it
+                        crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, spec.crf)
+                        crf_waiting.append(
+                            _CRFJob(crf_tile, valid, probabilities, crf_window, model_job.member.node)
+                        )
                     else:
                         done(tile, valid, core_of(result, tile), label)
             else:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.metadata import CRFParams
-from pipeline.grid import Tile, core_of, read_window
+from pipeline.grid import Tile, core_of, crf_reach, crop_window, narrowed, read_window
 from pipeline.ledger import NODATA_LABEL, Ledger
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
@@ -154,6 +154,16 @@ class ModelWorker(MemoryReporting):
         return str(self.device)
 
 
+def crf_inputs(
+    tile: Tile, probabilities: np.ndarray, window: np.ndarray, params: CRFParams
+) -> tuple[Tile, np.ndarray, np.ndarray]:
+    """What a CRF job needs: the core with its kernels' reach of context, not the model's (often 4x the
+    pixels, and the CRF's time grows with them). Returns the narrowed tile and both arrays cut to it."""
+    inner = narrowed(tile, crf_reach(params.sigma_alpha, params.sigma_gamma))
+    cut = [np.ascontiguousarray(crop_window(a, tile, inner)) for a in (probabilities, window)]
+    return inner, cut[0], cut[1]
+
+
 class CRFWorker(MemoryReporting):
     def refine_core(
         self,
@@ -164,9 +174,11 @@ class CRFWorker(MemoryReporting):
         tile: Tile,
         with_confidence: bool = False,
     ) -> np.ndarray:
-        """The core's ``labels_of`` the CRF's marginals."""
+        """The core's ``labels_of`` the CRF's marginals, over the core and the CRF's reach (``crf_inputs``:
+        a no-op where the caller cut the arrays already)."""
         from pipeline.crf import refine
 
+        tile, probabilities, window = crf_inputs(tile, probabilities, window, params)
         refined = refine(probabilities.astype(np.float32), window, params, input_max)
         return labels_of(core_of(refined, tile), with_confidence)
 

@@ -4,12 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from scipy import ndimage
 
 from models.data import read_image, read_mask
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
 from pipeline.crf import CRFError, refine, refine_labels
+from pipeline.grid import Tile, core_of
+from pipeline.workers import CRFWorker, crf_inputs
 from tests.conftest import kampala_chip
 
 STEMS = ("OAM-1238456-1046532-21", "OAM-1238450-1046530-21", "OAM-1238452-1046529-21")
@@ -83,3 +86,23 @@ def test_shape_and_dtype_mismatches_are_clear_errors(
 ) -> None:
     with pytest.raises(CRFError, match=message):
         refine(probabilities, image)
+
+
+def test_the_crf_of_a_core_needs_only_its_kernels_reach_of_the_window(kampala: Path) -> None:
+    """The engine cuts the model's window (core + halo) to the core + 3 σ of the CRF's widest kernel before
+    refining: on a real scene window the core's labels stay the same, where the cut applies at all."""
+    scene = kampala / "scene"
+    region = ((512, 1280), (512, 1280))  # a 768 px window: a 256 px core with a 256 px halo
+    with rasterio.open(scene / "kampala_z21_rgb.tif") as source:
+        image = source.read(window=region)
+    with rasterio.open(scene / "kampala_z21_buildings.tif") as source:
+        probabilities = _blurred(source.read(1, window=region) == 1)
+    tile = Tile(2, 2, 768, 768, 256, 256, 256, 2048, 3072)
+    tuned = CRFParams(w1=7, sigma_alpha=20, sigma_beta=2.25)  # buildings-kampala's: a 60 px reach
+    cut_tile, cut_probabilities, cut_image = crf_inputs(tile, probabilities, image, tuned)
+    assert cut_tile.window == (768 - 60, 768 - 60, 376, 376)
+    assert cut_probabilities.shape == (2, 376, 376) and cut_image.shape == (3, 376, 376)
+    for params, least in ((tuned, 0.999), (CRFParams(), 1.0)):  # the paper's σα 121 reaches past the halo
+        whole_window = core_of(refine(probabilities, image, params, 255.0), tile).argmax(0)
+        cut = CRFWorker().refine_core(probabilities, image, params, 255.0, tile)[0]
+        assert (whole_window == cut).mean() >= least, params
