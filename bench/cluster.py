@@ -44,7 +44,7 @@ SCENE = DATA / "landsat" / "RGB.byte.tif"
 MODEL = ROOT / "models" / "zoo" / "landcover-dubai.safetensors"
 # Per-tile costs for the estimate: 512 px cores of the 7.5 cm aerial scene and its model.
 COST_SCENE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
-COST_MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
+COST_MODEL = ROOT / "models" / "zoo" / "buildings-kampala-lite0.safetensors"
 REPORTS = ROOT / "bench" / "reports"
 
 # The paper estimate's cluster, and the one figure this machine cannot measure (no GPU here): the A10G's

@@ -28,14 +28,14 @@ import torch
 from rasterio.windows import Window
 
 from models.atomic import write_text_atomically
-from pipeline.grid import plan_tiles, read_window
+from pipeline.grid import plan_tiles
 from pipeline.stage import StagedScene
-from pipeline.workers import ModelWorker, Work, same_shape_batches
+from pipeline.workers import ModelWorker, Work, read_windows, window_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 SOURCE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
-MODEL = ROOT / "models" / "zoo" / "buildings-kampala.safetensors"
+MODEL = ROOT / "models" / "zoo" / "buildings-kampala-lite0.safetensors"  # the compact model: comparable runs
 REPORTS = ROOT / "bench" / "reports"
 
 
@@ -101,7 +101,9 @@ def run_engine(scene: Path, model: Path, out: Path, *extra: str) -> dict[str, An
     return report | {"command_seconds": round(wall, 2)}
 
 
-def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, threads: int) -> float:
+def model_only_seconds(
+    staged_folder: Path, model: Path, tile: int, halo: int, cores_per_window: int, threads: int
+) -> float:
     """Forward passes alone over the windows the engine ran (read beforehand, not timed)."""
     from models.checkpoint import load_checkpoint
 
@@ -113,12 +115,12 @@ def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, t
     height, width = image.shape[1:]
     todo: list[Work] = [
         (t, None)
-        for t in plan_tiles(height, width, tile, halo)
+        for t in plan_tiles(height, width, tile, halo, cores_per_window)
         if valid[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width].any()
     ]
     seconds = 0.0
-    for group in same_shape_batches(todo, 4):
-        windows = [read_window(image, t) for t, _ in group]
+    for group in window_batches(todo, 4):
+        windows = read_windows(image, group)
         started = time.perf_counter()
         worker.predict(windows, (1.0,), "max", False)
         seconds += time.perf_counter() - started
@@ -126,11 +128,11 @@ def model_only_seconds(staged_folder: Path, model: Path, tile: int, halo: int, t
 
 
 def run_monai(
-    scene: Path, model: Path, out: Path, tile: int, halo: int, threads: int, prepared: bool
+    scene: Path, model: Path, out: Path, tile: int, halo: int, threads: int, prepared: bool, batch_size: int
 ) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.monai_baseline", str(scene), "--model", str(model)]
     args = ["--tile", str(tile), "--halo", str(halo), "--threads", str(threads), "--out", str(out)]
-    args += ["--prepared"] if prepared else []
+    args += ["--batch-size", str(batch_size)] + (["--prepared"] if prepared else [])
     started = time.perf_counter()
     done = subprocess.run([*command, *args], cwd=ROOT, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -149,6 +151,7 @@ def main() -> None:
         "--large-valid", type=int, help="valid centred square of the largest scene (default: all of it)"
     )
     parser.add_argument("--halo", type=int, help="override the engine's default halo")
+    parser.add_argument("--cores-per-window", type=int, help="override the engine's default block of cores")
     parser.add_argument("--skip-crf", action="store_true")
     parser.add_argument("--name", default="engine", help="report name under bench/reports/")
     parser.add_argument("--model", type=Path, default=MODEL)
@@ -170,17 +173,23 @@ def main() -> None:
         scene = make_mosaic(SOURCE, args.work / f"{name}.tif", size, valid)
         out = args.work / f"out-{size}"
         options = ["--tile", str(args.tile)] + (["--halo", str(args.halo)] if args.halo is not None else [])
+        if args.cores_per_window is not None:
+            options += ["--cores-per-window", str(args.cores_per_window)]
         report = run_engine(scene, args.model, out, "--no-crf", *options)
         staged = out / ".work" / scene.stem
         time.sleep(10)  # the engine's local Ray cluster winds down for a few seconds after it exits
+        block = report["cores_per_window"]
         forward = min(
-            model_only_seconds(staged, args.model, args.tile, report["halo"], threads) for _ in range(2)
+            model_only_seconds(staged, args.model, args.tile, report["halo"], block, threads)
+            for _ in range(2)
         )
         run = {
             "megapixels": size * size / 1e6,
             "valid_megapixels": (valid or size) ** 2 / 1e6,
             "tiles": report["tiles"],
             "halo": report["halo"],
+            "cores_per_window": block,
+            "windows": report["windows"],
             "no_crf": {
                 "seconds": report["seconds"],
                 "megapixels_per_second": report["megapixels_per_second"],
@@ -202,8 +211,18 @@ def main() -> None:
             monai_out = args.work / f"monai-{size}.tif"
             # the model as a MONAI user loads it, and the engine's prepared one (folded, channels last)
             for key, prepared in (("monai", False), ("monai_prepared", True)):
+                # MONAI gets the engine's window and overlap: a block's cores + the halo each side
+                # (and windows per batch: the engine batches 4 cores)
+                windows_per_batch = max(1, 4 // block**2)
                 run[key] = run_monai(
-                    scene, args.model, monai_out, args.tile, report["halo"], threads, prepared
+                    scene,
+                    args.model,
+                    monai_out,
+                    args.tile * block,
+                    report["halo"],
+                    threads,
+                    prepared,
+                    windows_per_batch,
                 )
         results["runs"][str(size)] = run
         REPORTS.mkdir(parents=True, exist_ok=True)
@@ -219,17 +238,20 @@ def render(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; model "
         f"{results['model']}; scenes are mosaics of {results['source']}.",
         "",
-        "| scene | halo | engine MP/s (no CRF) | MP/s with CRF | efficiency (segment stage / total) | "
+        "| scene | halo | cores per window, windows | engine MP/s (no CRF) | MP/s with CRF | "
+        "efficiency (segment stage / total) | "
         "peak RSS driver / model actor MB | MONAI MP/s (model as loaded / prepared) | MONAI peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for size, run in results["runs"].items():
         rss = run["no_crf"]["peak_rss_mb"]
         monai = run.get("monai", {})
         prepared = run.get("monai_prepared", {})
         crf = run.get("crf", {})
+        block = run.get("cores_per_window", 1)
         lines.append(
-            f"| {size}² | {run['halo']} | {run['no_crf']['megapixels_per_second']:.3f} | "
+            f"| {size}² | {run['halo']} | {block}x{block}, {run.get('windows', '-')} | "
+            f"{run['no_crf']['megapixels_per_second']:.3f} | "
             f"{crf.get('megapixels_per_second', '-')} | {run['efficiency_vs_segment_stage']} / "
             f"{run['efficiency_vs_total']} | {rss['driver']} / {_join(rss.get('model_actors', []))} | "
             f"{_mps(monai)} / {_mps(prepared)} | {monai.get('peak_rss_mb', '-')} |"

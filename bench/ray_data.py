@@ -31,7 +31,7 @@ from pipeline.ledger import NODATA_LABEL, Ledger
 from pipeline.ray_engine import ray_session, run_tiles
 from pipeline.segment import cores_to_compute
 from pipeline.stage import StagedScene, stage_scene
-from pipeline.workers import CRFWorker, ModelWorker, Work, WorkSpec, same_shape_batches
+from pipeline.workers import CRFWorker, ModelWorker, Work, WorkSpec, window_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
@@ -95,12 +95,13 @@ class CRFStage:
         return {"tile": rows["tile"], "result": _ragged(planes)}
 
 
-def _encode(tile: Tile) -> dict[str, int]:
+def _encode(tile: Tile) -> dict[str, Any]:
     return {name: getattr(tile, name) for name in Tile.__dataclass_fields__}
 
 
-def _tiles(encoded: list[dict[str, int]]) -> list[Tile]:
-    return [Tile(**fields) for fields in encoded]
+def _tiles(encoded: list[dict[str, Any]]) -> list[Tile]:
+    """Tiles back from JSON (which turns the block's tuple into a list)."""
+    return [Tile(**(fields | {"block": fields["block"] and tuple(fields["block"])})) for fields in encoded]
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -122,8 +123,8 @@ def run_ray_data(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     rows = [
-        {"tiles": json.dumps([_encode(t) for t, _ in group])}
-        for group in same_shape_batches(todo, spec.batch_size)
+        {"tiles": json.dumps([_encode(t) for cores in group for t, _ in cores])}
+        for group in window_batches(todo, spec.batch_size)  # one core per window: planned without blocks
     ]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     dataset = dataset.map_batches(

@@ -22,10 +22,11 @@ from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
-from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_window
-from pipeline.segment import cores_to_compute
-from pipeline.workers import ModelWorker, Work, context_of, local_context_sums, same_shape_batches
+from pipeline.grid import Tile, core_of, model_halo, plan_tiles
+from pipeline.segment import SegmentOptions, cores_to_compute
+from pipeline.workers import ModelWorker, Work, context_of, local_context_sums, read_windows, window_batches
 
+ENGINE_CORES_PER_WINDOW = SegmentOptions().cores_per_window  # the engine's default plan
 BORDER = 16  # px each side of a core border counted as "near a border"
 
 
@@ -37,21 +38,24 @@ def predict_tiled(
     shift: int = 0,
     batch: int = 2,
     context: np.ndarray | None = None,
+    cores_per_window: int = ENGINE_CORES_PER_WINDOW,
 ) -> np.ndarray:
-    """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px.
+    """Labels of a (bands, H, W) scene tiled with cores of ``tile`` px, the grid moved by ``shift`` px,
+    windows shared by blocks of cores as the engine plans them.
 
     ``context``: the scene's pooled features for DeepLab-v3's image pooling (``--context scene``)."""
     height, width = image.shape[-2:]
-    tiles = [_shifted(t, shift, height, width) for t in plan_tiles(height + shift, width + shift, tile, halo)]
+    planned = plan_tiles(height + shift, width + shift, tile, halo, cores_per_window)
+    tiles = [_shifted(t, shift, height, width) for t in planned]
     todo: list[Work] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
-    for group in same_shape_batches(todo, batch):
-        windows = [read_window(image, t) for t, _ in group]
-        results = worker.predict(windows, (1.0,), "max", False, context=context)
-        for (t, _), result in zip(group, results, strict=True):
-            labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
-                core_of(result, t)[0]
-            )
+    for group in window_batches(todo, batch):
+        results = worker.predict(read_windows(image, group), (1.0,), "max", False, context=context)
+        for members, result in zip(group, results, strict=True):
+            for t, _ in members:
+                labels[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width] = (
+                    core_of(result, t)[0]
+                )
     return labels
 
 
@@ -65,17 +69,23 @@ def scene_context(
     worker: ModelWorker, image: np.ndarray, valid: np.ndarray, tile: int, halo: int
 ) -> np.ndarray:
     """The pooled features ``--context scene`` gives every window: the engine's own pass over the cores."""
-    tiles = plan_tiles(image.shape[-2], image.shape[-1], tile, halo)
+    tiles = plan_tiles(image.shape[-2], image.shape[-1], tile, halo, ENGINE_CORES_PER_WINDOW)
     every_core, _ = cores_to_compute(tiles, valid)
     return context_of(local_context_sums(worker, image, every_core, 2))
 
 
 def _shifted(tile: Tile, shift: int, height: int, width: int) -> Tile:
-    """A tile of a grid planned on a (H + shift, W + shift) canvas, moved back by ``shift``, clipped."""
-    top, left = tile.core_top - shift, tile.core_left - shift
-    bottom, right = top + tile.core_height, left + tile.core_width
-    top, left = max(top, 0), max(left, 0)
-    return Tile(tile.row, tile.col, top, left, bottom - top, right - left, tile.halo, height, width)
+    """A tile of a grid planned on a (H + shift, W + shift) canvas, moved back by ``shift``, clipped (its
+    block too)."""
+
+    def moved(top: int, left: int, rows: int, cols: int) -> tuple[int, int, int, int]:
+        bottom, right = top + rows - shift, left + cols - shift
+        top, left = max(top - shift, 0), max(left - shift, 0)
+        return top, left, bottom - top, right - left
+
+    core = moved(tile.core_top, tile.core_left, tile.core_height, tile.core_width)
+    block = moved(*tile.block) if tile.block else None
+    return Tile(tile.row, tile.col, *core, tile.halo, height, width, block)
 
 
 def border_mask(height: int, width: int, tile: int, shift: int = 0) -> np.ndarray:
@@ -182,10 +192,10 @@ def main() -> None:
     scenes = [data / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif", data / "landsat" / "RGB.byte.tif"]
     results: dict[str, Any] = {"border_px": BORDER, "models": {}}
     # the aerial zoo models (the slide model's stain statistics have no meaning on these scenes)
-    for name in ("buildings-kampala", "buildings-kampala-v2", "landcover-dubai"):
+    for name in ("buildings-kampala", "buildings-kampala-lite0", "buildings-kampala-v2", "landcover-dubai"):
         loaded = load_checkpoint(root / "models" / "zoo" / f"{name}.safetensors")
         results["models"][f"{name}.safetensors"] = [measure(loaded, scene) for scene in scenes]
-        if name == "buildings-kampala":  # DeepLab-v3+ with --context scene
+        if name == "buildings-kampala-lite0":  # DeepLab-v3+ with --context scene (as tests/test_seams.py)
             runs = [measure(loaded, scene, with_scene_context=True) for scene in scenes]
             results["models"][f"{name}.safetensors, --context scene"] = runs
     metadata = load_checkpoint(root / "models" / "zoo" / "landcover-dubai.safetensors").metadata

@@ -115,18 +115,18 @@ class Member:
 
 @dataclass
 class PoolStats:
-    """What the pools saw: windows per node and kind, actors lost, windows computed again."""
+    """What the pools saw: cores per node and kind, actors lost, cores computed again."""
 
-    windows: Counter[tuple[str, str]] = field(default_factory=Counter)
+    cores: Counter[tuple[str, str]] = field(default_factory=Counter)
     actors_started: Counter[str] = field(default_factory=Counter)  # by kind: loads of the model, replacements
     actors_lost: int = 0
-    windows_retried: int = 0
+    cores_retried: int = 0
     nodes_lost: list[str] = field(default_factory=list)
 
     def by_node(self) -> dict[str, dict[str, int]]:
         nodes: dict[str, dict[str, int]] = {}
-        for (label, kind), count in sorted(self.windows.items()):
-            nodes.setdefault(label, {})[f"{kind}_windows"] = count
+        for (label, kind), count in sorted(self.cores.items()):
+            nodes.setdefault(label, {})[f"{kind}_cores"] = count
         return nodes
 
 
@@ -245,7 +245,7 @@ class ActorPools:
         return self.plans[member.node.node_id].threads_without_crf(member.node.cpus)
 
     def capacity(self, batch_size: int) -> int:
-        """Windows in flight that keep every actor busy with one more queued: bounded object-store use."""
+        """Cores in flight that keep every actor busy with one more batch queued: bounded object-store use."""
         return 2 * (len(self.of_kind("model")) * batch_size + len(self.of_kind("crf")))
 
     def peak_rss(self) -> dict[str, list[float]]:

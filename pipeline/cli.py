@@ -324,6 +324,13 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         "the CRF, up to half the core for models with image pooling, else up to the core)",
     )
     parser.add_argument(
+        "--cores-per-window",
+        type=int,
+        default=2,
+        help="blocks of NxN cores share one window, so the halo is read and computed once per block "
+        "(1: a window per core; larger: less halo work, more memory per window)",
+    )
+    parser.add_argument(
         "--context",
         choices=["window", "scene"],
         default="window",
@@ -372,6 +379,7 @@ def segment_options(args: argparse.Namespace) -> Any:
     return SegmentOptions(
         tile=args.tile,
         halo=args.halo,
+        cores_per_window=args.cores_per_window,
         context=args.context,
         crf=not args.no_crf,
         scales=tuple(args.scales),

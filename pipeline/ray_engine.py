@@ -23,9 +23,19 @@ import numpy as np
 
 from models.errors import DeepLabError
 from pipeline.actor_pools import ActorPools, Member, NodeInfo, PoolStats, lost_work_errors
-from pipeline.grid import Tile, core_of, read_window
+from pipeline.grid import Tile, core_of
 from pipeline.ledger import Ledger
-from pipeline.workers import CoreDone, Work, WorkSpec, crf_inputs, same_shape_batches, write_core
+from pipeline.workers import (
+    CoreDone,
+    Work,
+    WorkSpec,
+    cores_in,
+    crf_inputs,
+    read_windows,
+    tiles_of,
+    window_batches,
+    write_core,
+)
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 _MAX_SOCKET_PATH = 40
@@ -35,7 +45,7 @@ _REFRESH_S = 2.0
 
 @dataclass
 class RunStats:
-    """What a run on the cluster saw, for the report: where windows ran, what was lost, actors' memory."""
+    """What a run on the cluster saw, for the report: where cores ran, what was lost, actors' memory."""
 
     pools: PoolStats = field(default_factory=PoolStats)
     actor_memory: dict[str, list[float]] = field(default_factory=dict)
@@ -46,7 +56,7 @@ class RunStats:
             "nodes_lost": self.pools.nodes_lost,
             "actors_started": dict(sorted(self.pools.actors_started.items())),
             "actors_lost": self.pools.actors_lost,
-            "windows_retried": self.pools.windows_retried,
+            "cores_retried": self.pools.cores_retried,
         }
 
 
@@ -115,6 +125,7 @@ class _ModelJob:
     member: Member
     batch: int  # index into the batch list: a lost batch is resubmitted whole, so batches never change
     windows: list[np.ndarray]
+    cores: int  # the cores those windows yield: what the actor's load and the in-flight bound count
 
 
 @dataclass
@@ -205,7 +216,7 @@ def run_tiles(
                 pools=own,
             )
     lost = lost_work_errors(ray)
-    batches = same_shape_batches(todo, spec.batch_size)
+    batches = window_batches(todo, spec.batch_size)
     queue = deque(range(len(batches)))
     model_jobs: dict[Any, _ModelJob] = {}
     crf_waiting: deque[_CRFJob] = deque()
@@ -213,10 +224,10 @@ def run_tiles(
     finished = 0
     upkeep = _Upkeep(pools, node_wait_s, before_work)
 
-    def lose(member: Member, windows: int) -> None:
-        """An actor (or its node) is gone: stop using it; its ``windows`` are queued again by the caller."""
+    def lose(member: Member, cores: int) -> None:
+        """An actor (or its node) is gone: stop using it; its ``cores`` are queued again by the caller."""
         pools.drop(member)
-        stats.pools.windows_retried += windows
+        stats.pools.cores_retried += cores
         upkeep.look_now()
 
     def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
@@ -227,19 +238,20 @@ def run_tiles(
             on_core()
 
     def in_flight() -> int:
-        return sum(len(j.windows) for j in model_jobs.values()) + len(crf_jobs) + len(crf_waiting)
+        return sum(j.cores for j in model_jobs.values()) + len(crf_jobs) + len(crf_waiting)
 
     while finished < len(todo):
         upkeep.tick()
         limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
         while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
             index = queue.popleft()
-            windows = [read_window(image, tile) for tile, _ in batches[index]]
+            windows = read_windows(image, batches[index])
             ref = member.handle.predict.remote(
                 windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
             )
-            member.load += len(windows)
-            model_jobs[ref] = _ModelJob(member, index, windows)
+            cores = cores_in(batches[index])
+            member.load += cores
+            model_jobs[ref] = _ModelJob(member, index, windows, cores)
         while crf_waiting and (member := pools.least_loaded("crf", crf_waiting[0].near)) is not None:
             job = crf_waiting.popleft()
             job.member = member
@@ -261,25 +273,26 @@ def run_tiles(
         for ref in ready:
             if ref in model_jobs:
                 model_job = model_jobs.pop(ref)
-                model_job.member.load -= len(model_job.windows)
+                model_job.member.load -= model_job.cores
                 try:
                     results = ray.get(ref)
                 except lost:
-                    lose(model_job.member, len(model_job.windows))
+                    lose(model_job.member, model_job.cores)
                     queue.appendleft(model_job.batch)
                     continue
                 label = model_job.member.node.label
-                stats.pools.windows[(label, "model")] += len(results)
-                group = batches[model_job.batch]
-                for (tile, valid), window, result in zip(group, model_job.windows, results, strict=True):
-                    if spec.crf is not None:
-                        # cut here, not in the CRF actor: only the CRF's reach travels to it
-                        crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, spec.crf)
-                        crf_waiting.append(
-                            _CRFJob(crf_tile, valid, probabilities, crf_window, model_job.member.node)
-                        )
-                    else:
-                        done(tile, valid, core_of(result, tile), label)
+                stats.pools.cores[(label, "model")] += model_job.cores
+                batch = batches[model_job.batch]
+                for members, window, result in zip(batch, model_job.windows, results, strict=True):
+                    for tile, valid in members:
+                        if spec.crf is not None:
+                            # cut here, not in the CRF actor: only the CRF's reach travels to it
+                            crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, spec.crf)
+                            crf_waiting.append(
+                                _CRFJob(crf_tile, valid, probabilities, crf_window, model_job.member.node)
+                            )
+                        else:
+                            done(tile, valid, core_of(result, tile), label)
             else:
                 crf_job = crf_jobs.pop(ref)
                 assert crf_job.member is not None
@@ -292,7 +305,7 @@ def run_tiles(
                     crf_waiting.appendleft(crf_job)
                     continue
                 label = crf_job.member.node.label
-                stats.pools.windows[(label, "crf")] += 1
+                stats.pools.cores[(label, "crf")] += 1
                 done(crf_job.tile, crf_job.valid, planes, label)
     stats.actor_memory = pools.peak_rss()
     pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
@@ -315,7 +328,7 @@ def scene_context_sums(
     does not depend on which actor finished first."""
     lost = lost_work_errors(ray)
     batch_size = pools.spec.batch_size
-    batches = same_shape_batches(todo, batch_size)
+    batches = window_batches(todo, batch_size)
     queue = deque(range(len(batches)))
     running: dict[Any, tuple[Member, int]] = {}
     sums: dict[int, np.ndarray] = {}
@@ -325,10 +338,11 @@ def scene_context_sums(
         limit = max(pools.capacity(batch_size), batch_size)
         while queue and len(running) * batch_size < limit and (m := pools.least_loaded("model")):
             index = queue.popleft()
-            tiles = [tile for tile, _ in batches[index]]
-            windows = [read_window(image, t) for t in tiles]
-            ref = m.handle.context_sums.remote(windows, tiles, pools.context_threads(m))
-            m.load += len(tiles)
+            batch = batches[index]
+            ref = m.handle.context_sums.remote(
+                read_windows(image, batch), tiles_of(batch), pools.context_threads(m)
+            )
+            m.load += cores_in(batch)
             running[ref] = (m, index)
         if not running:
             upkeep.starving(lambda: f"no live Ray node can run the model actors (waited {node_wait_s:.0f} s)")
@@ -337,7 +351,7 @@ def scene_context_sums(
         ready, _ = ray.wait(list(running), num_returns=1, timeout=_REFRESH_S)
         for ref in ready:
             member, index = running.pop(ref)
-            member.load -= len(batches[index])
+            member.load -= cores_in(batches[index])
             try:
                 sums[index] = ray.get(ref)
             except lost:

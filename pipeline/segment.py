@@ -25,7 +25,7 @@ from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import PLAN_VERSION, Tile, core_of, has_image_pooling, model_halo, plan_tiles, read_window
+from pipeline.grid import PLAN_VERSION, Tile, core_of, has_image_pooling, model_halo, plan_tiles
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -52,7 +52,8 @@ from pipeline.workers import (
     context_of,
     local_context_sums,
     peak_rss_mb,
-    same_shape_batches,
+    read_windows,
+    window_batches,
     write_core,
 )
 
@@ -61,6 +62,9 @@ class SegmentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tile: int = Field(512, ge=16)
     halo: int | None = Field(None, ge=0, description="None: derived from the model's head and the CRF")
+    cores_per_window: int = Field(
+        2, ge=1, le=8, description="blocks of NxN cores share one window: the halo is computed once per block"
+    )
     crf: bool = True
     crf_params: CRFParams | None = None
     scales: tuple[float, ...] = (1.0,)
@@ -122,6 +126,10 @@ class ScenePlan:
     def window(self) -> int:
         return max(t.window[2] for t in self.tiles) if self.tiles else 0
 
+    @property
+    def windows(self) -> int:
+        return len({t.window for t in self.tiles})
+
     def describe(self, nodata_cores: int | None = None) -> list[str]:
         scene = self.check.scene
         where = f"CRS {scene.crs.to_string() if scene.crs else 'none'}, pixel {_metres(scene.pixel_size_m())}"
@@ -136,7 +144,7 @@ class ScenePlan:
         cores = f"{len(self.tiles)} cores of {self.tiles[0].core_height if self.tiles else 0} px"
         if nodata_cores is not None:
             cores += f" ({nodata_cores} wholly nodata, skipped)"
-        lines.append(f"  {cores}, halo {self.halo} px, windows up to {self.window} px")
+        lines.append(f"  {cores}, halo {self.halo} px, {self.windows} windows of up to {self.window} px")
         lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
         lines += [f"  warning: {w}" for w in self.check.warnings]
         return lines
@@ -152,7 +160,8 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     if halo is None:
         scene_context = options.context == "scene"
         halo = model_halo(metadata, crf.sigma_alpha if crf else None, options.tile, scene_context)
-    return ScenePlan(check, shape, halo, plan_tiles(shape[0], shape[1], options.tile, halo), crf)
+    tiles = plan_tiles(shape[0], shape[1], options.tile, halo, options.cores_per_window)
+    return ScenePlan(check, shape, halo, tiles, crf)
 
 
 def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:
@@ -235,6 +244,7 @@ def stage_work(
         checkpoint=prepared.checkpoint.sha256,
         tile=options.tile,
         halo=plan.halo,
+        cores_per_window=options.cores_per_window,
         crf=plan.crf.model_dump() if plan.crf else None,
         scales=options.scales,
         fuse=options.fuse,
@@ -451,18 +461,21 @@ def _compute_in_process(
             work, spec, progress, lambda cores: local_context_sums(model, image, cores, spec.batch_size)
         )
     crf = CRFWorker()
-    for group in same_shape_batches(work.todo, spec.batch_size):
-        windows = [read_window(image, tile) for tile, _ in group]
+    for batch in window_batches(work.todo, spec.batch_size):
+        windows = read_windows(image, batch)
         results = model.predict(
             windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
         )
-        for (tile, valid), window, result in zip(group, windows, results, strict=True):
-            if spec.crf is not None:
-                planes = crf.refine_core(result, window, spec.crf, spec.input_max, tile, spec.with_confidence)
-            else:
-                planes = core_of(result, tile)
-            write_core(work.ledger, tile, valid, planes)
-            on_core()
+        for members, window, result in zip(batch, windows, results, strict=True):
+            for tile, valid in members:
+                if spec.crf is not None:
+                    planes = crf.refine_core(
+                        result, window, spec.crf, spec.input_max, tile, spec.with_confidence
+                    )
+                else:
+                    planes = core_of(result, tile)
+                write_core(work.ledger, tile, valid, planes)
+                on_core()
     return len(work.todo)
 
 
@@ -646,6 +659,8 @@ def _report(
         "tiles": tiles,
         "tile": options.tile,
         "halo": plan.halo,
+        "cores_per_window": options.cores_per_window,
+        "windows": plan.windows,
         "context": options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
         "model_grid": list(plan.shape),
         "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),

@@ -41,6 +41,8 @@ CoreDone = Callable[[], None]  # progress callback, once per finished core
 # A core to compute and its valid-pixel mask; None when every pixel is valid, so that the driver's work list
 # stays small whatever the scene size (only cores on a nodata edge carry a mask).
 Work = tuple[Tile, np.ndarray | None]
+# The cores of ``todo`` that one window yields: one, or those of a block (--cores-per-window) still to do.
+WindowWork = list[Work]
 
 
 def peak_rss_mb() -> float:
@@ -116,11 +118,12 @@ class ModelWorker(MemoryReporting):
         return list(torch.stack(planes, 1).cpu().numpy())
 
     def context_sums(
-        self, windows: list[np.ndarray], tiles: list[Tile], threads: int | None = None
+        self, windows: list[np.ndarray], cores: list[list[Tile]], threads: int | None = None
     ) -> np.ndarray:
         """(branches, channels + 1): the features each image-pooling branch averages, summed over the cells
-        of each window's core (last column: the number of cells). Summed over a scene's cores and divided,
-        they give the scene's pooled vector. ``threads``: torch threads for this call only."""
+        of the cores of each window (``cores[i]``: those of window i; last column: the number of cells).
+        Summed over a scene's cores and divided, they give the scene's pooled vector. ``threads``: torch
+        threads for this call only."""
         import torch
 
         from models.context import cell_span, pooled_inputs
@@ -141,7 +144,7 @@ class ModelWorker(MemoryReporting):
         sums = np.zeros((len(seen), seen[0].shape[1] + 1))
         for branch, features in enumerate(seen):
             cells_h, cells_w = features.shape[-2:]
-            for index, tile in enumerate(tiles):
+            for index, tile in ((i, t) for i, tiles in enumerate(cores) for t in tiles):
                 top, left = tile.window[:2]
                 r0, r1 = cell_span(tile.core_top - top, tile.core_height, padded[0], cells_h)
                 c0, c1 = cell_span(tile.core_left - left, tile.core_width, padded[1], cells_w)
@@ -191,8 +194,8 @@ def context_of(sums: np.ndarray) -> np.ndarray:
 def local_context_sums(worker: ModelWorker, image: Any, todo: list[Work], batch_size: int) -> np.ndarray:
     """``context_sums`` over every core of ``todo``, in this process (the local engine, benchmarks, tests)."""
     parts = [
-        worker.context_sums([read_window(image, t) for t, _ in group], [t for t, _ in group])
-        for group in same_shape_batches(todo, batch_size)
+        worker.context_sums(read_windows(image, batch), tiles_of(batch))
+        for batch in window_batches(todo, batch_size)
     ]
     return np.sum(parts, axis=0)
 
@@ -205,12 +208,38 @@ def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
     return np.stack(planes)
 
 
-def same_shape_batches(todo: list[Work], size: int) -> list[list[Work]]:
-    """Batches of windows of one shape (edge windows are smaller), in scan order within each shape."""
-    by_shape: dict[tuple[int, int], list[Work]] = {}
+def window_batches(todo: list[Work], cores: int) -> list[list[WindowWork]]:
+    """The windows that ``todo``'s cores need, each once with its cores, in batches of one window shape
+    (edge windows are smaller) holding about ``cores`` cores (at least one window), in scan order."""
+    by_window: dict[tuple[int, int, int, int], WindowWork] = {}
     for item in todo:
-        by_shape.setdefault(item[0].window[2:], []).append(item)
-    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
+        by_window.setdefault(item[0].window, []).append(item)
+    by_shape: dict[tuple[int, int], list[WindowWork]] = {}
+    for window, members in by_window.items():
+        by_shape.setdefault(window[2:], []).append(members)
+    batches: list[list[WindowWork]] = []
+    for windows in by_shape.values():
+        batch: list[WindowWork] = []
+        for members in windows:
+            if batch and sum(len(m) for m in batch) + len(members) > cores:
+                batches.append(batch)
+                batch = []
+            batch.append(members)
+        batches.append(batch)
+    return batches
+
+
+def read_windows(image: Any, batch: list[WindowWork]) -> list[np.ndarray]:
+    """The pixels of each window of ``batch`` (the window its cores share)."""
+    return [read_window(image, members[0][0]) for members in batch]
+
+
+def tiles_of(batch: list[WindowWork]) -> list[list[Tile]]:
+    return [[tile for tile, _ in members] for members in batch]
+
+
+def cores_in(batch: list[WindowWork]) -> int:
+    return sum(len(members) for members in batch)
 
 
 def write_core(

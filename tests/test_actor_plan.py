@@ -52,8 +52,8 @@ def test_model_actors_borrow_the_idle_crf_cpus_for_the_context_pass() -> None:
 
 
 def test_pool_stats_by_node() -> None:
-    stats = PoolStats(windows=Counter({("10.0.0.1 aa", "model"): 3, ("10.0.0.1 aa", "crf"): 2}))
-    assert stats.by_node() == {"10.0.0.1 aa": {"crf_windows": 2, "model_windows": 3}}
+    stats = PoolStats(cores=Counter({("10.0.0.1 aa", "model"): 3, ("10.0.0.1 aa", "crf"): 2}))
+    assert stats.by_node() == {"10.0.0.1 aa": {"crf_cores": 2, "model_cores": 3}}
 
 
 def test_a_node_reports_what_it_cannot_see(tmp_path: Path) -> None:

@@ -182,10 +182,10 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = _report(clean)
     nodes = report["cluster"]["nodes"]
-    workers_used = [label for label, done in nodes.items() if done.get("model_windows", 0) > 0]
+    workers_used = [label for label, done in nodes.items() if done.get("model_cores", 0) > 0]
     assert len(workers_used) == 2, f"cores computed on both worker nodes: {nodes}"
-    assert all(done.get("crf_windows", 0) > 0 for done in nodes.values())
-    assert report["tiles"]["computed"] == sum(d["model_windows"] for d in nodes.values())
+    assert all(done.get("crf_cores", 0) > 0 for done in nodes.values())
+    assert report["tiles"]["computed"] == sum(d["model_cores"] for d in nodes.values())
     total = report["tiles"]["computed"]
 
     # a worker node lost mid-run: its raylet SIGKILLed (its actors go with it)
@@ -197,9 +197,9 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
     output = job.communicate(timeout=600)[0].decode(errors="replace")
     assert job.returncode == 0, output[-4000:]
     report = _report(lost_node)
-    # the node's actors were lost and their windows computed again on the other node
+    # the node's actors were lost and their cores computed again on the other node
     assert report["cluster"]["actors_lost"] >= 1, report["cluster"]
-    assert report["cluster"]["windows_retried"] >= 1, report["cluster"]
+    assert report["cluster"]["cores_retried"] >= 1, report["cluster"]
     assert report["tiles"]["computed"] == total
     assert (lost_node / SCENE_ID / "mask.tif").read_bytes() == (clean / SCENE_ID / "mask.tif").read_bytes()
 

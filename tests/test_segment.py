@@ -9,6 +9,7 @@ import rasterio
 
 from pipeline.cli import main
 from pipeline.grid import core_of, plan_tiles
+from pipeline.workers import window_batches
 
 
 def test_plan_covers_the_scene_once() -> None:
@@ -36,6 +37,46 @@ def test_windows_stay_inside_the_scene_and_crop_back_to_their_cores() -> None:
         core = scene[:, t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width]
         np.testing.assert_array_equal(core_of(window, t), core)
     assert plan_tiles(100, 90, 512, 256)[0].window == (0, 0, 100, 90)  # a small scene is one window
+
+
+def test_blocks_of_cores_share_one_window_with_at_least_the_halo_around_each_core() -> None:
+    height, width, tile, halo = 1000, 700, 128, 64
+    scene = np.arange(height * width).reshape(1, height, width)
+    tiles = plan_tiles(height, width, tile, halo, cores_per_window=3)
+    assert [(t.core_top, t.core_left) for t in tiles] == [
+        (t.core_top, t.core_left) for t in plan_tiles(height, width, tile, halo)
+    ]
+    by_window: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+    for t in tiles:
+        by_window.setdefault(t.window, []).append((t.row, t.col))
+        top, left, win_h, win_w = t.window
+        assert top >= 0 and left >= 0 and top + win_h <= height and left + win_w <= width
+        assert t.core_top - top >= min(halo, t.core_top)
+        assert top + win_h - t.core_top - t.core_height >= min(halo, height - t.core_top - t.core_height)
+        window = scene[:, top : top + win_h, left : left + win_w]
+        core = scene[:, t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width]
+        np.testing.assert_array_equal(core_of(window, t), core)
+    # 8 x 6 cores in blocks of 3 x 3: 3 x 2 windows, the last row of blocks two cores tall
+    assert len(by_window) == 3 * 2
+    assert by_window[tiles[0].window] == [(r, c) for r in range(3) for c in range(3)]
+    assert (
+        max(len(cores) for cores in by_window.values()) == 9 and min(len(c) for c in by_window.values()) == 6
+    )
+
+
+def test_window_batches_read_each_window_once_and_bound_the_cores_per_batch() -> None:
+    tiles = plan_tiles(1000, 700, 128, 64, cores_per_window=2)
+    todo = [(t, None) for t in tiles if (t.row, t.col) != (0, 1)]  # one core of the first block done
+    batches = window_batches(todo, 4)
+    windows = [members[0][0].window for batch in batches for members in batch]
+    assert len(windows) == len(set(windows)) == len({t.window for t in tiles})
+    assert sorted((t.row, t.col) for batch in batches for m in batch for t, _ in m) == sorted(
+        (t.row, t.col) for t, _ in todo
+    )
+    for batch in batches:
+        assert len({members[0][0].window[2:] for members in batch}) == 1  # one shape: a stackable batch
+        assert sum(len(m) for m in batch) <= 4 or len(batch) == 1
+        assert all(t.window == members[0][0].window for members in batch for t, _ in members)
 
 
 def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:
