@@ -51,6 +51,15 @@ def landsat(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def buildings_model() -> Path:
+    """The compact building model (v3+ on Lite0): what the engine's tests run, a third faster than the
+    reference model on this CPU."""
+    path = ZOO / "buildings-kampala-lite0.safetensors"
+    assert path.exists(), f"the compact model {path} must be committed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_buildings_model() -> Path:
     path = ZOO / "buildings-kampala.safetensors"
     assert path.exists(), f"the reference model {path} must be committed"
     return path

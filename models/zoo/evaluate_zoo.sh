@@ -10,8 +10,8 @@ deeplab="${DEEPLAB:-deeplab}"
 which="${1:-all}"
 mkdir -p "$here/reports"
 
-if [[ "$which" == kampala || "$which" == all ]]; then
-  model="$here/buildings-kampala.safetensors"
+kampala() {  # $1: the model's name (buildings-kampala, the reference; buildings-kampala-lite0, the compact one)
+  model="$here/$1.safetensors"
   chips="$data/kampala-buildings/chips"; masks="$data/kampala-buildings/masks"
   # Held-out ground: zoom-19 tile 309614/261633 = zoom-21 x 1238456..59, y 1046532..35 (the scene's resolution).
   tune_set="$chips/OAM-12384[5][68]-104653[2-5]-21.tif"     # 8 of the 16 held-out zoom-21 chips
@@ -19,11 +19,13 @@ if [[ "$which" == kampala || "$which" == all ]]; then
   all_set="$chips/OAM-12384[5][6-9]-104653[2-5]-21.tif"
   "$deeplab" tune-crf --model "$model" --images "$tune_set" --masks "$masks" --crop 256 --workers 2
   "$deeplab" evaluate --model "$model" --images "$all_set" --masks "$masks" --crf \
-    --report "$here/reports/buildings-kampala.held-out.json" --record-as held_out
+    --report "$here/reports/$1.held-out.json" --record-as held_out
   "$deeplab" evaluate --model "$model" --images "$rest_set" --masks "$masks" --crf \
-    --report "$here/reports/buildings-kampala.held-out-untuned.json" --record-as held_out_not_used_for_crf_tuning
-  "$deeplab" card "$model" --attribution "$here/attribution/kampala.md" --out "$here/buildings-kampala.md"
-fi
+    --report "$here/reports/$1.held-out-untuned.json" --record-as held_out_not_used_for_crf_tuning
+  "$deeplab" card "$model" --attribution "$here/attribution/kampala.md" --out "$here/$1.md"
+}
+[[ "$which" == kampala || "$which" == all ]] && kampala buildings-kampala
+[[ "$which" == kampala-lite0 || "$which" == all ]] && kampala buildings-kampala-lite0
 if [[ "$which" == kampala-v2 || "$which" == all ]]; then
   # The seam reference (DeepLab-v2 ASPP): evaluated without CRF tuning, on the same held-out chips.
   model="$here/buildings-kampala-v2.safetensors"
