@@ -29,8 +29,9 @@ from rasterio.windows import Window
 
 from models.atomic import write_text_atomically
 from pipeline.grid import plan_tiles
+from pipeline.segment import cores_to_compute
 from pipeline.stage import StagedScene
-from pipeline.workers import ModelWorker, Work, read_windows, window_batches
+from pipeline.workers import ModelWorker, read_windows, window_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
@@ -113,11 +114,7 @@ def model_only_seconds(
     image = StagedScene.open_image(staged_folder)
     valid = StagedScene.open_valid(staged_folder)
     height, width = image.shape[1:]
-    todo: list[Work] = [
-        (t, None)
-        for t in plan_tiles(height, width, tile, halo, cores_per_window)
-        if valid[t.core_top : t.core_top + t.core_height, t.core_left : t.core_left + t.core_width].any()
-    ]
+    todo, _ = cores_to_compute(plan_tiles(height, width, tile, halo, cores_per_window), valid)
     seconds = 0.0
     for group in window_batches(todo, 4):
         windows = read_windows(image, group)
@@ -189,7 +186,7 @@ def main() -> None:
             "tiles": report["tiles"],
             "halo": report["halo"],
             "cores_per_window": block,
-            "windows": report["windows"],
+            "windows": report["tiles"]["windows"],
             "no_crf": {
                 "seconds": report["seconds"],
                 "megapixels_per_second": report["megapixels_per_second"],

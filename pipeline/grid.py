@@ -133,6 +133,24 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, cores_per_window: 
     ]
 
 
+def fit_blocks(tiles: list[Tile]) -> list[Tile]:
+    """Each block cut down to the cores of ``tiles`` in it (those with a valid pixel): a block with one valid
+    core reads that core's window, not the whole block's (nodata collars, slides' background). It depends
+    only on which cores have valid pixels, so a resumed run computes the same windows."""
+    extents: dict[tuple[int, int, int, int], list[int]] = {}
+    for t in tiles:
+        if t.block is not None:
+            top, left, bottom, right = extents.setdefault(t.block, [t.core_top, t.core_left, 0, 0])
+            extents[t.block] = [
+                min(top, t.core_top),
+                min(left, t.core_left),
+                max(bottom, t.core_top + t.core_height),
+                max(right, t.core_left + t.core_width),
+            ]
+    fitted = {block: (e[0], e[1], e[2] - e[0], e[3] - e[1]) for block, e in extents.items()}
+    return [replace(t, block=fitted[t.block]) if t.block is not None else t for t in tiles]
+
+
 def read_window(source: np.ndarray, tile: Tile) -> np.ndarray:
     """The tile's window from a (bands, H, W) array (zarr or numpy)."""
     top, left, height, width = tile.window

@@ -25,7 +25,7 @@ from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import PLAN_VERSION, Tile, core_of, has_image_pooling, model_halo, plan_tiles
+from pipeline.grid import PLAN_VERSION, Tile, core_of, fit_blocks, has_image_pooling, model_halo, plan_tiles
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -204,6 +204,12 @@ class StagedWork:
     skipped: int  # wholly nodata cores, never computed
     resumed: int  # cores a previous run recorded
     computed: int = 0
+
+    @property
+    def windows(self) -> int:
+        """Windows the cores still to compute need (a block's cores share one)."""
+        return len({tile.window for tile, _ in self.todo})
+
     cluster: RunStats | None = None  # set by the Ray engine
 
 
@@ -266,10 +272,11 @@ def cores_to_compute(
     tiles: list[Tile], valid_store: Any, is_done: Callable[[int, int], bool] | None = None
 ) -> tuple[list[Work], int]:
     """The cores still to compute (with a valid mask where partly nodata), and how many are wholly nodata.
+    Blocks of cores are fitted to the cores with valid pixels (``fit_blocks``).
 
     Without ``is_done``: every core with a valid pixel."""
-    todo: list[Work] = []
-    skipped = 0
+    cores: list[Tile] = []
+    masks: list[np.ndarray | None] = []
     for tile in tiles:
         core_valid = np.asarray(
             valid_store[
@@ -277,11 +284,15 @@ def cores_to_compute(
                 tile.core_left : tile.core_left + tile.core_width,
             ]
         )
-        if not core_valid.any():
-            skipped += 1  # left nodata, never computed
-        elif is_done is None or not is_done(tile.row, tile.col):
-            todo.append((tile, None if core_valid.all() else core_valid))
-    return todo, skipped
+        if core_valid.any():  # else left nodata, never computed
+            cores.append(tile)
+            masks.append(None if core_valid.all() else core_valid)
+    todo = [
+        (tile, mask)
+        for tile, mask in zip(fit_blocks(cores), masks, strict=True)
+        if is_done is None or not is_done(tile.row, tile.col)
+    ]
+    return todo, len(tiles) - len(cores)
 
 
 def compute_work(
@@ -374,6 +385,7 @@ def publish_work(
         "computed": work.computed,
         "skipped": work.skipped,
         "resumed": work.resumed,
+        "windows": work.windows,  # computed this run
     }
     details = _report(scene, loaded, labels, options, plan, prepared.checksum, timings, total, tiles)
     details["outputs"] = {k: v.name for k, v in outputs.items()}
@@ -660,7 +672,6 @@ def _report(
         "tile": options.tile,
         "halo": plan.halo,
         "cores_per_window": options.cores_per_window,
-        "windows": plan.windows,
         "context": options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
         "model_grid": list(plan.shape),
         "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),

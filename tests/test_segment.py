@@ -9,6 +9,7 @@ import rasterio
 
 from pipeline.cli import main
 from pipeline.grid import core_of, plan_tiles
+from pipeline.segment import cores_to_compute
 from pipeline.workers import window_batches
 
 
@@ -62,6 +63,24 @@ def test_blocks_of_cores_share_one_window_with_at_least_the_halo_around_each_cor
     assert (
         max(len(cores) for cores in by_window.values()) == 9 and min(len(c) for c in by_window.values()) == 6
     )
+
+
+def test_blocks_shrink_to_the_cores_with_valid_pixels() -> None:
+    """A block with one valid core reads that core's own window (nodata collars, slides' background)."""
+    height = width = 512
+    valid = np.zeros((height, width), bool)
+    valid[:256, :256] = True  # the whole first block
+    valid[300, 300] = True  # one pixel in the core at (2, 2) of the second block on the diagonal
+    blocked = plan_tiles(height, width, 128, 64, cores_per_window=2)
+    single = {(t.row, t.col): t.window for t in plan_tiles(height, width, 128, 64)}
+    todo, skipped = cores_to_compute(blocked, valid)
+    assert skipped == 16 - 5
+    windows = {(t.row, t.col): t.window for t, _ in todo}
+    assert windows[(2, 2)] == single[(2, 2)]
+    assert {windows[(r, c)] for r in range(2) for c in range(2)} == {(0, 0, 320, 320)}
+    # resumed: the cores already done do not change the others' windows
+    resumed, _ = cores_to_compute(blocked, valid, lambda row, col: (row, col) == (0, 0))
+    assert {(t.row, t.col): t.window for t, _ in resumed} == {k: v for k, v in windows.items() if k != (0, 0)}
 
 
 def test_window_batches_read_each_window_once_and_bound_the_cores_per_batch() -> None:
