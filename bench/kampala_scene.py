@@ -1,7 +1,8 @@
 """Kampala scene check: segment the real z21 mosaic with the engine, score it against the scene's building
 mask per zoom-19 ground cell (1024x1024 px), and report the held-out cell separately.
 
-    python bench/kampala_scene.py --model models/zoo/buildings-kampala.safetensors --out models/zoo/reports
+    python bench/kampala_scene.py --model models/zoo/buildings-kampala.safetensors --out models/zoo/reports \
+        --tile 128
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/kampala-buildings/scene"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--engine", choices=["ray", "local"], default="local")
+    parser.add_argument("--tile", type=int, default=512, help="core size (the engine's --tile)")
     args = parser.parse_args()
     scene, truth_path = args.data / "kampala_z21_rgb.tif", args.data / "kampala_z21_buildings.tif"
     with rasterio.open(truth_path) as dataset:
         truth = dataset.read(1)
-    report: dict[str, object] = {"model": str(args.model), "scene": str(scene)}
+    report: dict[str, object] = {"model": str(args.model), "scene": str(scene), "tile": args.tile}
     for crf in (False, True):
-        options = SegmentOptions(crf=crf, engine=args.engine)
-        work = args.out / f".scene-{'crf' if crf else 'no-crf'}"
+        options = SegmentOptions(crf=crf, engine=args.engine, tile=args.tile)
+        work = args.out / f".scene-{args.model.stem}-{'crf' if crf else 'no-crf'}"
         for _, result in segment_scenes([scene], args.model, work, options):
             if isinstance(result, Exception):
                 raise result
@@ -67,7 +69,7 @@ def main() -> None:
             "cells": cells,
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / "buildings-kampala.scene.json", json.dumps(report, indent=2))
+    write_text_atomically(args.out / f"{args.model.stem}.scene.json", json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k in ("no_crf", "crf")}, indent=1)[:2000])
 
 
