@@ -95,8 +95,16 @@ def lost_work_errors(ray: Any) -> tuple[type[BaseException], ...]:
     """Errors that mean an actor, its node or an object went away: the work is redone elsewhere.
 
     An exception raised by our own code in an actor (``RayTaskError``) is not among them: it fails the run.
+    ``ActorUnschedulableError``: an actor pinned to a node that died before the actor was placed there.
     """
-    names = ("RayActorError", "ObjectLostError", "OwnerDiedError", "WorkerCrashedError", "NodeDiedError")
+    names = (
+        "RayActorError",
+        "ActorUnschedulableError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+    )
     found = (getattr(ray.exceptions, name, None) for name in names)
     return tuple(kind for kind in found if isinstance(kind, type))
 
