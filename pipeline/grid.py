@@ -133,6 +133,11 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, cores_per_window: 
     ]
 
 
+def count_windows(tiles: list[Tile]) -> int:
+    """Distinct windows among ``tiles`` (a block's cores share one)."""
+    return len({t.window for t in tiles})
+
+
 def fit_blocks(tiles: list[Tile]) -> list[Tile]:
     """Each block cut down to the cores of ``tiles`` in it (those with a valid pixel): a block with one valid
     core reads that core's window, not the whole block's (nodata collars, slides' background). It depends

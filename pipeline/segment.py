@@ -25,7 +25,16 @@ from models.errors import DeepLabError
 from models.metadata import CheckpointMetadata, CRFParams
 from models.version import software_version
 from pipeline.areas import class_areas_m2
-from pipeline.grid import PLAN_VERSION, Tile, core_of, fit_blocks, has_image_pooling, model_halo, plan_tiles
+from pipeline.grid import (
+    PLAN_VERSION,
+    Tile,
+    core_of,
+    count_windows,
+    fit_blocks,
+    has_image_pooling,
+    model_halo,
+    plan_tiles,
+)
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
@@ -128,7 +137,7 @@ class ScenePlan:
 
     @property
     def windows(self) -> int:
-        return len({t.window for t in self.tiles})
+        return count_windows(self.tiles)
 
     def describe(self, nodata_cores: int | None = None) -> list[str]:
         scene = self.check.scene
@@ -208,7 +217,7 @@ class StagedWork:
     @property
     def windows(self) -> int:
         """Windows the cores still to compute need (a block's cores share one)."""
-        return len({tile.window for tile, _ in self.todo})
+        return count_windows([tile for tile, _ in self.todo])
 
     cluster: RunStats | None = None  # set by the Ray engine
 

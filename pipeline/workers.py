@@ -220,11 +220,13 @@ def window_batches(todo: list[Work], cores: int) -> list[list[WindowWork]]:
     batches: list[list[WindowWork]] = []
     for windows in by_shape.values():
         batch: list[WindowWork] = []
+        held = 0  # cores in ``batch``
         for members in windows:
-            if batch and sum(len(m) for m in batch) + len(members) > cores:
+            if batch and held + len(members) > cores:
                 batches.append(batch)
-                batch = []
+                batch, held = [], 0
             batch.append(members)
+            held += len(members)
         batches.append(batch)
     return batches
 
