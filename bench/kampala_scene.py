@@ -40,12 +40,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/kampala-buildings/scene"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--engine", choices=["ray", "local"], default="local")
-    parser.add_argument("--tile", type=int, default=512, help="core size (the engine's --tile)")
+    parser.add_argument("--tile", type=int, help="core size (the engine's --tile; default: the checkpoint's)")
     args = parser.parse_args()
     scene, truth_path = args.data / "kampala_z21_rgb.tif", args.data / "kampala_z21_buildings.tif"
     with rasterio.open(truth_path) as dataset:
         truth = dataset.read(1)
-    report: dict[str, object] = {"model": str(args.model), "scene": str(scene), "tile": args.tile}
+    report: dict[str, object] = {
+        "model": str(args.model),
+        "scene": str(scene),
+        "tile": args.tile or "the checkpoint's",
+    }
     for crf in (False, True):
         options = SegmentOptions(crf=crf, engine=args.engine, tile=args.tile)
         work = args.out / f".scene-{args.model.stem}-{'crf' if crf else 'no-crf'}"

@@ -44,6 +44,16 @@ class CRFParams(BaseModel):
     sigma_gamma: float = Field(3.0, gt=0, description="smoothness spatial std, pixels")
 
 
+class Tiling(BaseModel):
+    """How the engine cuts scenes for this model unless told otherwise: the tiling its held-out evaluation
+    was measured with (``deeplab evaluate --tile N --save-tiling``). Models with image pooling depend on
+    the window they see; windows much larger than their training crops cost them accuracy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tile: int = Field(ge=16, description="core size, pixels")
+    cores_per_window: int = Field(ge=1, le=8, description="blocks of NxN cores share one window")
+
+
 class CheckpointMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     format: str = FORMAT_NAME
@@ -58,6 +68,7 @@ class CheckpointMetadata(BaseModel):
     ignore_index: int | None = 255
     crf: CRFParams = Field(default_factory=CRFParams)
     crf_tuning: dict[str, Any] | None = None
+    tiling: Tiling | None = Field(None, description="the engine's default tiling for it (None: the engine's)")
     training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""

@@ -143,6 +143,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate, find_pairs
 
     loaded = load_checkpoint(args.model)
+    tiling = _evaluation_tiling(args, loaded.metadata)
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
@@ -153,6 +154,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             exclude_classes=exclude,
             on_image=lambda stem: progress.advance(task),
             scales=tuple(args.scales),
+            tiling=tiling,
         )
     _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
@@ -163,7 +165,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         metrics[args.record_as] = {"images": args.images, "masks": args.masks, "excluded": exclude, **report}
         update_metadata(args.model, metrics=metrics)
         console.print(f"recorded the results in {args.model} as metrics.{args.record_as}")
+    if args.save_tiling and tiling is not None:
+        update_metadata(args.model, tiling=tiling)
+        console.print(f"{args.model}: the engine now cuts scenes for it as evaluated: {tiling.model_dump()}")
     return 0
+
+
+def _evaluation_tiling(args: argparse.Namespace, metadata: Any) -> Any:
+    """The tiling ``evaluate`` runs the model on: none (whole images) with ``--whole-image``; else the one
+    asked for, completed from the checkpoint's; else the checkpoint's (what ``segment`` would use); else
+    whole images."""
+    from models.errors import ConfigError
+    from pipeline.grid import resolve_tiling
+
+    asked = args.tile is not None or args.cores_per_window is not None
+    if args.whole_image and (asked or args.save_tiling):
+        raise ConfigError(
+            "--whole-image runs no tiling: it cannot go with --tile, --cores-per-window or --save-tiling"
+        )
+    if args.save_tiling and not asked:
+        raise ConfigError("--save-tiling needs the tiling to save: --tile N (and --cores-per-window N)")
+    if args.whole_image or not (asked or metadata.tiling):
+        return None
+    return resolve_tiling(metadata, args.tile, args.cores_per_window)
 
 
 def _cmd_tune_crf(args: argparse.Namespace) -> int:
@@ -316,7 +340,9 @@ def _metrics_table(report: dict[str, Any], classes: list[str]) -> Table:
 
 def add_segment_options(parser: argparse.ArgumentParser) -> None:
     """The engine's options (SegmentOptions), one flag each: ``segment`` and the flow commands share them."""
-    parser.add_argument("--tile", type=int, default=512, help="core size in pixels")
+    parser.add_argument(
+        "--tile", type=int, help="core size in pixels (default: the checkpoint's evaluated tiling, else 512)"
+    )
     parser.add_argument(
         "--halo",
         type=int,
@@ -326,9 +352,9 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cores-per-window",
         type=int,
-        default=2,
         help="blocks of NxN cores share one window, so the halo is read and computed once per block "
-        "(1: a window per core; larger: less halo work, more memory per window)",
+        "(1: a window per core; larger: less halo work, more memory per window; default: the "
+        "checkpoint's evaluated tiling, else 2)",
     )
     parser.add_argument(
         "--context",
@@ -468,6 +494,19 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     )
     evaluate.add_argument(
         "--record-as", help="also store the results in the checkpoint's metrics under this name"
+    )
+    tiling = evaluate.add_argument_group(
+        "tiling",
+        "run the model on the windows `deeplab segment` cuts (default: the checkpoint's tiling if it records "
+        "one, else whole images)",
+    )
+    tiling.add_argument("--tile", type=int, help="core size in pixels, as segment's --tile")
+    tiling.add_argument("--cores-per-window", type=int, help="as segment's --cores-per-window")
+    tiling.add_argument("--whole-image", action="store_true", help="each image in one pass, no tiling")
+    tiling.add_argument(
+        "--save-tiling",
+        action="store_true",
+        help="store this tiling in the checkpoint: segment then uses it unless told otherwise",
     )
     evaluate.set_defaults(handler=_cmd_evaluate)
 

@@ -12,10 +12,11 @@ from models.checkpoint import LoadedModel
 from models.data import Pair, list_files, pair_by_stem, read_pair
 from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
-from models.metadata import CRFParams
+from models.metadata import CRFParams, Tiling
 from models.metrics import SegmentationMetrics
-from models.optimize import for_inference
 from pipeline.crf import refine_labels
+from pipeline.grid import core_of, model_halo, plan_tiles
+from pipeline.workers import ModelWorker, read_windows, window_batches
 
 
 @dataclass
@@ -31,16 +32,48 @@ def find_pairs(images: str, masks: str) -> list[Pair]:
 
 
 def predictions(
-    loaded: LoadedModel, pairs: list[Pair], scales: tuple[float, ...] = (1.0,)
+    loaded: LoadedModel,
+    pairs: list[Pair],
+    scales: tuple[float, ...] = (1.0,),
+    tiling: Tiling | None = None,
+    halo: int = 0,
 ) -> Iterator[Prediction]:
-    """Read and check each pair, then run the model on the whole image (at each of ``scales``), prepared
-    for inference as the engine runs it."""
+    """Read and check each pair, then run the model (at each of ``scales``), prepared for inference as the
+    engine runs it: on the whole image, or with ``tiling`` on the engine's windows (``halo`` around cores)."""
     metadata = loaded.metadata
-    model = for_inference(loaded.model)
+    worker = ModelWorker(str(loaded.path), "cpu", None, amp=False, loaded=loaded)
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
-        yield Prediction(pair, image, truth, predict_image(model, metadata, image, scales))
+        if tiling is None:
+            probabilities = predict_image(worker.model, metadata, image, scales)
+        else:
+            probabilities = tiled_probabilities(worker, image, tiling, halo, scales)
+        yield Prediction(pair, image, truth, probabilities)
+
+
+def tiled_probabilities(
+    worker: ModelWorker, image: np.ndarray, tiling: Tiling, halo: int, scales: tuple[float, ...]
+) -> np.ndarray:
+    """(classes, H, W) probabilities of ``image`` as the engine computes them: the cores of its plan, each
+    from its block's window (the engine's own batching and worker), stitched."""
+    height, width = image.shape[-2:]
+    tiles = plan_tiles(height, width, tiling.tile, halo, tiling.cores_per_window)
+    stitched = np.empty((worker.loaded.metadata.num_classes, height, width), dtype=np.float32)
+    for batch in window_batches([(tile, None) for tile in tiles], 4):
+        windows = read_windows(image, batch)
+        for members, result in zip(batch, worker.predict(windows, scales, "max", True), strict=True):
+            for tile, _ in members:
+                rows = slice(tile.core_top, tile.core_top + tile.core_height)
+                cols = slice(tile.core_left, tile.core_left + tile.core_width)
+                stitched[:, rows, cols] = core_of(result, tile)
+    return stitched
+
+
+def evaluation_halo(loaded: LoadedModel, tiling: Tiling, crf_params: CRFParams | None) -> int:
+    """The halo ``deeplab segment`` reads around ``tiling``'s cores (with the CRF on when it is evaluated)."""
+    sigma_alpha = crf_params.sigma_alpha if crf_params else None
+    return model_halo(loaded.metadata, sigma_alpha, tiling.tile)
 
 
 def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:
@@ -59,22 +92,31 @@ def evaluate(
     exclude_classes: list[str] | None = None,
     on_image: Callable[[str], None] | None = None,
     scales: tuple[float, ...] = (1.0,),
+    tiling: Tiling | None = None,
 ) -> dict[str, Any]:
-    """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded."""
+    """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded.
+
+    ``tiling``: the model runs on the engine's windows, not on whole images (the CRF still refines the
+    whole image's stitched probabilities: the engine's CRF on cores with its reach agrees with that)."""
     metadata = loaded.metadata
     names = [c.name for c in metadata.classes]
     miou_classes = metric_classes(loaded, exclude_classes or [])
     plain = SegmentationMetrics(names, metadata.ignore_index)
     refined = SegmentationMetrics(names, metadata.ignore_index)
     params = crf_params or metadata.crf
-    for prediction in predictions(loaded, pairs, scales):
+    halo = evaluation_halo(loaded, tiling, params if with_crf else None) if tiling else 0
+    for prediction in predictions(loaded, pairs, scales, tiling, halo):
         plain.update(prediction.probabilities.argmax(0), prediction.truth)
         if with_crf:
             labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
             refined.update(labels, prediction.truth)
         if on_image:
             on_image(prediction.pair.stem)
-    report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | {"scales": list(scales)}}
+    inference = {
+        "scales": list(scales),
+        "tiling": tiling.model_dump() | {"halo": halo} if tiling else "whole image",
+    }
+    report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | inference}
     if with_crf:
         report["crf"] = refined.summary(miou_classes) | {"crf_params": params.model_dump()}
     return report

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.metadata import CheckpointMetadata
+from models.metadata import CheckpointMetadata, Tiling
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,21 @@ class Tile:
 
 # Part of every ledger key: a change to how windows are cut changes results, so old ledgers are not reused.
 PLAN_VERSION = "clipped-windows, crf-reach, blocks"
+
+# The engine's tiling for a checkpoint that records none: 512 px cores in 2x2 blocks (1024 px + halo windows).
+DEFAULT_TILING = Tiling(tile=512, cores_per_window=2)
+
+
+def resolve_tiling(
+    metadata: CheckpointMetadata, tile: int | None = None, cores_per_window: int | None = None
+) -> Tiling:
+    """What is asked, else what the checkpoint records (its evaluated tiling), else ``DEFAULT_TILING``."""
+    recorded = metadata.tiling or DEFAULT_TILING
+    return Tiling(
+        tile=tile if tile is not None else recorded.tile,
+        cores_per_window=cores_per_window if cores_per_window is not None else recorded.cores_per_window,
+    )
+
 
 HALO_ALIGN = 32  # a multiple of every output stride: tiles sample the feature grid in phase with the scene
 

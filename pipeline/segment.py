@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info, read_metadata
 from models.errors import DeepLabError
-from models.metadata import CheckpointMetadata, CRFParams
+from models.metadata import CheckpointMetadata, CRFParams, Tiling
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.grid import (
@@ -34,6 +34,7 @@ from pipeline.grid import (
     has_image_pooling,
     model_halo,
     plan_tiles,
+    resolve_tiling,
 )
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
@@ -69,10 +70,14 @@ from pipeline.workers import (
 
 class SegmentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tile: int = Field(512, ge=16)
+    tile: int | None = Field(None, ge=16, description="core size; None: the checkpoint's tiling, else 512")
     halo: int | None = Field(None, ge=0, description="None: derived from the model's head and the CRF")
-    cores_per_window: int = Field(
-        2, ge=1, le=8, description="blocks of NxN cores share one window: the halo is computed once per block"
+    cores_per_window: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="blocks of NxN cores share one window: the halo is computed once per block; "
+        "None: the checkpoint's tiling, else 2",
     )
     crf: bool = True
     crf_params: CRFParams | None = None
@@ -127,6 +132,7 @@ class ScenePlan:
 
     check: PreflightResult
     shape: tuple[int, int]  # the grid the model runs on (the source's unless --match-resolution)
+    tiling: Tiling  # the options' tile and block, else the checkpoint's
     halo: int
     tiles: list[Tile]
     crf: CRFParams | None
@@ -150,7 +156,9 @@ class ScenePlan:
         ]
         if self.shape != (scene.height, scene.width):
             lines.append(f"  resampled to {self.shape[0]}x{self.shape[1]} px (x{self.check.scale:.3g})")
-        cores = f"{len(self.tiles)} cores of {self.tiles[0].core_height if self.tiles else 0} px"
+        cores = (
+            f"{len(self.tiles)} cores of {self.tiling.tile} px in blocks of {self.tiling.cores_per_window}²"
+        )
         if nodata_cores is not None:
             cores += f" ({nodata_cores} wholly nodata, skipped)"
         lines.append(f"  {cores}, halo {self.halo} px, {self.windows} windows of up to {self.window} px")
@@ -165,12 +173,13 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     check.raise_if_refused()
     crf = (options.crf_params or metadata.crf) if options.crf else None
     shape = resampled_shape(scene.height, scene.width, check.scale)
+    tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
     halo = options.halo
     if halo is None:
         scene_context = options.context == "scene"
-        halo = model_halo(metadata, crf.sigma_alpha if crf else None, options.tile, scene_context)
-    tiles = plan_tiles(shape[0], shape[1], options.tile, halo, options.cores_per_window)
-    return ScenePlan(check, shape, halo, tiles, crf)
+        halo = model_halo(metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context)
+    tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
+    return ScenePlan(check, shape, tiling, halo, tiles, crf)
 
 
 def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:
@@ -251,15 +260,15 @@ def stage_work(
     plan, name = prepared.plan, prepared.name
     progress.stage(name, "stage")
     staged = stage_scene(
-        prepared.scene, Path(out_dir) / ".work", options.tile, prepared.checksum, plan.check.scale
+        prepared.scene, Path(out_dir) / ".work", plan.tiling.tile, prepared.checksum, plan.check.scale
     )
     prepared.timings["stage"] = time.perf_counter() - clock
     key = result_key(
         input=prepared.checksum,
         checkpoint=prepared.checkpoint.sha256,
-        tile=options.tile,
+        tile=plan.tiling.tile,
         halo=plan.halo,
-        cores_per_window=options.cores_per_window,
+        cores_per_window=plan.tiling.cores_per_window,
         crf=plan.crf.model_dump() if plan.crf else None,
         scales=options.scales,
         fuse=options.fuse,
@@ -267,7 +276,7 @@ def stage_work(
         plan=PLAN_VERSION,
         context=scene_context_used(options, prepared.checkpoint.metadata),
     )
-    ledger = Ledger(staged.folder, key, plan.shape, options.tile, confidence=options.probabilities)
+    ledger = Ledger(staged.folder, key, plan.shape, plan.tiling.tile, confidence=options.probabilities)
     todo, skipped = cores_to_compute(plan.tiles, staged.valid(), ledger.is_done)
     return StagedWork(prepared, staged, ledger, todo, skipped, ledger.done_count)
 
@@ -385,7 +394,13 @@ def publish_work(
         # a slide's polygons are in level-0 slide pixels (QuPath's coordinates)
         transform = Affine.scale(1 / plan.check.scale) if slide else scene.transform
         polygons = vectorize_mask(
-            labels, loaded.metadata.classes, scene.crs, transform, outputs["polygons"], options.tile, slide
+            labels,
+            loaded.metadata.classes,
+            scene.crs,
+            transform,
+            outputs["polygons"],
+            plan.tiling.tile,
+            slide,
         )
         timings["vectorize"] = time.perf_counter() - clock
     total = sum(timings.values())
@@ -644,8 +659,8 @@ def _report(
 ) -> dict[str, Any]:
     classes = loaded.metadata.classes
     per_row = np.zeros((scene.height, len(classes)), dtype=np.int64)
-    for top in range(0, scene.height, options.tile):
-        rows = np.asarray(labels[top : top + options.tile])
+    for top in range(0, scene.height, plan.tiling.tile):
+        rows = np.asarray(labels[top : top + plan.tiling.tile])
         for offset, row in enumerate(rows):
             per_row[top + offset] = np.bincount(row[row < len(classes)], minlength=len(classes))[
                 : len(classes)
@@ -678,9 +693,9 @@ def _report(
         "crs": scene.crs.to_string() if scene.crs else None,
         "pixel_size_m": scene.pixel_size_m(),
         "tiles": tiles,
-        "tile": options.tile,
+        "tile": plan.tiling.tile,
         "halo": plan.halo,
-        "cores_per_window": options.cores_per_window,
+        "cores_per_window": plan.tiling.cores_per_window,
         "context": options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
         "model_grid": list(plan.shape),
         "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),
@@ -710,7 +725,7 @@ def _provenance(
         "DEEPLAB_CHECKPOINT_SHA256": loaded.sha256,
         "DEEPLAB_CLASSES": json.dumps([c.name for c in metadata.classes]),
         "DEEPLAB_CRF": json.dumps(plan.crf.model_dump()) if plan.crf else "off",
-        "DEEPLAB_TILE": str(options.tile),
+        "DEEPLAB_TILE": str(plan.tiling.tile),
         "DEEPLAB_HALO": str(plan.halo),
         "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",
         "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in options.scales),

@@ -20,7 +20,7 @@ from models.data import Pair
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
 from pipeline.crf import refine_labels
-from pipeline.evaluate import predictions
+from pipeline.evaluate import evaluation_halo, predictions
 
 Objective = Literal["miou", "boundary_f1"]
 COARSE_W1 = (3.0, 5.0, 7.0)
@@ -50,12 +50,15 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def collect_samples(loaded: LoadedModel, pairs: list[Pair], crop: int) -> list[Sample]:
-    """Model probabilities once per image, cut to a centre crop to bound the CRF's cost."""
+    """Model probabilities once per image (on the checkpoint's tiling where it records one, as the engine
+    runs it), cut to a centre crop to bound the CRF's cost."""
+    tiling = loaded.metadata.tiling
+    halo = evaluation_halo(loaded, tiling, loaded.metadata.crf) if tiling else 0
     return [
         Sample(
             centre_crop(p.image, crop), centre_crop(p.truth, crop), centre_crop(p.probabilities, crop).copy()
         )
-        for p in predictions(loaded, pairs)
+        for p in predictions(loaded, pairs, tiling=tiling, halo=halo)
     ]
 
 

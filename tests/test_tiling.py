@@ -1,0 +1,88 @@
+"""A checkpoint's evaluated tiling: evaluate runs the engine's windows and records them; segment uses them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.checkpoint import load_checkpoint, read_metadata
+from models.data import read_pair
+from models.inference import predict_image
+from models.metadata import Tiling
+from pipeline.cli import main
+from pipeline.evaluate import find_pairs, tiled_probabilities
+from pipeline.grid import DEFAULT_TILING, resolve_tiling
+from pipeline.segment import SegmentOptions, plan_scene
+from pipeline.sources import describe
+from pipeline.workers import ModelWorker
+from tests.conftest import copy_kampala_pairs
+
+CHIPS = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21")
+
+
+def test_tiling_comes_from_the_options_then_the_checkpoint_then_the_default(buildings_model: Path) -> None:
+    metadata = read_metadata(buildings_model).model_copy(update={"tiling": None})
+    assert resolve_tiling(metadata) == DEFAULT_TILING
+    recorded = metadata.model_copy(update={"tiling": Tiling(tile=128, cores_per_window=1)})
+    assert resolve_tiling(recorded) == Tiling(tile=128, cores_per_window=1)
+    assert resolve_tiling(recorded, tile=256) == Tiling(tile=256, cores_per_window=1)
+    assert resolve_tiling(recorded, cores_per_window=3) == Tiling(tile=128, cores_per_window=3)
+
+
+def test_tiled_probabilities_stitch_each_core_from_its_own_window(
+    kampala: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS[:1])
+    loaded = load_checkpoint(buildings_model)
+    image, _ = read_pair(find_pairs(str(images), str(masks))[0], 2, loaded.metadata.ignore_index)
+    worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
+    whole = predict_image(worker.model, loaded.metadata, image)
+    # one window that holds the whole chip: the whole-image pass (probabilities travel as float16)
+    covering = tiled_probabilities(worker, image, Tiling(tile=256, cores_per_window=1), 64, (1.0,))
+    np.testing.assert_allclose(covering, whole, atol=2e-3)
+    # 64 px cores, each read with 32 px of halo: every pixel written, each core from its own window
+    tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, (1.0,))
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=5e-3)
+    window = image[:, 64 - 32 : 128 + 32, 128 - 32 : 192 + 32]
+    alone = predict_image(worker.model, loaded.metadata, window)
+    np.testing.assert_allclose(tiled[:, 64:128, 128:192], alone[:, 32:96, 32:96], atol=2e-3)
+    assert not np.allclose(tiled, whole, atol=2e-3)  # image pooling over 128 px windows differs
+
+
+def test_evaluate_saves_its_tiling_and_segment_uses_it(
+    kampala: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS)
+    model = tmp_path / "model.safetensors"
+    shutil.copy(buildings_model, model)
+    args = ["evaluate", "--model", str(model), "--images", str(images), "--masks", str(masks)]
+
+    def report(*extra: str) -> dict[str, object]:
+        path = tmp_path / "report.json"
+        assert main([*args, "--report", str(path), *extra]) == 0
+        no_crf: dict[str, object] = json.loads(path.read_text())["no_crf"]
+        return no_crf
+
+    whole = report()
+    assert whole["tiling"] == "whole image"
+    tiled = report("--tile", "64", "--cores-per-window", "1", "--save-tiling")
+    assert tiled["tiling"] == {"tile": 64, "cores_per_window": 1, "halo": 32}
+    assert tiled["miou"] != whole["miou"]
+    assert read_metadata(model).tiling == Tiling(tile=64, cores_per_window=1)
+    assert load_checkpoint(model).metadata.tiling == Tiling(tile=64, cores_per_window=1)
+    # evaluate and segment now default to it; what is asked still wins
+    assert report()["tiling"] == tiled["tiling"]
+    assert report("--whole-image")["tiling"] == "whole image"
+    scene = describe(kampala / "scene" / "kampala_z21_rgb.tif")
+    metadata = read_metadata(model)
+    assert plan_scene(scene, metadata, SegmentOptions()).tiling == Tiling(tile=64, cores_per_window=1)
+    asked = plan_scene(scene, metadata, SegmentOptions(tile=256)).tiling
+    assert asked == Tiling(tile=256, cores_per_window=1)
+    assert plan_scene(scene, read_metadata(buildings_model), SegmentOptions()).tiling == DEFAULT_TILING
+    capsys.readouterr()
+    assert main([*args, "--whole-image", "--tile", "64"]) == 2
+    assert "--whole-image" in capsys.readouterr().err
