@@ -56,8 +56,12 @@ def render_card(path: Path, attribution: str) -> str:
     ):
         report = metadata.metrics.get(name)
         if report:
-            lines += [f"### {label}", "", *_metrics_table(report, metadata), ""]
+            lines += [f"### {label}", "", *_metrics_table(report, metadata), "", _evaluated_on(report), ""]
     lines += [
+        "## Tiling",
+        "",
+        *_tiling_lines(metadata),
+        "",
         "## Dense CRF",
         "",
         *_crf_lines(metadata),
@@ -127,6 +131,37 @@ def _metrics_table(report: dict[str, Any], metadata: CheckpointMetadata) -> list
         )
     rows.append("| images | " + " | ".join(str(report[p]["images"]) for p in parts) + " |")
     return rows
+
+
+def _evaluated_on(report: dict[str, Any]) -> str:
+    tiling = report.get("no_crf", {}).get("tiling", "whole image")
+    if not isinstance(tiling, dict):
+        return "The model ran on each whole image."
+    return (
+        f"The model ran on the engine's windows: {tiling['tile']} px cores in blocks of "
+        f"{tiling['cores_per_window']}², halo {tiling['halo']} px (the CRF on each whole image)."
+    )
+
+
+def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
+    if metadata.tiling is None:
+        return ["None stored: `deeplab segment` uses its default, 512 px cores in blocks of 2²."]
+    lines = [
+        f"Stored in the checkpoint: `deeplab segment` cuts scenes into {metadata.tiling.tile} px cores in "
+        f"blocks of {metadata.tiling.cores_per_window}² unless told otherwise."
+    ]
+    tuning = metadata.tiling_tuning
+    if tuning:
+        scores = "; ".join(
+            ("whole images" if not isinstance(t["tiling"], dict) else f"{t['tiling']['tile']} px")
+            + f" {t['miou']:.4f}"
+            for t in tuning["trials"]
+        )
+        lines += [
+            "",
+            f"Chosen by `deeplab tune-tiling` on {tuning['images']} images, mIoU without CRF: {scores}.",
+        ]
+    return lines
 
 
 def _crf_lines(metadata: CheckpointMetadata) -> list[str]:

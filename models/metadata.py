@@ -69,6 +69,7 @@ class CheckpointMetadata(BaseModel):
     crf: CRFParams = Field(default_factory=CRFParams)
     crf_tuning: dict[str, Any] | None = None
     tiling: Tiling | None = Field(None, description="the engine's default tiling for it (None: the engine's)")
+    tiling_tuning: dict[str, Any] | None = None
     training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""

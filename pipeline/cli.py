@@ -231,6 +231,30 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune_tiling(args: argparse.Namespace) -> int:
+    from models.checkpoint import load_checkpoint, update_metadata
+    from models.metadata import Tiling
+    from pipeline.evaluate import find_pairs, metric_classes
+    from pipeline.tune_tiling import TilingTrial, tune_tiling
+
+    loaded = load_checkpoint(args.model)
+    pairs = find_pairs(args.images, args.masks)
+    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    metric_classes(loaded, exclude)  # unknown class names fail before any model pass
+
+    def show(trial: TilingTrial) -> None:
+        console.print(f"{trial.describe()}: mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}")
+
+    result = tune_tiling(loaded, pairs, args.tiles, args.cores_per_window, exclude, on_trial=show)
+    best = Tiling.model_validate(result["best"])
+    console.print(f"best: {best.model_dump()} -> mIoU {result['best_miou']:.4f}")
+    if not args.dry_run:
+        tuning = result | {"image_glob": args.images, "mask_glob": args.masks, "excluded": exclude}
+        update_metadata(args.model, tiling=best, tiling_tuning=tuning)
+        console.print(f"wrote the tiling into {args.model}: segment, evaluate and tune-crf now default to it")
+    return 0
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.progress import ConsoleProgress
     from pipeline.segment import segment_scenes
@@ -523,6 +547,24 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     tune_crf.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
     tune_crf.add_argument("--dry-run", action="store_true", help="report, but leave the checkpoint unchanged")
     tune_crf.set_defaults(handler=_cmd_tune_crf)
+
+    tune_tiling = commands.add_parser(
+        "tune-tiling", help="the core size segment cuts scenes into for a model, chosen on validation images"
+    )
+    tune_tiling.add_argument("--model", type=Path, required=True)
+    tune_tiling.add_argument("--images", required=True)
+    tune_tiling.add_argument("--masks", required=True)
+    tune_tiling.add_argument(
+        "--tiles", type=int, nargs="+", default=[128, 256, 512], help="candidate core sizes, pixels"
+    )
+    tune_tiling.add_argument(
+        "--cores-per-window", type=int, default=2, help="as segment's --cores-per-window"
+    )
+    tune_tiling.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
+    tune_tiling.add_argument(
+        "--dry-run", action="store_true", help="report, but leave the checkpoint unchanged"
+    )
+    tune_tiling.set_defaults(handler=_cmd_tune_tiling)
 
     segment = commands.add_parser("segment", help="segment georeferenced scenes into class-mask COGs")
     segment.add_argument(

@@ -86,3 +86,31 @@ def test_evaluate_saves_its_tiling_and_segment_uses_it(
     capsys.readouterr()
     assert main([*args, "--whole-image", "--tile", "64"]) == 2
     assert "--whole-image" in capsys.readouterr().err
+
+
+def test_tune_tiling_stores_the_best_core_size_and_the_card_shows_it(
+    kampala: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS)
+    model = tmp_path / "model.safetensors"
+    shutil.copy(buildings_model, model)
+    args = ["tune-tiling", "--model", str(model), "--images", str(images), "--masks", str(masks)]
+    assert main([*args, "--tiles", "64", "32", "--cores-per-window", "1"]) == 0
+    metadata = read_metadata(model)
+    tuning = metadata.tiling_tuning
+    assert tuning is not None and tuning["images"] == 2
+    scores = {json.dumps(t["tiling"]): t["miou"] for t in tuning["trials"]}
+    assert len(scores) == 3 and '"whole image"' in scores
+    tiled = {k: v for k, v in scores.items() if k != '"whole image"'}
+    best = json.loads(max(tiled, key=lambda k: tiled[k]))
+    assert metadata.tiling == Tiling.model_validate(best) and best["cores_per_window"] == 1
+    assert tuning["best_miou"] == pytest.approx(max(tiled.values()))
+    attribution = tmp_path / "attribution.md"
+    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
+    card = tmp_path / "card.md"
+    assert main(["card", str(model), "--attribution", str(attribution), "--out", str(card)]) == 0
+    assert f"cuts scenes into {best['tile']} px cores in blocks of 1²" in card.read_text()
+    assert "Chosen by `deeplab tune-tiling` on 2 images" in card.read_text()
+    capsys.readouterr()
+    assert main([*args, "--exclude-classes", "roads"]) == 2
+    assert "roads" in capsys.readouterr().err
