@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tune the CRF and evaluate the reference models on their held-out data; results go into each checkpoint's
-# metadata (metrics.held_out*), reports/*.json and the model cards.
+# Choose the engine's tiling, tune the CRF and evaluate the reference models on their held-out data; results
+# go into each checkpoint's metadata (tiling, crf, metrics.held_out*), reports/*.json and the model cards.
 # As in the paper, the CRF is tuned on a subset of the held-out images and reported on all of them; the
 # images it was not tuned on are also reported alone.
 set -euo pipefail
@@ -10,9 +10,28 @@ deeplab="${DEEPLAB:-deeplab}"
 which="${1:-all}"
 mkdir -p "$here/reports"
 
+# The engine's tiling (tune-tiling) comes first: tune-crf and evaluate then run the model as segment will.
+# The 256 px Kampala chips fit in any window, so the Kampala models' tiling is chosen on the scene mosaic,
+# its held-out zoom-19 cell (row 1, column 2 of 1024 px cells) set to 255 (ignored).
+kampala_tiling() {
+  local model="$1" tuning="$here/reports/.kampala-tiling"
+  mkdir -p "$tuning/images" "$tuning/masks"
+  cp "$data/kampala-buildings/scene/kampala_z21_rgb.tif" "$tuning/images/scene.tif"
+  "${PYTHON:-python}" - "$data/kampala-buildings/scene/kampala_z21_buildings.tif" "$tuning/masks/scene.tif" <<'PY'
+import sys, rasterio
+with rasterio.open(sys.argv[1]) as source:
+    mask, profile = source.read(1), source.profile
+mask[1024:2048, 2048:3072] = 255
+with rasterio.open(sys.argv[2], "w", **profile) as target:
+    target.write(mask, 1)
+PY
+  "$deeplab" tune-tiling --model "$model" --images "$tuning/images" --masks "$tuning/masks" --tiles 128 256 512
+}
+
 kampala() {  # $1: the model's name (buildings-kampala, the reference; buildings-kampala-lite0, the compact one)
   model="$here/$1.safetensors"
   chips="$data/kampala-buildings/chips"; masks="$data/kampala-buildings/masks"
+  kampala_tiling "$model"
   # Held-out ground: zoom-19 tile 309614/261633 = zoom-21 x 1238456..59, y 1046532..35 (the scene's resolution).
   tune_set="$chips/OAM-12384[5][68]-104653[2-5]-21.tif"     # 8 of the 16 held-out zoom-21 chips
   rest_set="$chips/OAM-12384[5][79]-104653[2-5]-21.tif"     # the other 8
@@ -37,6 +56,8 @@ fi
 if [[ "$which" == dubai || "$which" == all ]]; then
   model="$here/landcover-dubai.safetensors"
   images="$data/dubai-landcover/images"; masks="$data/dubai-landcover/masks"
+  "$deeplab" tune-tiling --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
+    --tiles 96 128 192 256 --exclude-classes unlabeled
   "$deeplab" tune-crf --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
     --crop 512 --workers 2 --exclude-classes unlabeled
   "$deeplab" evaluate --model "$model" --images "$images/tile7_*.jpg" --masks "$masks" --crf \
