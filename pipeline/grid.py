@@ -107,6 +107,21 @@ def model_halo(
     return default_halo(radius, crf_sigma_alpha, tile, global_context)
 
 
+def window_warning(metadata: CheckpointMetadata, window: int, context: str) -> str | None:
+    """A warning when a model whose image pooling sees each window gets windows far larger than its training
+    crops and its checkpoint records no evaluated tiling (the Lite2 Kampala model lost 0.18 IoU so)."""
+    crop = metadata.training.get("config", {}).get("crop_size")
+    if not crop or metadata.tiling is not None or context == "scene" or not has_image_pooling(metadata):
+        return None
+    if window <= 3 * crop:
+        return None
+    return (
+        f"windows of up to {window} px are {window / crop:.1f}x the {crop} px crops the model was trained "
+        "on, and its image pooling averages each whole window: `deeplab tune-tiling` stores a tiling "
+        "measured on validation images (or pass --tile)"
+    )
+
+
 def has_image_pooling(metadata: CheckpointMetadata) -> bool:
     """Whether the checkpoint's architecture pools the whole window (DeepLab-v3's image-level branch)."""
     from models.registry import get_architecture

@@ -35,6 +35,7 @@ from pipeline.grid import (
     model_halo,
     plan_tiles,
     resolve_tiling,
+    window_warning,
 )
 from pipeline.ledger import Ledger, result_key
 from pipeline.preflight import PreflightResult, preflight
@@ -179,7 +180,10 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
         scene_context = options.context == "scene"
         halo = model_halo(metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context)
     tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
-    return ScenePlan(check, shape, tiling, halo, tiles, crf)
+    plan = ScenePlan(check, shape, tiling, halo, tiles, crf)
+    if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
+        check.warnings.append(warning)
+    return plan
 
 
 def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:

@@ -114,3 +114,24 @@ def test_tune_tiling_stores_the_best_core_size_and_the_card_shows_it(
     capsys.readouterr()
     assert main([*args, "--exclude-classes", "roads"]) == 2
     assert "roads" in capsys.readouterr().err
+
+
+def test_windows_far_larger_than_the_training_crops_warn_unless_a_tiling_is_chosen(
+    kampala: Path, buildings_model: Path
+) -> None:
+    scene = describe(kampala / "scene" / "kampala_z21_rgb.tif")
+    metadata = read_metadata(buildings_model)  # v3+ trained on 256 px crops, no tiling stored
+
+    def warned(metadata: object, options: SegmentOptions) -> list[str]:
+        plan = plan_scene(scene, metadata, options)  # type: ignore[arg-type]
+        return [w for w in plan.check.warnings if "tune-tiling" in w]
+
+    assert warned(metadata, SegmentOptions()) == [
+        "windows of up to 1280 px are 5.0x the 256 px crops the model was trained on, and its image pooling "
+        "averages each whole window: `deeplab tune-tiling` stores a tiling measured on validation images "
+        "(or pass --tile)"
+    ]
+    assert warned(metadata, SegmentOptions(tile=128)) == []
+    assert warned(metadata, SegmentOptions(context="scene")) == []
+    stored = metadata.model_copy(update={"tiling": Tiling(tile=512, cores_per_window=2)})
+    assert warned(stored, SegmentOptions()) == []
