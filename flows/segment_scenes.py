@@ -43,6 +43,7 @@ from pipeline.segment import (
     prepare_scene,
     publish_work,
     stage_work,
+    start_actors,
 )
 from pipeline.sources import Source, source_id
 
@@ -80,6 +81,16 @@ class SharedRay:
         self.options = options
         self.actors = actors  # kept for the flow run: the scenes share the actors' model loads
         self.lock = threading.Lock()
+
+    def start(self, prepared: PreparedScene) -> None:
+        """The scene's actors, started before it is staged, unless another scene holds the session (its
+        actors are up already)."""
+        if self.actors is None or not self.lock.acquire(blocking=False):
+            return
+        try:
+            start_actors(prepared, self.options, self.actors)
+        finally:
+            self.lock.release()
 
     def compute(self, work: StagedWork, progress: TaskLogProgress) -> StagedWork:
         with self.lock:
@@ -119,8 +130,9 @@ def preflight(source: Source, checkpoint: CheckpointInfo, options: SegmentOption
 
 
 @task(name="stage", task_run_name="stage {job.name}", cache_policy=NO_CACHE)
-def stage(job: SceneJob, output: Path, options: SegmentOptions) -> SceneJob:
+def stage(job: SceneJob, output: Path, options: SegmentOptions, ray: SharedRay) -> SceneJob:
     if job.previous is None:
+        ray.start(job.prepared)  # the actors start while the scene is staged
         job.work = stage_work(job.prepared, output, options, TaskLogProgress(get_run_logger()))
     return job
 
@@ -261,7 +273,7 @@ def segment_scenes(
         for source, checked in checks.items():
             # a task takes its upstream's future in place of its value; Prefect resolves it (or, when the
             # upstream failed, leaves the task NotReady), which the type checker cannot know
-            staged: Any = stage.submit(checked, out, options)
+            staged: Any = stage.submit(checked, out, options, shared)
             segmented: Any = segment.submit(staged, shared)
             chains[source] = [checked, staged, segmented, publish.submit(segmented, out, options)]
         wait([future for chain in chains.values() for future in chain])

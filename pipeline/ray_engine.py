@@ -368,6 +368,24 @@ class KeptActors:
     def __init__(self, ray: Any) -> None:
         self.ray = ray
         self.kept: dict[tuple[str, bool, str, bool, float], ActorPools] = {}
+        # pools started ahead of their scene (``start``): the scene that first uses them counts their actors
+        self.unclaimed: set[tuple[str, bool, str, bool, float]] = set()
+
+    def start(self, checkpoint: Path, checkpoint_sha256: str, spec: WorkSpec, gpus_per_model: float) -> None:
+        """Create a scene's actors now, before it is staged: Ray starts them in the background, so their
+        start, model load and preparation overlap the staging instead of delaying the first window."""
+        key = self._key(checkpoint_sha256, spec, gpus_per_model)
+        if key in self.kept:
+            return
+        pools = self.kept[key] = ActorPools(self.ray, str(checkpoint), spec, gpus_per_model, PoolStats())
+        pools.refresh()
+        self.unclaimed.add(key)
+
+    @staticmethod
+    def _key(
+        checkpoint_sha256: str, spec: WorkSpec, gpus_per_model: float
+    ) -> tuple[str, bool, str, bool, float]:
+        return (checkpoint_sha256, spec.crf is not None, spec.device, spec.amp, gpus_per_model)
 
     def pools(
         self,
@@ -379,10 +397,13 @@ class KeptActors:
     ) -> ActorPools:
         """The pools for this checkpoint and actor shape, started at first use; ``stats`` counts for the
         scene now computing."""
-        key = (checkpoint_sha256, spec.crf is not None, spec.device, spec.amp, gpus_per_model)
+        key = self._key(checkpoint_sha256, spec, gpus_per_model)
         pools = self.kept.get(key)
         if pools is None:
             pools = self.kept[key] = ActorPools(self.ray, str(checkpoint), spec, gpus_per_model, stats)
+        if key in self.unclaimed:
+            self.unclaimed.discard(key)
+            stats.actors_started.update(pools.stats.actors_started)
         pools.stats = stats
         return pools
 
@@ -392,11 +413,13 @@ class KeptActors:
         if any(member.load for member in pools.members):
             pools.close()
             self.kept = {key: kept for key, kept in self.kept.items() if kept is not pools}
+            self.unclaimed &= set(self.kept)
 
     def close(self) -> None:
         for pools in self.kept.values():
             pools.close()
         self.kept.clear()
+        self.unclaimed.clear()
 
 
 @contextmanager

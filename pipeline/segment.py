@@ -317,6 +317,27 @@ def cores_to_compute(
     return todo, len(tiles) - len(cores)
 
 
+def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
+    """What each window of the scene goes through (before any scene context)."""
+    return WorkSpec(
+        crf=prepared.plan.crf,
+        input_max=prepared.checkpoint.metadata.input_max,
+        scales=options.scales,
+        fuse=options.fuse,
+        batch_size=options.batch_size,
+        device=options.device,
+        amp=options.amp,
+        with_confidence=options.probabilities,
+    )
+
+
+def start_actors(prepared: PreparedScene, options: SegmentOptions, actors: KeptActors) -> None:
+    """The scene's actors, started before it is staged so that their start overlaps the staging."""
+    checkpoint = prepared.checkpoint
+    spec = work_spec(prepared, options)
+    actors.start(checkpoint.path, checkpoint.sha256, spec, options.gpus_per_model_actor)
+
+
 def compute_work(
     work: StagedWork,
     options: SegmentOptions,
@@ -333,16 +354,7 @@ def compute_work(
     progress.stage(
         name, "segment", f"{len(work.todo)} cores to compute, {work.resumed} resumed, {work.skipped} nodata"
     )
-    spec = WorkSpec(
-        crf=prepared.plan.crf,
-        input_max=prepared.checkpoint.metadata.input_max,
-        scales=options.scales,
-        fuse=options.fuse,
-        batch_size=options.batch_size,
-        device=options.device,
-        amp=options.amp,
-        with_confidence=options.probabilities,
-    )
+    spec = work_spec(prepared, options)
     on_core = progress.cores(name, len(work.todo))
     with_context = scene_context_used(options, prepared.checkpoint.metadata)
     if options.engine == "ray" and ray is not None:
@@ -442,6 +454,8 @@ def segment_scene(
     """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``, ``actors``
     the session's kept actors (else the scene starts and stops its own)."""
     prepared = prepare_scene(scene_path, checkpoint, options, progress=progress)
+    if ray is not None and actors is not None and options.engine == "ray":
+        start_actors(prepared, options, actors)
     work = stage_work(prepared, out_dir, options, progress)
     return publish_work(compute_work(work, options, ray, progress, actors), out_dir, options, progress)
 
