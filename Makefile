@@ -20,7 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deeplab run-flow $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
-		--model models/zoo/buildings-kampala.safetensors --tile 128 --out $(DEMO_OUT) --vectorize
+		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
 	$(BIN)/deeplab run-flow $(DATA)/landsat/RGB.byte.tif \
 		--model models/zoo/landcover-dubai.safetensors --out $(DEMO_OUT) --probabilities
 	$(BIN)/deeplab run-flow $(DATA)/wsi/CMU-1-Small-Region.svs \

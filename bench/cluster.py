@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 # Scaling runs: the Landsat scene with its nodata collar (35 cores of 128 px, CRF on: about a minute a node).
 SCENE = DATA / "landsat" / "RGB.byte.tif"
-MODEL = ROOT / "models" / "zoo" / "landcover-dubai.safetensors"
+MODEL = ROOT / "models" / "zoo" / "landcover-dubai-lite0.safetensors"
 # Per-tile costs for the estimate: 512 px cores of the 7.5 cm aerial scene and its model.
 COST_SCENE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
 COST_MODEL = ROOT / "models" / "zoo" / "buildings-kampala-lite0.safetensors"

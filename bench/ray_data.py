@@ -36,7 +36,7 @@ from pipeline.workers import CRFWorker, ModelWorker, Work, WorkSpec, window_batc
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 SCENE = DATA / "landsat" / "RGB.byte.tif"
-MODEL = ROOT / "models" / "zoo" / "landcover-dubai.safetensors"
+MODEL = ROOT / "models" / "zoo" / "landcover-dubai-lite0.safetensors"
 REPORTS = ROOT / "bench" / "reports"
 
 

@@ -192,7 +192,14 @@ def main() -> None:
     scenes = [data / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif", data / "landsat" / "RGB.byte.tif"]
     results: dict[str, Any] = {"border_px": BORDER, "models": {}}
     # the aerial zoo models (the slide model's stain statistics have no meaning on these scenes)
-    for name in ("buildings-kampala", "buildings-kampala-lite0", "buildings-kampala-v2", "landcover-dubai"):
+    zoo = (
+        "buildings-kampala",
+        "buildings-kampala-lite0",
+        "buildings-kampala-v2",
+        "landcover-dubai",
+        "landcover-dubai-lite0",
+    )
+    for name in zoo:
         loaded = load_checkpoint(root / "models" / "zoo" / f"{name}.safetensors")
         results["models"][f"{name}.safetensors"] = [measure(loaded, scene) for scene in scenes]
         if name == "buildings-kampala-lite0":  # DeepLab-v3+ with --context scene (as tests/test_seams.py)

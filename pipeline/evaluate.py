@@ -96,8 +96,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded.
 
-    ``tiling``: the model runs on the engine's windows, not on whole images (the CRF still refines the
-    whole image's stitched probabilities: the engine's CRF on cores with its reach agrees with that)."""
+    ``tiling``: the model runs on the engine's windows, not on whole images. The CRF still refines the
+    whole image's stitched probabilities; the engine's CRF refines each core with its reach (3 σα) of
+    context, at most the halo, and agrees with that where the reach fits in the halo."""
     metadata = loaded.metadata
     names = [c.name for c in metadata.classes]
     miou_classes = metric_classes(loaded, exclude_classes or [])

@@ -67,7 +67,7 @@ def reference_buildings_model() -> Path:
 
 @pytest.fixture(scope="session")
 def landcover_model() -> Path:
-    path = ZOO / "landcover-dubai.safetensors"
+    path = ZOO / "landcover-dubai-lite0.safetensors"
     assert path.exists(), f"the reference model {path} must be committed"
     return path
 

@@ -31,7 +31,7 @@ PY
 kampala() {  # $1: the model's name (buildings-kampala, the reference; buildings-kampala-lite0, the compact one)
   model="$here/$1.safetensors"
   chips="$data/kampala-buildings/chips"; masks="$data/kampala-buildings/masks"
-  kampala_tiling "$model"
+  if [[ "$1" != *-lite0 ]]; then kampala_tiling "$model"; fi  # the -lite0 models keep the engine's default
   # Held-out ground: zoom-19 tile 309614/261633 = zoom-21 x 1238456..59, y 1046532..35 (the scene's resolution).
   tune_set="$chips/OAM-12384[5][68]-104653[2-5]-21.tif"     # 8 of the 16 held-out zoom-21 chips
   rest_set="$chips/OAM-12384[5][79]-104653[2-5]-21.tif"     # the other 8
@@ -53,17 +53,21 @@ if [[ "$which" == kampala-v2 || "$which" == all ]]; then
     --report "$here/reports/buildings-kampala-v2.held-out.json" --record-as held_out
   "$deeplab" card "$model" --attribution "$here/attribution/kampala.md" --out "$here/buildings-kampala-v2.md"
 fi
-if [[ "$which" == dubai || "$which" == all ]]; then
-  model="$here/landcover-dubai.safetensors"
+dubai() {  # $1: the model's name; landcover-dubai-lite0 keeps the engine's default tiling (tests, benchmarks)
+  model="$here/$1.safetensors"
   images="$data/dubai-landcover/images"; masks="$data/dubai-landcover/masks"
-  "$deeplab" tune-tiling --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
-    --tiles 96 128 192 256 --exclude-classes unlabeled
+  if [[ "$1" != *-lite0 ]]; then
+    "$deeplab" tune-tiling --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
+      --tiles 128 192 256 --exclude-classes unlabeled
+  fi
   "$deeplab" tune-crf --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
     --crop 512 --workers 2 --exclude-classes unlabeled
   "$deeplab" evaluate --model "$model" --images "$images/tile7_*.jpg" --masks "$masks" --crf \
-    --exclude-classes unlabeled --report "$here/reports/landcover-dubai.held-out.json" --record-as held_out
+    --exclude-classes unlabeled --report "$here/reports/$1.held-out.json" --record-as held_out
   "$deeplab" evaluate --model "$model" --images "$images/tile7_image_part_00[4-9].jpg" --masks "$masks" --crf \
-    --exclude-classes unlabeled --report "$here/reports/landcover-dubai.held-out-untuned.json" \
+    --exclude-classes unlabeled --report "$here/reports/$1.held-out-untuned.json" \
     --record-as held_out_not_used_for_crf_tuning
-  "$deeplab" card "$model" --attribution "$here/attribution/dubai.md" --out "$here/landcover-dubai.md"
-fi
+  "$deeplab" card "$model" --attribution "$here/attribution/dubai.md" --out "$here/$1.md"
+}
+if [[ "$which" == dubai || "$which" == all ]]; then dubai landcover-dubai; fi
+if [[ "$which" == dubai-lite0 || "$which" == all ]]; then dubai landcover-dubai-lite0; fi
