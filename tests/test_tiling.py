@@ -53,12 +53,18 @@ def test_tiled_probabilities_stitch_each_core_from_its_own_window(
     assert not np.allclose(tiled, whole, atol=2e-3)  # image pooling over 128 px windows differs
 
 
+def _chips_and_a_model_copy(kampala: Path, model: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two real chips and a copy of ``model`` that a test may rewrite."""
+    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS)
+    copy = tmp_path / "model.safetensors"
+    shutil.copy(model, copy)
+    return images, masks, copy
+
+
 def test_evaluate_saves_its_tiling_and_segment_uses_it(
     kampala: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS)
-    model = tmp_path / "model.safetensors"
-    shutil.copy(buildings_model, model)
+    images, masks, model = _chips_and_a_model_copy(kampala, buildings_model, tmp_path)
     args = ["evaluate", "--model", str(model), "--images", str(images), "--masks", str(masks)]
 
     def report(*extra: str) -> dict[str, object]:
@@ -91,9 +97,7 @@ def test_evaluate_saves_its_tiling_and_segment_uses_it(
 def test_tune_tiling_stores_the_best_core_size_and_the_card_shows_it(
     kampala: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS)
-    model = tmp_path / "model.safetensors"
-    shutil.copy(buildings_model, model)
+    images, masks, model = _chips_and_a_model_copy(kampala, buildings_model, tmp_path)
     args = ["tune-tiling", "--model", str(model), "--images", str(images), "--masks", str(masks)]
     assert main([*args, "--tiles", "64", "32", "--cores-per-window", "1"]) == 0
     metadata = read_metadata(model)
