@@ -147,8 +147,8 @@ def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
     if metadata.tiling is None:
         return ["None stored: `deeplab segment` uses its default, 512 px cores in blocks of 2²."]
     lines = [
-        f"Stored in the checkpoint: `deeplab segment` cuts scenes into {metadata.tiling.tile} px cores in "
-        f"blocks of {metadata.tiling.cores_per_window}² unless told otherwise."
+        f"Stored in the checkpoint: `deeplab segment` cuts scenes into {metadata.tiling.describe()} unless "
+        "told otherwise."
     ]
     tuning = metadata.tiling_tuning
     if tuning:

@@ -53,6 +53,9 @@ class Tiling(BaseModel):
     tile: int = Field(ge=16, description="core size, pixels")
     cores_per_window: int = Field(ge=1, le=8, description="blocks of NxN cores share one window")
 
+    def describe(self) -> str:
+        return f"{self.tile} px cores in blocks of {self.cores_per_window}²"
+
 
 class CheckpointMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

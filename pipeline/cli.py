@@ -160,14 +160,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         write_text_atomically(args.report, json.dumps(report, indent=2))
         console.print(f"wrote {args.report}")
+    changes: dict[str, Any] = {}
     if args.record_as:
         metrics = dict(loaded.metadata.metrics)
         metrics[args.record_as] = {"images": args.images, "masks": args.masks, "excluded": exclude, **report}
-        update_metadata(args.model, metrics=metrics)
-        console.print(f"recorded the results in {args.model} as metrics.{args.record_as}")
+        changes["metrics"] = metrics
+        console.print(f"recording the results in {args.model} as metrics.{args.record_as}")
     if args.save_tiling and tiling is not None:
-        update_metadata(args.model, tiling=tiling)
-        console.print(f"{args.model}: the engine now cuts scenes for it as evaluated: {tiling.model_dump()}")
+        changes["tiling"] = tiling
+        console.print(f"{args.model}: the engine now cuts scenes for it as evaluated: {tiling.describe()}")
+    if changes:
+        update_metadata(args.model, **changes)  # one rewrite of the checkpoint for both
     return 0
 
 

@@ -25,9 +25,7 @@ class TilingTrial:
     boundary_f1: float
 
     def describe(self) -> str:
-        if self.tiling is None:
-            return "whole images"
-        return f"{self.tiling.tile} px cores in blocks of {self.tiling.cores_per_window}²"
+        return "whole images" if self.tiling is None else self.tiling.describe()
 
 
 def tune_tiling(
@@ -49,13 +47,13 @@ def tune_tiling(
         trials.append(trial)
         if on_trial:
             on_trial(trial)
-    tiled = [t for t in trials if t.tiling is not None]
+    tiled = [(t.tiling, t.miou) for t in trials if t.tiling is not None]
     if not tiled:
         raise ValueError("tune_tiling needs at least one core size")
-    best = max(tiled, key=lambda t: (round(t.miou, 4), t.tiling.tile if t.tiling else 0))
+    best, best_miou = max(tiled, key=lambda pair: (round(pair[1], 4), pair[0].tile))
     return {
-        "best": best.tiling.model_dump() if best.tiling else None,
-        "best_miou": best.miou,
+        "best": best.model_dump(),
+        "best_miou": best_miou,
         "whole_image": {"miou": trials[0].miou, "boundary_f1": trials[0].boundary_f1},
         "trials": [
             {
