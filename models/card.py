@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import file_sha256, read_metadata
-from models.metadata import CheckpointMetadata
+from models.metadata import TTA_PHRASES, CheckpointMetadata
 
 
 def render_card(path: Path, attribution: str) -> str:
@@ -58,9 +58,11 @@ def render_card(path: Path, attribution: str) -> str:
         if report:
             lines += [f"### {label}", "", *_metrics_table(report, metadata), "", _evaluated_on(report), ""]
     lines += [
-        "## Tiling",
+        "## Tiling and test-time views",
         "",
         *_tiling_lines(metadata),
+        "",
+        _tta_line(metadata),
         "",
         "## Dense CRF",
         "",
@@ -135,11 +137,13 @@ def _metrics_table(report: dict[str, Any], metadata: CheckpointMetadata) -> list
 
 def _evaluated_on(report: dict[str, Any]) -> str:
     tiling = report.get("no_crf", {}).get("tiling", "whole image")
+    tta = report.get("no_crf", {}).get("tta", "none")
+    views = "" if tta == "none" else f" Test-time views: logits averaged over {TTA_PHRASES[tta]}."
     if not isinstance(tiling, dict):
-        return "The model ran on each whole image."
+        return "The model ran on each whole image." + views
     return (
         f"The model ran on the engine's windows: {tiling['tile']} px cores in blocks of "
-        f"{tiling['cores_per_window']}², halo {tiling['halo']} px (the CRF on each whole image)."
+        f"{tiling['cores_per_window']}², halo {tiling['halo']} px (the CRF on each whole image)." + views
     )
 
 
@@ -154,6 +158,7 @@ def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
     if tuning:
         scores = "; ".join(
             ("whole images" if not isinstance(t["tiling"], dict) else f"{t['tiling']['tile']} px")
+            + ("" if t.get("tta", "none") == "none" else f" with {t['tta']} views")
             + f" {t['miou']:.4f}"
             for t in tuning["trials"]
         )
@@ -162,6 +167,15 @@ def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
             f"Chosen by `deeplab tune-tiling` on {tuning['images']} images, mIoU without CRF: {scores}.",
         ]
     return lines
+
+
+def _tta_line(metadata: CheckpointMetadata) -> str:
+    if metadata.tta is None:
+        return "No test-time views stored: `deeplab segment` runs each window once unless given `--tta`."
+    return (
+        f"Stored in the checkpoint: `deeplab segment` averages the logits of {TTA_PHRASES[metadata.tta]} "
+        "unless told otherwise (`--tta`)."
+    )
 
 
 def _crf_lines(metadata: CheckpointMetadata) -> list[str]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import DataError
-from models.metadata import BandInfo, CheckpointMetadata
+from models.errors import ConfigError, DataError
+from models.metadata import TTA, TTA_CHOICES, BandInfo, CheckpointMetadata
 
 
 def normalise(image: np.ndarray, bands: Sequence[BandInfo]) -> torch.Tensor:
@@ -28,6 +28,37 @@ def autocast_for(device: torch.device, amp: bool) -> torch.autocast:
 
 SIZE_MULTIPLE = 32  # the largest output stride in the family (16) times two: every stride divides it
 
+# Test-time augmentation: each view is (transpose, flip rows, flip columns) of the padded window. Aerial and
+# slide imagery has no "up", so the dihedral group's views are as likely as the original.
+Transform = tuple[bool, bool, bool]
+TTA_VIEWS: dict[TTA, tuple[Transform, ...]] = {
+    "none": ((False, False, False),),
+    "hflip": ((False, False, False), (False, False, True)),
+    "flips": ((False, False, False), (False, False, True), (False, True, False), (False, True, True)),
+    "d4": tuple((t, r, c) for t in (False, True) for r in (False, True) for c in (False, True)),
+}
+
+
+def _view(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    transpose, flip_rows, flip_cols = transform
+    if transpose:
+        batch = batch.transpose(-1, -2)
+    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+    return batch.flip(dims) if dims else batch
+
+
+def _unview(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    transpose, flip_rows, flip_cols = transform
+    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+    batch = batch.flip(dims) if dims else batch
+    return batch.transpose(-1, -2) if transpose else batch
+
+
+def tta_views(tta: str) -> tuple[Transform, ...]:
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"unknown test-time augmentation {tta!r} (choose from {', '.join(TTA_CHOICES)})")
+    return TTA_VIEWS[tta]  # type: ignore[index]  # checked just above
+
 
 @torch.inference_mode()
 def predict_probabilities(
@@ -36,8 +67,10 @@ def predict_probabilities(
     scales: Sequence[float] = (1.0,),
     fuse: str = "max",
     amp: bool = False,
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper.
+    """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper,
+    after the logits of ``tta``'s flipped/transposed views (``TTA_VIEWS``) are averaged at each scale.
 
     The batch is reflect-padded at the bottom and right to a multiple of ``SIZE_MULTIPLE``: then every
     window's feature grid is the same lattice of the scene, and logits upsample by exactly the output
@@ -47,6 +80,7 @@ def predict_probabilities(
     height, width = batch.shape[-2:]
     batch = _pad_to_multiple(batch.to(device), SIZE_MULTIPLE)
     padded = batch.shape[-2:]
+    views = tta_views(tta)
     fused: torch.Tensor | None = None
     with autocast_for(device, amp):
         for scale in scales:
@@ -54,7 +88,8 @@ def predict_probabilities(
             if scale != 1.0:
                 size = (max(1, round(padded[0] * scale)), max(1, round(padded[1] * scale)))
                 scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
-            logits = model(scaled).float()
+            # views of the padded window: flipping keeps it a multiple of SIZE_MULTIPLE on the scene lattice
+            logits = torch.stack([_unview(model(_view(scaled, v)).float(), v) for v in views]).mean(0)
             if scale != 1.0:
                 logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
             if fused is None:
@@ -99,8 +134,12 @@ def check_image_fits(path: object, image: np.ndarray, metadata: CheckpointMetada
 
 
 def predict_image(
-    model: nn.Module, metadata: CheckpointMetadata, image: np.ndarray, scales: Sequence[float] = (1.0,)
+    model: nn.Module,
+    metadata: CheckpointMetadata,
+    image: np.ndarray,
+    scales: Sequence[float] = (1.0,),
+    tta: str = "none",
 ) -> np.ndarray:
     """Class probabilities (classes, H, W) float32 for one whole (bands, H, W) image."""
     batch = normalise(image, metadata.bands)[None]
-    return predict_probabilities(model, batch, scales=scales)[0].cpu().numpy()
+    return predict_probabilities(model, batch, scales=scales, tta=tta)[0].cpu().numpy()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,6 +57,18 @@ class Tiling(BaseModel):
         return f"{self.tile} px cores in blocks of {self.cores_per_window}²"
 
 
+# Test-time augmentation: the views of each window whose logits are averaged (models.inference.TTA_VIEWS):
+# none; a horizontal flip (2); both flips (4); flips and transposes, the dihedral group (8).
+TTA = Literal["none", "hflip", "flips", "d4"]
+TTA_CHOICES: tuple[str, ...] = get_args(TTA)
+TTA_PHRASES: dict[str, str] = {
+    "none": "each window as it is",
+    "hflip": "each window and its horizontal flip (2 views)",
+    "flips": "each window flipped both ways (4 views)",
+    "d4": "each window's 8 flips and transposes",
+}
+
+
 class CheckpointMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     format: str = FORMAT_NAME
@@ -73,6 +85,9 @@ class CheckpointMetadata(BaseModel):
     crf_tuning: dict[str, Any] | None = None
     tiling: Tiling | None = Field(None, description="the engine's default tiling for it (None: the engine's)")
     tiling_tuning: dict[str, Any] | None = None
+    tta: TTA | None = Field(
+        None, description="the test-time views the engine averages for it unless told otherwise (None: none)"
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""
@@ -85,6 +100,10 @@ class CheckpointMetadata(BaseModel):
     @property
     def num_bands(self) -> int:
         return len(self.bands)
+
+    def views(self, asked: str | None = None) -> str:
+        """The test-time views to run: those asked for, else the stored ones, else none."""
+        return asked or self.tta or "none"
 
 
 DEFAULT_PALETTE: tuple[tuple[int, int, int], ...] = (

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.errors import DeepLabError
+from models.metadata import TTA_CHOICES, TTA_PHRASES
 from pipeline.sources import as_source
 
 console = Console(stderr=True)
@@ -140,10 +141,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from models.atomic import write_text_atomically
     from models.checkpoint import load_checkpoint, update_metadata
+    from models.errors import ConfigError
     from pipeline.evaluate import evaluate, find_pairs
 
     loaded = load_checkpoint(args.model)
     tiling = _evaluation_tiling(args, loaded.metadata)
+    if args.save_tta and args.tta is None:
+        raise ConfigError("--save-tta needs the views to save: --tta none|hflip|flips|d4")
+    tta = loaded.metadata.views(args.tta)
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
@@ -155,6 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             on_image=lambda stem: progress.advance(task),
             scales=tuple(args.scales),
             tiling=tiling,
+            tta=tta,
         )
     _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
@@ -169,8 +175,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_tiling and tiling is not None:
         changes["tiling"] = tiling
         console.print(f"{args.model}: the engine now cuts scenes for it as evaluated: {tiling.describe()}")
+    if args.save_tta:
+        changes["tta"] = tta
+        console.print(f"{args.model}: the engine now averages the logits of {TTA_PHRASES[tta]}, as evaluated")
     if changes:
-        update_metadata(args.model, **changes)  # one rewrite of the checkpoint for both
+        update_metadata(args.model, **changes)  # one rewrite of the checkpoint for all
     return 0
 
 
@@ -248,13 +257,22 @@ def _cmd_tune_tiling(args: argparse.Namespace) -> int:
     def show(trial: TilingTrial) -> None:
         console.print(f"{trial.describe()}: mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}")
 
-    result = tune_tiling(loaded, pairs, args.tiles, args.cores_per_window, exclude, on_trial=show)
+    result = tune_tiling(
+        loaded, pairs, args.tiles, args.cores_per_window, exclude, on_trial=show, views=args.tta or ()
+    )
     best = Tiling.model_validate(result["best"])
-    console.print(f"best: {best.model_dump()} -> mIoU {result['best_miou']:.4f}")
+    chosen: dict[str, Any] = {"tiling": best}
+    described = best.describe()
+    if "best_tta" in result:
+        chosen["tta"] = result["best_tta"]
+        described += f", test-time views {result['best_tta']}"
+    console.print(f"best: {described} -> mIoU {result['best_miou']:.4f}")
     if not args.dry_run:
         tuning = result | {"image_glob": args.images, "mask_glob": args.masks, "excluded": exclude}
-        update_metadata(args.model, tiling=best, tiling_tuning=tuning)
-        console.print(f"wrote the tiling into {args.model}: segment, evaluate and tune-crf now default to it")
+        update_metadata(args.model, tiling_tuning=tuning, **chosen)
+        console.print(
+            f"wrote {' and '.join(chosen)} into {args.model}: segment, evaluate and tune-crf now use it"
+        )
     return 0
 
 
@@ -393,6 +411,12 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-crf", action="store_true")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
     parser.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        help="test-time views averaged per window (2, 4 or 8 model passes; default: the checkpoint's, "
+        "else none)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--allow-ungeoreferenced", action="store_true")
@@ -437,6 +461,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         crf=not args.no_crf,
         scales=tuple(args.scales),
         fuse=args.fuse,
+        tta=args.tta,
         batch_size=args.batch_size,
         device=args.device,
         allow_ungeoreferenced=args.allow_ungeoreferenced,
@@ -520,6 +545,17 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         help="multi-scale inputs, fused by max (the paper's)",
     )
     evaluate.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        help="test-time views averaged: a horizontal flip (2), both flips (4), flips and transposes (8) "
+        "(default: the checkpoint's, else none)",
+    )
+    evaluate.add_argument(
+        "--save-tta",
+        action="store_true",
+        help="store --tta in the checkpoint: segment then averages these views unless told otherwise",
+    )
+    evaluate.add_argument(
         "--record-as", help="also store the results in the checkpoint's metrics under this name"
     )
     tiling = evaluate.add_argument_group(
@@ -564,6 +600,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         "--cores-per-window", type=int, default=2, help="as segment's --cores-per-window"
     )
     tune_tiling.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
+    tune_tiling.add_argument(
+        "--tta",
+        nargs="+",
+        choices=TTA_CHOICES,
+        help="also choose the test-time views among these, on the best tiling (ties: fewer model passes); "
+        "without it the stored views are left as they are",
+    )
     tune_tiling.add_argument(
         "--dry-run", action="store_true", help="report, but leave the checkpoint unchanged"
     )

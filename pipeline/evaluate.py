@@ -37,23 +37,31 @@ def predictions(
     scales: tuple[float, ...] = (1.0,),
     tiling: Tiling | None = None,
     halo: int = 0,
+    tta: str | None = None,
 ) -> Iterator[Prediction]:
     """Read and check each pair, then run the model (at each of ``scales``), prepared for inference as the
-    engine runs it: on the whole image, or with ``tiling`` on the engine's windows (``halo`` around cores)."""
+    engine runs it: on the whole image, or with ``tiling`` on the engine's windows (``halo`` around cores);
+    ``tta``: the test-time views (None: the checkpoint's)."""
     metadata = loaded.metadata
+    tta = metadata.views(tta)
     worker = ModelWorker(str(loaded.path), "cpu", None, amp=False, loaded=loaded)
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
         if tiling is None:
-            probabilities = predict_image(worker.model, metadata, image, scales)
+            probabilities = predict_image(worker.model, metadata, image, scales, tta)
         else:
-            probabilities = tiled_probabilities(worker, image, tiling, halo, scales)
+            probabilities = tiled_probabilities(worker, image, tiling, halo, scales, tta)
         yield Prediction(pair, image, truth, probabilities)
 
 
 def tiled_probabilities(
-    worker: ModelWorker, image: np.ndarray, tiling: Tiling, halo: int, scales: tuple[float, ...]
+    worker: ModelWorker,
+    image: np.ndarray,
+    tiling: Tiling,
+    halo: int,
+    scales: tuple[float, ...],
+    tta: str = "none",
 ) -> np.ndarray:
     """(classes, H, W) probabilities of ``image`` as the engine computes them: the cores of its plan, each
     from its block's window (the engine's own batching and worker), stitched."""
@@ -62,7 +70,7 @@ def tiled_probabilities(
     stitched = np.empty((worker.loaded.metadata.num_classes, height, width), dtype=np.float32)
     for batch in window_batches([(tile, None) for tile in tiles], 4):
         windows = read_windows(image, batch)
-        for members, result in zip(batch, worker.predict(windows, scales, "max", True), strict=True):
+        for members, result in zip(batch, worker.predict(windows, scales, "max", True, tta=tta), strict=True):
             for tile, _ in members:
                 rows = slice(tile.core_top, tile.core_top + tile.core_height)
                 cols = slice(tile.core_left, tile.core_left + tile.core_width)
@@ -93,6 +101,7 @@ def evaluate(
     on_image: Callable[[str], None] | None = None,
     scales: tuple[float, ...] = (1.0,),
     tiling: Tiling | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded.
 
@@ -106,7 +115,8 @@ def evaluate(
     refined = SegmentationMetrics(names, metadata.ignore_index)
     params = crf_params or metadata.crf
     halo = evaluation_halo(loaded, tiling, params if with_crf else None) if tiling else 0
-    for prediction in predictions(loaded, pairs, scales, tiling, halo):
+    tta = metadata.views(tta)
+    for prediction in predictions(loaded, pairs, scales, tiling, halo, tta):
         plain.update(prediction.probabilities.argmax(0), prediction.truth)
         if with_crf:
             labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
@@ -115,6 +125,7 @@ def evaluate(
             on_image(prediction.pair.stem)
     inference = {
         "scales": list(scales),
+        "tta": tta,
         "tiling": tiling.model_dump() | {"halo": halo} if tiling else "whole image",
     }
     report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | inference}

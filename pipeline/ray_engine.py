@@ -247,7 +247,13 @@ def run_tiles(
             index = queue.popleft()
             windows = read_windows(image, batches[index])
             ref = member.handle.predict.remote(
-                windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
+                windows,
+                spec.scales,
+                spec.fuse,
+                spec.crf is not None,
+                spec.with_confidence,
+                spec.context,
+                tta=spec.tta,
             )
             cores = cores_in(batches[index])
             member.load += cores

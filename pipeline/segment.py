@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info, read_metadata
 from models.errors import DeepLabError
-from models.metadata import CheckpointMetadata, CRFParams, Tiling
+from models.metadata import TTA, TTA_PHRASES, CheckpointMetadata, CRFParams, Tiling
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.grid import (
@@ -84,6 +84,7 @@ class SegmentOptions(BaseModel):
     crf_params: CRFParams | None = None
     scales: tuple[float, ...] = (1.0,)
     fuse: str = Field("max", pattern="^(max|mean)$")
+    tta: TTA | None = Field(None, description="test-time views averaged; None: the checkpoint's, else none")
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     allow_ungeoreferenced: bool = False
@@ -137,6 +138,7 @@ class ScenePlan:
     halo: int
     tiles: list[Tile]
     crf: CRFParams | None
+    tta: str  # the options' test-time views, else the checkpoint's, else none
 
     @property
     def window(self) -> int:
@@ -163,6 +165,8 @@ class ScenePlan:
         if nodata_cores is not None:
             cores += f" ({nodata_cores} wholly nodata, skipped)"
         lines.append(f"  {cores}, halo {self.halo} px, {self.windows} windows of up to {self.window} px")
+        if self.tta != "none":
+            lines.append(f"  test-time views ({self.tta}): logits averaged over {TTA_PHRASES[self.tta]}")
         lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
         lines += [f"  warning: {w}" for w in self.check.warnings]
         return lines
@@ -180,7 +184,7 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
         scene_context = options.context == "scene"
         halo = model_halo(metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context)
     tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
-    plan = ScenePlan(check, shape, tiling, halo, tiles, crf)
+    plan = ScenePlan(check, shape, tiling, halo, tiles, crf, metadata.views(options.tta))
     if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
         check.warnings.append(warning)
     return plan
@@ -276,6 +280,7 @@ def stage_work(
         crf=plan.crf.model_dump() if plan.crf else None,
         scales=options.scales,
         fuse=options.fuse,
+        tta=plan.tta,
         scale=plan.check.scale,
         plan=PLAN_VERSION,
         context=scene_context_used(options, prepared.checkpoint.metadata),
@@ -324,6 +329,7 @@ def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
         input_max=prepared.checkpoint.metadata.input_max,
         scales=options.scales,
         fuse=options.fuse,
+        tta=prepared.plan.tta,
         batch_size=options.batch_size,
         device=options.device,
         amp=options.amp,
@@ -518,7 +524,13 @@ def _compute_in_process(
     for batch in window_batches(work.todo, spec.batch_size):
         windows = read_windows(image, batch)
         results = model.predict(
-            windows, spec.scales, spec.fuse, spec.crf is not None, spec.with_confidence, spec.context
+            windows,
+            spec.scales,
+            spec.fuse,
+            spec.crf is not None,
+            spec.with_confidence,
+            spec.context,
+            tta=spec.tta,
         )
         for members, window, result in zip(batch, windows, results, strict=True):
             for tile, valid in members:
@@ -726,6 +738,7 @@ def _report(
         "checkpoint_sha256": loaded.sha256,
         "crf": plan.crf.model_dump() if plan.crf else None,
         "scales": list(options.scales),
+        "tta": plan.tta,
         "seconds": {k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
         "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
         "software_version": software_version(),
@@ -747,6 +760,7 @@ def _provenance(
         "DEEPLAB_HALO": str(plan.halo),
         "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",
         "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in options.scales),
+        "DEEPLAB_TTA": plan.tta,
         "DEEPLAB_INPUT_SHA256": checksum,
         "DEEPLAB_VERSION": software_version(),
     }

@@ -50,8 +50,8 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def collect_samples(loaded: LoadedModel, pairs: list[Pair], crop: int) -> list[Sample]:
-    """Model probabilities once per image (on the checkpoint's tiling where it records one, as the engine
-    runs it), cut to a centre crop to bound the CRF's cost."""
+    """Model probabilities once per image (on the checkpoint's tiling and test-time views where it records
+    them, as the engine runs it), cut to a centre crop to bound the CRF's cost."""
     tiling = loaded.metadata.tiling
     halo = evaluation_halo(loaded, tiling, loaded.metadata.crf) if tiling else 0
     return [

@@ -4,6 +4,8 @@ DeepLab-v3/v3+ average features over the whole window in their image-pooling bra
 few hundred pixels, they can lose accuracy on much larger windows (measured: landcover-dubai on its
 held-out tile, 0.506 mIoU on whole 2000 px images, 0.546 on 384 px windows). Each candidate runs the model
 on the engine's windows over the images, without the CRF; whole images are scored alongside for reference.
+Tilings are compared on single views; candidate test-time views (``--tta``) are then scored on the best
+tiling.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from models.checkpoint import LoadedModel
 from models.data import Pair
-from models.metadata import Tiling
+from models.inference import TTA_VIEWS
+from models.metadata import TTA_PHRASES, Tiling
 from pipeline.evaluate import evaluate
 
 
@@ -23,9 +26,19 @@ class TilingTrial:
     tiling: Tiling | None  # None: whole images
     miou: float
     boundary_f1: float
+    tta: str = "none"
 
     def describe(self) -> str:
-        return "whole images" if self.tiling is None else self.tiling.describe()
+        where = "whole images" if self.tiling is None else self.tiling.describe()
+        return where if self.tta == "none" else f"{where}, {TTA_PHRASES[self.tta]}"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "tiling": self.tiling.model_dump() if self.tiling else "whole image",
+            "tta": self.tta,
+            "miou": self.miou,
+            "boundary_f1": self.boundary_f1,
+        }
 
 
 def tune_tiling(
@@ -35,33 +48,35 @@ def tune_tiling(
     cores_per_window: int,
     exclude_classes: list[str] | None = None,
     on_trial: Callable[[TilingTrial], None] | None = None,
+    views: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Score every candidate core size (mIoU without CRF, ties to the larger core: fewer windows) and
-    return ``{"best": tiling, "trials": [...], "whole_image": ...}``."""
-    trials: list[TilingTrial] = []
+    """Score every candidate core size (mIoU without CRF, ties to the larger core: fewer windows), then each
+    of ``views`` (test-time augmentations) on the best one (ties to fewer model passes). Returns
+    ``{"best": tiling, "trials": [...], "whole_image": ...}`` and, with ``views``, ``best_tta``."""
+
+    def trial(tiling: Tiling | None, tta: str) -> TilingTrial:
+        report = evaluate(loaded, pairs, False, exclude_classes=exclude_classes, tiling=tiling, tta=tta)
+        done = TilingTrial(tiling, report["no_crf"]["miou"], report["no_crf"]["boundary_f1"], tta)
+        if on_trial:
+            on_trial(done)
+        return done
+
     candidates: list[Tiling | None] = [None]
     candidates += [Tiling(tile=tile, cores_per_window=cores_per_window) for tile in sorted(set(tiles))]
-    for tiling in candidates:
-        report = evaluate(loaded, pairs, with_crf=False, exclude_classes=exclude_classes, tiling=tiling)
-        trial = TilingTrial(tiling, report["no_crf"]["miou"], report["no_crf"]["boundary_f1"])
-        trials.append(trial)
-        if on_trial:
-            on_trial(trial)
-    tiled = [(t.tiling, t.miou) for t in trials if t.tiling is not None]
+    trials = [trial(tiling, "none") for tiling in candidates]
+    tiled = [t for t in trials if t.tiling is not None]
     if not tiled:
         raise ValueError("tune_tiling needs at least one core size")
-    best, best_miou = max(tiled, key=lambda pair: (round(pair[1], 4), pair[0].tile))
-    return {
-        "best": best.model_dump(),
-        "best_miou": best_miou,
+    best = max(tiled, key=lambda t: (round(t.miou, 4), t.tiling.tile if t.tiling else 0))
+    result: dict[str, Any] = {"best": best.tiling.model_dump() if best.tiling else None}
+    if views:
+        scored = [best] + [trial(best.tiling, tta) for tta in dict.fromkeys(views) if tta != "none"]
+        trials += scored[1:]
+        best = max(scored, key=lambda t: (round(t.miou, 3), -len(TTA_VIEWS[t.tta])))  # type: ignore[index]
+        result["best_tta"] = best.tta
+    return result | {
+        "best_miou": best.miou,
         "whole_image": {"miou": trials[0].miou, "boundary_f1": trials[0].boundary_f1},
-        "trials": [
-            {
-                "tiling": t.tiling.model_dump() if t.tiling else "whole image",
-                "miou": t.miou,
-                "boundary_f1": t.boundary_f1,
-            }
-            for t in trials
-        ],
+        "trials": [t.record() for t in trials],
         "images": len(pairs),
     }

@@ -30,6 +30,7 @@ class WorkSpec:
     input_max: float
     scales: tuple[float, ...] = (1.0,)
     fuse: str = "max"
+    tta: str = "none"
     batch_size: int = 4
     device: str = "auto"
     amp: bool = True
@@ -94,8 +95,10 @@ class ModelWorker(MemoryReporting):
         as_probabilities: bool,
         with_confidence: bool = False,
         context: np.ndarray | None = None,
+        tta: str = "none",
     ) -> list[np.ndarray]:
         """Per window: float16 probabilities (classes, H, W) for the CRF, else ``labels_of`` them.
+        ``tta``: the test-time views averaged (``models.inference.TTA_VIEWS``).
 
         ``context``: (branches, channels) scene-level pooled features for DeepLab-v3's image pooling."""
         import torch
@@ -108,7 +111,9 @@ class ModelWorker(MemoryReporting):
             nullcontext() if context is None else fixed_context(self.model, list(torch.from_numpy(context)))
         )
         with scope:
-            probabilities = predict_probabilities(self.model, batch, scales=scales, fuse=fuse, amp=self.amp)
+            probabilities = predict_probabilities(
+                self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta
+            )
         if as_probabilities:
             return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
         top, labels = probabilities.max(1)

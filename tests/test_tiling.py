@@ -99,16 +99,25 @@ def test_tune_tiling_stores_the_best_core_size_and_the_card_shows_it(
 ) -> None:
     images, masks, model = _chips_and_a_model_copy(kampala, buildings_model, tmp_path)
     args = ["tune-tiling", "--model", str(model), "--images", str(images), "--masks", str(masks)]
-    assert main([*args, "--tiles", "64", "32", "--cores-per-window", "1"]) == 0
+    assert main([*args, "--tiles", "64", "32", "--cores-per-window", "1", "--tta", "none", "hflip"]) == 0
     metadata = read_metadata(model)
     tuning = metadata.tiling_tuning
     assert tuning is not None and tuning["images"] == 2
-    scores = {json.dumps(t["tiling"]): t["miou"] for t in tuning["trials"]}
+    # the views are scored on the best tiling, after the tilings (each on a single view)
+    views = tuning["trials"][3:]
+    assert [v["tta"] for v in views] == ["hflip"] and views[0]["tiling"] == tuning["best"]
+    one_view = {v["tta"]: v["miou"] for v in tuning["trials"] if v["tiling"] == tuning["best"]}
+    assert (
+        metadata.tta
+        == tuning["best_tta"]
+        == max(one_view, key=lambda k: (round(one_view[k], 3), k == "none"))
+    )
+    scores = {json.dumps(t["tiling"]): t["miou"] for t in tuning["trials"][:3]}
     assert len(scores) == 3 and '"whole image"' in scores
     tiled = {k: v for k, v in scores.items() if k != '"whole image"'}
     best = json.loads(max(tiled, key=lambda k: tiled[k]))
     assert metadata.tiling == Tiling.model_validate(best) and best["cores_per_window"] == 1
-    assert tuning["best_miou"] == pytest.approx(max(tiled.values()))
+    assert tuning["best_miou"] == pytest.approx(one_view[tuning["best_tta"]])
     attribution = tmp_path / "attribution.md"
     attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
     card = tmp_path / "card.md"
