@@ -63,9 +63,7 @@ class ModelStage:
         out: dict[str, list[Any]] = {"tile": [], "window": [], "result": []}
         for encoded, windows in zip(rows["tiles"], rows["windows"], strict=True):
             tiles = _tiles(json.loads(str(encoded)))
-            results = self.worker.predict(
-                list(windows), self.spec.scales, self.spec.fuse, self.spec.crf is not None
-            )
+            results = self.worker.predict_for(list(windows), self.spec)
             for tile, window, result in zip(tiles, windows, results, strict=True):
                 out["tile"].append(json.dumps(_encode(tile)))
                 out["window"].append(window)

@@ -246,15 +246,7 @@ def run_tiles(
         while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
             index = queue.popleft()
             windows = read_windows(image, batches[index])
-            ref = member.handle.predict.remote(
-                windows,
-                spec.scales,
-                spec.fuse,
-                spec.crf is not None,
-                spec.with_confidence,
-                spec.context,
-                tta=spec.tta,
-            )
+            ref = member.handle.predict_for.remote(windows, spec)
             cores = cores_in(batches[index])
             member.load += cores
             model_jobs[ref] = _ModelJob(member, index, windows, cores)

@@ -523,15 +523,7 @@ def _compute_in_process(
     crf = CRFWorker()
     for batch in window_batches(work.todo, spec.batch_size):
         windows = read_windows(image, batch)
-        results = model.predict(
-            windows,
-            spec.scales,
-            spec.fuse,
-            spec.crf is not None,
-            spec.with_confidence,
-            spec.context,
-            tta=spec.tta,
-        )
+        results = model.predict_for(windows, spec)
         for members, window, result in zip(batch, windows, results, strict=True):
             for tile, valid in members:
                 if spec.crf is not None:

@@ -87,6 +87,18 @@ class ModelWorker(MemoryReporting):
         self.model = for_inference(self.loaded.model)
         self.amp = amp
 
+    def predict_for(self, windows: list[np.ndarray], spec: WorkSpec) -> list[np.ndarray]:
+        """``predict`` as ``spec`` says: probabilities when the CRF follows, else labels (and confidence)."""
+        return self.predict(
+            windows,
+            spec.scales,
+            spec.fuse,
+            spec.crf is not None,
+            spec.with_confidence,
+            spec.context,
+            tta=spec.tta,
+        )
+
     def predict(
         self,
         windows: list[np.ndarray],

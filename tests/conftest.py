@@ -10,7 +10,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +94,19 @@ def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> t
         shutil.copy(kampala / "chips" / f"{stem}.tif", images)
         shutil.copy(kampala / "masks" / f"{stem}.tif", masks)
     return images, masks
+
+
+def load_model_and_chip(kampala: Path, model: Path, target: Path, stem: str) -> tuple[Any, np.ndarray]:
+    """``model`` loaded (a ``LoadedModel``) and the real chip ``stem`` read as the evaluation reads it."""
+    from models.checkpoint import load_checkpoint
+    from models.data import read_pair
+    from pipeline.evaluate import find_pairs
+
+    images, masks = copy_kampala_pairs(kampala, target, (stem,))
+    loaded = load_checkpoint(model)
+    pair = find_pairs(str(images), str(masks))[0]
+    image, _ = read_pair(pair, loaded.metadata.num_classes, loaded.metadata.ignore_index)
+    return loaded, image
 
 
 @pytest.fixture(scope="session")

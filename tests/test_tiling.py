@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 
 from models.checkpoint import load_checkpoint, read_metadata
-from models.data import read_pair
 from models.inference import predict_image
 from models.metadata import Tiling
 from pipeline.cli import main
-from pipeline.evaluate import find_pairs, tiled_probabilities
+from pipeline.evaluate import tiled_probabilities
 from pipeline.grid import DEFAULT_TILING, resolve_tiling
 from pipeline.segment import SegmentOptions, plan_scene
 from pipeline.sources import describe
 from pipeline.workers import ModelWorker
-from tests.conftest import copy_kampala_pairs
+from tests.conftest import copy_kampala_pairs, load_model_and_chip
 
 CHIPS = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21")
 
@@ -36,9 +35,7 @@ def test_tiling_comes_from_the_options_then_the_checkpoint_then_the_default(buil
 def test_tiled_probabilities_stitch_each_core_from_its_own_window(
     kampala: Path, buildings_model: Path, tmp_path: Path
 ) -> None:
-    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS[:1])
-    loaded = load_checkpoint(buildings_model)
-    image, _ = read_pair(find_pairs(str(images), str(masks))[0], 2, loaded.metadata.ignore_index)
+    loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
     worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
     whole = predict_image(worker.model, loaded.metadata, image)
     # one window that holds the whole chip: the whole-image pass (probabilities travel as float16)

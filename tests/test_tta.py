@@ -12,18 +12,17 @@ import pytest
 import rasterio
 import torch
 
-from models.checkpoint import load_checkpoint, read_metadata
-from models.data import read_pair
+from models.checkpoint import read_metadata
 from models.errors import ConfigError
 from models.inference import TTA_VIEWS, _unview, _view, normalise, predict_image, predict_probabilities
 from models.metadata import Tiling
 from models.registry import build_model
 from pipeline.cli import main
-from pipeline.evaluate import find_pairs, tiled_probabilities
+from pipeline.evaluate import tiled_probabilities
 from pipeline.segment import SegmentOptions, plan_scene
 from pipeline.sources import describe
 from pipeline.workers import ModelWorker
-from tests.conftest import copy_kampala_pairs
+from tests.conftest import copy_kampala_pairs, load_model_and_chip
 from tests.test_segment import _segment
 from tests.test_tiling import CHIPS
 
@@ -40,9 +39,7 @@ def test_d4_averaging_makes_a_model_equivariant_to_rotations_and_flips(
     kampala: Path, buildings_model: Path, tmp_path: Path
 ) -> None:
     """A trained model on a real chip: turn or flip the input, and the averaged map turns or flips with it."""
-    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS[:1])
-    loaded = load_checkpoint(buildings_model)
-    image, _ = read_pair(find_pairs(str(images), str(masks))[0], 2, loaded.metadata.ignore_index)
+    loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
     batch = normalise(image[:, 64:192, 32:160], loaded.metadata.bands)[None]
     rotated = torch.rot90(batch, 1, (-2, -1))
     flipped = batch.flip(-1)
@@ -72,9 +69,7 @@ def test_tiled_views_keep_each_core_equal_to_its_window_alone(
 ) -> None:
     """Views are taken of the padded window, so flipped windows stay on the scene's lattice: a core of the
     tiled, augmented map is what its window alone gives with the same views."""
-    images, masks = copy_kampala_pairs(kampala, tmp_path, CHIPS[:1])
-    loaded = load_checkpoint(buildings_model)
-    image, _ = read_pair(find_pairs(str(images), str(masks))[0], 2, loaded.metadata.ignore_index)
+    loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
     worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
     tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, (1.0,), "d4")
     window = image[:, 64 - 32 : 128 + 32, 128 - 32 : 192 + 32]
