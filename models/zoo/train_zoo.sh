@@ -56,6 +56,9 @@ dubai() {
   # 29 minutes with validation; val mIoU over six classes on whole tile-7 images 0.454 after epoch 8, 0.480 after 16.
   # The earlier 8-epoch schedule reached 0.454 (0.460 after a 4-epoch continuation at lr 0.003); over the five
   # real classes on the engine's windows: 0.560 (8 epochs), 0.568 (8 + 4), 0.579 (16).
+  # Tried from this model and not kept (--init-from it, lr 0.003, seed 1; one view, 192 px cores, tile 7):
+  # 6 epochs on 256 px crops 0.578 (val 0.479); 4 epochs on 384 px crops (--crop-size 384) 0.579 (256 px cores:
+  # 0.580; val 0.483).
 }
 
 dubai_lite0() {
