@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import ConfigError, DataError
-from models.metadata import TTA, TTA_CHOICES, BandInfo, CheckpointMetadata
+from models.metadata import TTA_CHOICES, BandInfo, CheckpointMetadata
 
 
 def normalise(image: np.ndarray, bands: Sequence[BandInfo]) -> torch.Tensor:
@@ -31,7 +31,7 @@ SIZE_MULTIPLE = 32  # the largest output stride in the family (16) times two: ev
 # Test-time augmentation: each view is (transpose, flip rows, flip columns) of the padded window. Aerial and
 # slide imagery has no "up", so the dihedral group's views are as likely as the original.
 Transform = tuple[bool, bool, bool]
-TTA_VIEWS: dict[TTA, tuple[Transform, ...]] = {
+TTA_VIEWS: dict[str, tuple[Transform, ...]] = {
     "none": ((False, False, False),),
     "hflip": ((False, False, False), (False, False, True)),
     "flips": ((False, False, False), (False, False, True), (False, True, False), (False, True, True)),
@@ -39,25 +39,24 @@ TTA_VIEWS: dict[TTA, tuple[Transform, ...]] = {
 }
 
 
-def _view(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
-    transpose, flip_rows, flip_cols = transform
-    if transpose:
-        batch = batch.transpose(-1, -2)
-    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+def _flip(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    dims = [d for d, flip in ((-2, transform[1]), (-1, transform[2])) if flip]
     return batch.flip(dims) if dims else batch
 
 
+def _view(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    return _flip(batch.transpose(-1, -2) if transform[0] else batch, transform)
+
+
 def _unview(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
-    transpose, flip_rows, flip_cols = transform
-    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
-    batch = batch.flip(dims) if dims else batch
-    return batch.transpose(-1, -2) if transpose else batch
+    batch = _flip(batch, transform)
+    return batch.transpose(-1, -2) if transform[0] else batch
 
 
 def tta_views(tta: str) -> tuple[Transform, ...]:
-    if tta not in TTA_CHOICES:
+    if tta not in TTA_VIEWS:
         raise ConfigError(f"unknown test-time augmentation {tta!r} (choose from {', '.join(TTA_CHOICES)})")
-    return TTA_VIEWS[tta]  # type: ignore[index]  # checked just above
+    return TTA_VIEWS[tta]
 
 
 @torch.inference_mode()

@@ -147,8 +147,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = load_checkpoint(args.model)
     tiling = _evaluation_tiling(args, loaded.metadata)
     if args.save_tta and args.tta is None:
-        raise ConfigError("--save-tta needs the views to save: --tta none|hflip|flips|d4")
-    tta = loaded.metadata.views(args.tta)
+        raise ConfigError(f"--save-tta needs the views to save: --tta {'|'.join(TTA_CHOICES)}")
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
@@ -160,7 +159,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             on_image=lambda stem: progress.advance(task),
             scales=tuple(args.scales),
             tiling=tiling,
-            tta=tta,
+            tta=args.tta,  # None: the checkpoint's
         )
     _stdout().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
@@ -176,8 +175,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         changes["tiling"] = tiling
         console.print(f"{args.model}: the engine now cuts scenes for it as evaluated: {tiling.describe()}")
     if args.save_tta:
-        changes["tta"] = tta
-        console.print(f"{args.model}: the engine now averages the logits of {TTA_PHRASES[tta]}, as evaluated")
+        changes["tta"] = args.tta
+        console.print(
+            f"{args.model}: the engine now averages the logits of {TTA_PHRASES[args.tta]}, as evaluated"
+        )
     if changes:
         update_metadata(args.model, **changes)  # one rewrite of the checkpoint for all
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 from models.checkpoint import LoadedModel
 from models.data import Pair
-from models.inference import TTA_VIEWS
+from models.inference import tta_views
 from models.metadata import TTA_PHRASES, Tiling
 from pipeline.evaluate import evaluate
 
@@ -72,7 +72,7 @@ def tune_tiling(
     if views:
         scored = [best] + [trial(best.tiling, tta) for tta in dict.fromkeys(views) if tta != "none"]
         trials += scored[1:]
-        best = max(scored, key=lambda t: (round(t.miou, 3), -len(TTA_VIEWS[t.tta])))  # type: ignore[index]
+        best = max(scored, key=lambda t: (round(t.miou, 3), -len(tta_views(t.tta))))
         result["best_tta"] = best.tta
     return result | {
         "best_miou": best.miou,
