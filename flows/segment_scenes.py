@@ -268,7 +268,7 @@ def segment_scenes(
             ray = stack.enter_context(
                 ray_session(work_dir, options.ray_address, worker_env=worker_environment())
             )
-            actors = stack.enter_context(kept_actors(ray))
+            actors = stack.enter_context(kept_actors(ray, options.keep_warm_s))
         shared = SharedRay(ray, options, actors)
         for source, checked in checks.items():
             # a task takes its upstream's future in place of its value; Prefect resolves it (or, when the

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
+from pipeline import warm_actors
 from pipeline.workers import CRFWorker, ModelWorker, WorkSpec
 
 _MAX_REPLACEMENTS_PER_NODE = 2
@@ -119,6 +122,7 @@ class Member:
     load: int = 0
     answered: Any = None  # the reference of a first call: done once the actor is up
     ready: bool = False
+    warm: bool = False  # named and detached (``warm_actors``): outlives the run unless killed
 
 
 @dataclass
@@ -127,6 +131,7 @@ class PoolStats:
 
     cores: Counter[tuple[str, str]] = field(default_factory=Counter)
     actors_started: Counter[str] = field(default_factory=Counter)  # by kind: loads of the model, replacements
+    actors_reused: Counter[str] = field(default_factory=Counter)  # by kind: warm actors an earlier run left
     actors_lost: int = 0
     cores_retried: int = 0
     nodes_lost: list[str] = field(default_factory=list)
@@ -147,12 +152,16 @@ class ActorPools:
         gpus_per_model: float = 1.0,
         stats: PoolStats | None = None,
         max_restarts: int = 1,
+        keep_warm_s: float = 0.0,
     ) -> None:
+        """``keep_warm_s`` > 0: the actors are named and detached, and stay up that long idle after the run
+        (``warm_actors``); warm actors an earlier run left are taken whatever it is."""
         self.ray = ray
         self.checkpoint = checkpoint
         self.spec = spec
         self.gpus_per_model = gpus_per_model
         self.max_restarts = max_restarts
+        self.keep_warm_s = keep_warm_s
         self.members: list[Member] = []
         self.placed: dict[str, NodeInfo] = {}  # nodes whose actors were created, by id
         self.plans: dict[str, ActorPlan] = {}
@@ -185,36 +194,80 @@ class ActorPools:
                 continue  # nothing fits (yet: a joining node may not have reported its resources)
             self.placed[node.node_id] = node
             self.plans[node.node_id] = plan
-            self._start(node, "model", plan.model_actors)
-            self._start(node, "crf", plan.crf_actors if self.spec.crf is not None else 0)
+            self._place(node, "model", plan.model_actors)
+            self._place(node, "crf", plan.crf_actors if self.spec.crf is not None else 0)
         # An actor lost on a node that is still alive (its process died twice, it became unreachable) is
         # replaced there, a bounded number of times: a node whose actors keep dying stops getting new ones.
         for node, kind in replacements:
             if node.node_id in alive and self.replaced[node.node_id] < _MAX_REPLACEMENTS_PER_NODE:
                 self.replaced[node.node_id] += 1
-                self._start(node, kind, 1)
+                self._start(node, kind)
 
-    def _start(self, node: NodeInfo, kind: str, count: int) -> None:
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        from models.checkpoint import file_sha256
+
+        return file_sha256(Path(self.checkpoint))
+
+    def _shape_key(self, node: NodeInfo, kind: str) -> str:
+        plan = self.plans[node.node_id]
+        shape = {"plan": asdict(plan), "device": self.spec.device, "amp": self.spec.amp}
+        return warm_actors.shape_key(self.checkpoint_sha256, kind, shape)
+
+    def _place(self, node: NodeInfo, kind: str, count: int) -> None:
+        """A newly seen node's actors: warm ones an earlier run left there, else new ones (named and
+        detached when the pools keep them warm) after idle warm actors of other shapes make room."""
+        if count == 0:
+            return
+        key = self._shape_key(node, kind)
+        names = [warm_actors.actor_name(kind, key, node.node_id, i) for i in range(count)]
+        found = [warm_actors.find(self.ray, name) for name in names]
+        if not all(found):
+            # both kinds' shapes stay: the model actors this run just took are idle too
+            ours = {self._shape_key(node, other) for other in ("model", "crf")}
+            warm_actors.evict_idle(self.ray, node.node_id, ours)
+        for name, handle in zip(names, found, strict=True):
+            if handle is not None:
+                self.stats.actors_reused[kind] += 1
+                first = handle.stay_warm.remote(self.keep_warm_s) if self.keep_warm_s else None
+                self._join(Member(handle, kind, node, warm=True), first)
+            else:
+                self._start(node, kind, name if self.keep_warm_s else None)
+
+    def _start(self, node: NodeInfo, kind: str, warm_name: str | None = None) -> None:
+        """One new actor of ``kind`` on ``node``; named and detached under ``warm_name`` if given."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         plan = self.plans[node.node_id]
         # A crashed actor process restarts in place (same node); a lost node is the engine's to handle.
-        common = {
+        common: dict[str, Any] = {
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False),
             "max_restarts": self.max_restarts,
             "max_task_retries": self.max_restarts,
         }
-        for _ in range(count):
-            if kind == "model":
-                model_cls = self.ray.remote(ModelWorker).options(
-                    num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
-                )
-                args = (self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp)
-                handle = model_cls.remote(*args)
-            else:
-                handle = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common).remote()
-            self.members.append(Member(handle, kind, node, answered=handle.peak_rss_mb.remote()))
-            self.stats.actors_started[kind] += 1
+        if warm_name is not None:
+            common |= {
+                "name": warm_name,
+                "namespace": warm_actors.NAMESPACE,
+                "lifetime": "detached",
+                "get_if_exists": True,  # another run may be creating it at this moment
+            }
+        if kind == "model":
+            model_cls = self.ray.remote(ModelWorker).options(
+                num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
+            )
+            args = (self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp)
+            handle = model_cls.remote(*args)
+        else:
+            handle = self.ray.remote(CRFWorker).options(num_cpus=plan.crf_cpus, **common).remote()
+        # a warm actor's idle clock runs from its first call: a driver that dies leaves nothing for good
+        first = handle.stay_warm.remote(self.keep_warm_s) if warm_name is not None else None
+        self._join(Member(handle, kind, node, warm=warm_name is not None), first)
+        self.stats.actors_started[kind] += 1
+
+    def _join(self, member: Member, first: Any | None) -> None:
+        member.answered = first if first is not None else member.handle.peak_rss_mb.remote()
+        self.members.append(member)
 
     def _note_ready(self) -> None:
         waiting = {m.answered: m for m in self.members if not m.ready}
@@ -266,8 +319,13 @@ class ActorPools:
                 memory[kind] = []
         return memory
 
-    def close(self) -> None:
+    def close(self, leave_warm: bool = True) -> None:
+        """Stop the actors, except warm ones when ``leave_warm``: those stay for the next run, each until
+        it has been idle for its limit (``keep_warm_s`` when these pools set one)."""
         for member in self.members:
             with suppress(Exception):  # already gone
-                self.ray.kill(member.handle)
+                if not (member.warm and leave_warm):
+                    self.ray.kill(member.handle, no_restart=True)
+                elif self.keep_warm_s:
+                    self.ray.get(member.handle.stay_warm.remote(self.keep_warm_s), timeout=30)
         self.members.clear()

@@ -440,6 +440,14 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         help="GPU share each inference actor requests (0.5: two actors per GPU)",
     )
     parser.add_argument(
+        "--keep-warm",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a running cluster (--ray-address): leave the model and CRF actors up, loaded, until idle "
+        "this long, for the next run of the same model and options (default 0: stop them at the end)",
+    )
+    parser.add_argument(
         "--match-resolution", action="store_true", help="resample to the model's training pixel size"
     )
     parser.add_argument("--mpp", type=float, help="a slide's level-0 µm/px when its file does not say")
@@ -470,6 +478,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         ray_address=args.ray_address,
         max_in_flight=args.max_in_flight,
         gpus_per_model_actor=args.gpus_per_model_actor,
+        keep_warm_s=args.keep_warm,
         match_resolution=args.match_resolution,
         mpp=args.mpp,
         ome_zarr=args.ome_zarr,

@@ -55,6 +55,7 @@ class RunStats:
             "nodes": self.pools.by_node(),
             "nodes_lost": self.pools.nodes_lost,
             "actors_started": dict(sorted(self.pools.actors_started.items())),
+            "actors_reused": dict(sorted(self.pools.actors_reused.items())),
             "actors_lost": self.pools.actors_lost,
             "cores_retried": self.pools.cores_retried,
         }
@@ -363,8 +364,9 @@ class KeptActors:
     """Actor pools kept for a Ray session: the scenes of a batch share the actors, and with them each
     actor's start and model load (seconds per actor on a CPU, more with a GPU's context)."""
 
-    def __init__(self, ray: Any) -> None:
+    def __init__(self, ray: Any, keep_warm_s: float = 0.0) -> None:
         self.ray = ray
+        self.keep_warm_s = keep_warm_s
         self.kept: dict[tuple[str, bool, str, bool, float], ActorPools] = {}
         # pools started ahead of their scene (``start``): the scene that first uses them counts their actors
         self.unclaimed: set[tuple[str, bool, str, bool, float]] = set()
@@ -375,7 +377,7 @@ class KeptActors:
         key = self._key(checkpoint_sha256, spec, gpus_per_model)
         if key in self.kept:
             return
-        pools = self.kept[key] = ActorPools(self.ray, str(checkpoint), spec, gpus_per_model, PoolStats())
+        pools = self.kept[key] = self._pools(checkpoint, spec, gpus_per_model, PoolStats())
         pools.refresh()
         self.unclaimed.add(key)
 
@@ -398,18 +400,24 @@ class KeptActors:
         key = self._key(checkpoint_sha256, spec, gpus_per_model)
         pools = self.kept.get(key)
         if pools is None:
-            pools = self.kept[key] = ActorPools(self.ray, str(checkpoint), spec, gpus_per_model, stats)
+            pools = self.kept[key] = self._pools(checkpoint, spec, gpus_per_model, stats)
         if key in self.unclaimed:
             self.unclaimed.discard(key)
             stats.actors_started.update(pools.stats.actors_started)
+            stats.actors_reused.update(pools.stats.actors_reused)
         pools.stats = stats
         return pools
+
+    def _pools(self, checkpoint: Path, spec: WorkSpec, gpus_per_model: float, stats: PoolStats) -> ActorPools:
+        return ActorPools(
+            self.ray, str(checkpoint), spec, gpus_per_model, stats, keep_warm_s=self.keep_warm_s
+        )
 
     def discard_unless_idle(self, pools: ActorPools) -> None:
         """After a scene: pools whose actors still hold work (the scene failed while windows were in flight)
         are stopped, so the next scene starts on clean actors instead of queueing behind stale work."""
         if any(member.load for member in pools.members):
-            pools.close()
+            pools.close(leave_warm=False)
             self.kept = {key: kept for key, kept in self.kept.items() if kept is not pools}
             self.unclaimed &= set(self.kept)
 
@@ -421,8 +429,8 @@ class KeptActors:
 
 
 @contextmanager
-def kept_actors(ray: Any) -> Iterator[KeptActors]:
-    actors = KeptActors(ray)
+def kept_actors(ray: Any, keep_warm_s: float = 0.0) -> Iterator[KeptActors]:
+    actors = KeptActors(ray, keep_warm_s)
     try:
         yield actors
     finally:
@@ -431,10 +439,16 @@ def kept_actors(ray: Any) -> Iterator[KeptActors]:
 
 @contextmanager
 def actor_pools(
-    ray: Any, checkpoint: Path, spec: WorkSpec, gpus_per_model: float = 1.0, stats: PoolStats | None = None
+    ray: Any,
+    checkpoint: Path,
+    spec: WorkSpec,
+    gpus_per_model: float = 1.0,
+    stats: PoolStats | None = None,
+    keep_warm_s: float = 0.0,
 ) -> Iterator[ActorPools]:
-    """Model and CRF actors for one scene's passes (started as the cluster allows), stopped at the end."""
-    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats)
+    """Model and CRF actors for one scene's passes (started as the cluster allows), stopped at the end
+    (left warm for ``keep_warm_s`` instead when it is > 0)."""
+    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats, keep_warm_s=keep_warm_s)
     try:
         yield pools
     finally:

@@ -92,6 +92,12 @@ class SegmentOptions(BaseModel):
     ray_address: str | None = None
     max_in_flight: int | None = Field(None, ge=1, description="None: twice what the cluster's actors hold")
     gpus_per_model_actor: float = Field(1.0, gt=0, le=1, description="fractional: several actors per GPU")
+    keep_warm_s: float = Field(
+        0.0,
+        ge=0,
+        description="leave the actors up, named, this many idle seconds after the run, for the next run of "
+        "the same model and options on the cluster to reuse (a running cluster: --ray-address); 0: stop them",
+    )
     amp: bool = True
     match_resolution: bool = False
     mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
@@ -586,7 +592,9 @@ def _compute_on_ray(
             pools = actors.pools(checkpoint.path, checkpoint.sha256, spec, gpus, stats.pools)
             stack.callback(actors.discard_unless_idle, pools)  # a failed scene's work may still be queued
         else:
-            pools = stack.enter_context(actor_pools(ray, checkpoint.path, spec, gpus, stats.pools))
+            pools = stack.enter_context(
+                actor_pools(ray, checkpoint.path, spec, gpus, stats.pools, options.keep_warm_s)
+            )
         if with_context:
             spec = _with_scene_context(
                 work,
@@ -648,7 +656,10 @@ def segment_scenes(
         return
     from pipeline.ray_engine import kept_actors, ray_session
 
-    with ray_session(Path(out_dir) / ".work", options.ray_address) as ray, kept_actors(ray) as actors:
+    with (
+        ray_session(Path(out_dir) / ".work", options.ray_address) as ray,
+        kept_actors(ray, options.keep_warm_s) as actors,
+    ):
         for scene in ready:
             yield scene, _attempt(scene, checkpoint, out_dir, options, ray, progress, actors)
 

@@ -14,6 +14,7 @@ import numpy as np
 from models.metadata import CRFParams
 from pipeline.grid import Tile, core_of, crf_reach, crop_window, narrowed, read_window
 from pipeline.ledger import NODATA_LABEL, Ledger
+from pipeline.warm_actors import Warmable, working
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
     from models.checkpoint import LoadedModel
@@ -67,7 +68,7 @@ class MemoryReporting:
         return peak_rss_mb()
 
 
-class ModelWorker(MemoryReporting):
+class ModelWorker(MemoryReporting, Warmable):
     """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
 
     def __init__(
@@ -99,6 +100,7 @@ class ModelWorker(MemoryReporting):
             tta=spec.tta,
         )
 
+    @working
     def predict(
         self,
         windows: list[np.ndarray],
@@ -134,6 +136,7 @@ class ModelWorker(MemoryReporting):
             planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
         return list(torch.stack(planes, 1).cpu().numpy())
 
+    @working
     def context_sums(
         self, windows: list[np.ndarray], cores: list[list[Tile]], threads: int | None = None
     ) -> np.ndarray:
@@ -184,7 +187,8 @@ def crf_inputs(
     return inner, cut[0], cut[1]
 
 
-class CRFWorker(MemoryReporting):
+class CRFWorker(MemoryReporting, Warmable):
+    @working
     def refine_core(
         self,
         probabilities: np.ndarray,
