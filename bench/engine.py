@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from models.atomic import write_text_atomically
 from pipeline.grid import plan_tiles
+from pipeline.local_cluster import LocalRayCluster
 from pipeline.segment import cores_to_compute
 from pipeline.stage import StagedScene
 from pipeline.workers import ModelWorker, read_windows, window_batches
@@ -87,7 +88,9 @@ def make_mosaic(source: Path, out: Path, size: int, valid: int | None = None) ->
     return out
 
 
-def run_engine(scene: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+def run_engine(
+    scene: Path, model: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`deeplab segment` in its own process (its peak RSS is its own); returns its report.json.
 
     The output folder is removed first: a resumed run would compute nothing and time nothing. The report
@@ -96,10 +99,29 @@ def run_engine(scene: Path, model: Path, out: Path, *extra: str) -> dict[str, An
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "pipeline.cli", "segment", str(scene), "--model", str(model)]
     started = time.perf_counter()
-    subprocess.run([*command, "--out", str(out), *extra], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(out), *extra], cwd=ROOT, check=True, capture_output=True, env=env)
     wall = time.perf_counter() - started
     report: dict[str, Any] = json.loads((out / scene.stem / "report.json").read_text())
     return report | {"command_seconds": round(wall, 2)}
+
+
+def on_running_cluster(
+    cluster: LocalRayCluster, scene: Path, model: Path, out: Path, options: list[str]
+) -> dict[str, Any]:
+    """Two runs joining a running cluster with ``--keep-warm``: the first starts the actors, the second
+    finds them warm (the nightly case: Ray and the loaded model outlive each job)."""
+    runs = {}
+    for name in ("first", "warm"):
+        extra = ["--no-crf", *options, "--ray-address", cluster.address, "--keep-warm", "600"]
+        report = run_engine(scene, model, out, *extra, env=cluster.client_env())
+        runs[name] = {
+            "seconds": report["seconds"],
+            "command_seconds": report["command_seconds"],
+            "megapixels_per_second": report["megapixels_per_second"],
+            "actors_started": report["cluster"]["actors_started"],
+            "actors_reused": report["cluster"]["actors_reused"],
+        }
+    return runs
 
 
 def model_only_seconds(
@@ -155,6 +177,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/deeplab-bench"))
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--skip-monai", action="store_true")
+    parser.add_argument(
+        "--monai",
+        nargs="+",
+        choices=["loaded", "prepared"],
+        default=["loaded", "prepared"],
+        help="MONAI's runs: the model as loaded, the engine's prepared model (a 16k² run takes ~10 min each)",
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="also run each scene twice on a running local cluster with --keep-warm (the second: warm)",
+    )
+    parser.add_argument(
+        "--model-only-runs", type=int, default=2, help="model-only passes per scene; the fastest counts"
+    )
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     args.work.mkdir(parents=True, exist_ok=True)
@@ -164,68 +201,95 @@ def main() -> None:
         "source": str(SOURCE.name),
         "runs": {},
     }
-    for size in args.sizes:
-        valid = args.large_valid if len(args.sizes) > 1 and size == args.sizes[-1] else None
-        name = f"mosaic-{size}" + (f"-valid{valid}" if valid else "")
-        scene = make_mosaic(SOURCE, args.work / f"{name}.tif", size, valid)
-        out = args.work / f"out-{size}"
-        options = ["--tile", str(args.tile)] + (["--halo", str(args.halo)] if args.halo is not None else [])
-        if args.cores_per_window is not None:
-            options += ["--cores-per-window", str(args.cores_per_window)]
-        report = run_engine(scene, args.model, out, "--no-crf", *options)
-        staged = out / ".work" / scene.stem
-        time.sleep(10)  # the engine's local Ray cluster winds down for a few seconds after it exits
-        block = report["cores_per_window"]
-        forward = min(
-            model_only_seconds(staged, args.model, args.tile, report["halo"], block, threads)
-            for _ in range(2)
-        )
-        run = {
-            "megapixels": size * size / 1e6,
-            "valid_megapixels": (valid or size) ** 2 / 1e6,
-            "tiles": report["tiles"],
-            "halo": report["halo"],
-            "cores_per_window": block,
-            "windows": report["tiles"]["windows"],
-            "no_crf": {
-                "seconds": report["seconds"],
-                "megapixels_per_second": report["megapixels_per_second"],
-                "peak_rss_mb": report["peak_rss_mb"],
-                "command_seconds": report["command_seconds"],
-            },
-            "model_only_seconds": round(forward, 2),
-            "efficiency_vs_segment_stage": round(forward / report["seconds"]["segment"], 3),
-            "efficiency_vs_total": round(forward / report["seconds"]["total"], 3),
-        }
-        if size == args.sizes[0] and not args.skip_crf:
-            crf = run_engine(scene, args.model, args.work / f"out-{size}-crf", *options)
-            run["crf"] = {
-                "seconds": crf["seconds"],
-                "megapixels_per_second": crf["megapixels_per_second"],
-                "peak_rss_mb": crf["peak_rss_mb"],
-            }
-        if not args.skip_monai and not valid:  # MONAI has no nodata skipping: full scenes only
-            monai_out = args.work / f"monai-{size}.tif"
-            # the model as a MONAI user loads it, and the engine's prepared one (folded, channels last)
-            for key, prepared in (("monai", False), ("monai_prepared", True)):
-                # MONAI gets the engine's window and overlap: a block's cores + the halo each side
-                # (and windows per batch: the engine batches 4 cores)
-                windows_per_batch = max(1, 4 // block**2)
-                run[key] = run_monai(
-                    scene,
-                    args.model,
-                    monai_out,
-                    args.tile * block,
-                    report["halo"],
-                    threads,
-                    prepared,
-                    windows_per_batch,
-                )
-        results["runs"][str(size)] = run
-        REPORTS.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(REPORTS / f"{args.name}.json", json.dumps(results, indent=2))
-        print(json.dumps(run, indent=2), flush=True)
+    cluster = None
+    if args.warm:  # one cluster for every scene, as a workstation or cluster that keeps Ray running
+        cluster = LocalRayCluster(args.work / "rc", workers=[], head_cpus=threads).start()
+    try:
+        for size in args.sizes:
+            run_size(args, size, threads, results, cluster)
+    finally:
+        if cluster is not None:
+            cluster.stop()
     write_text_atomically(REPORTS / f"{args.name}.md", render(results))
+
+
+def run_size(
+    args: argparse.Namespace,
+    size: int,
+    threads: int,
+    results: dict[str, Any],
+    cluster: LocalRayCluster | None,
+) -> None:
+    valid = args.large_valid if len(args.sizes) > 1 and size == args.sizes[-1] else None
+    name = f"mosaic-{size}" + (f"-valid{valid}" if valid else "")
+    scene = make_mosaic(SOURCE, args.work / f"{name}.tif", size, valid)
+    out = args.work / f"out-{size}"
+    options = ["--tile", str(args.tile)] + (["--halo", str(args.halo)] if args.halo is not None else [])
+    if args.cores_per_window is not None:
+        options += ["--cores-per-window", str(args.cores_per_window)]
+    report = run_engine(scene, args.model, out, "--no-crf", *options)
+    staged = out / ".work" / scene.stem
+    time.sleep(10)  # the engine's local Ray cluster winds down for a few seconds after it exits
+    warm = None
+    if cluster is not None:
+        warm = on_running_cluster(cluster, scene, args.model, args.work / f"out-{size}-warm", options)
+    block = report["cores_per_window"]
+    forward = min(
+        model_only_seconds(staged, args.model, args.tile, report["halo"], block, threads)
+        for _ in range(args.model_only_runs)
+    )
+    run = {
+        "megapixels": size * size / 1e6,
+        "valid_megapixels": (valid or size) ** 2 / 1e6,
+        "tiles": report["tiles"],
+        "halo": report["halo"],
+        "cores_per_window": block,
+        "windows": report["tiles"]["windows"],
+        "no_crf": {
+            "seconds": report["seconds"],
+            "megapixels_per_second": report["megapixels_per_second"],
+            "peak_rss_mb": report["peak_rss_mb"],
+            "command_seconds": report["command_seconds"],
+        },
+        "model_only_seconds": round(forward, 2),
+        "efficiency_vs_segment_stage": round(forward / report["seconds"]["segment"], 3),
+        "efficiency_vs_total": round(forward / report["seconds"]["total"], 3),
+    }
+    if warm is not None:
+        for figures in warm.values():
+            figures["efficiency_vs_segment_stage"] = round(forward / figures["seconds"]["segment"], 3)
+            figures["efficiency_vs_total"] = round(forward / figures["seconds"]["total"], 3)
+            figures["efficiency_vs_command"] = round(forward / figures["command_seconds"], 3)
+        run["running_cluster"] = warm
+    if size == args.sizes[0] and not args.skip_crf:
+        crf = run_engine(scene, args.model, args.work / f"out-{size}-crf", *options)
+        run["crf"] = {
+            "seconds": crf["seconds"],
+            "megapixels_per_second": crf["megapixels_per_second"],
+            "peak_rss_mb": crf["peak_rss_mb"],
+        }
+    if not args.skip_monai and not valid:  # MONAI has no nodata skipping: full scenes only
+        monai_out = args.work / f"monai-{size}.tif"
+        # the model as a MONAI user loads it, and the engine's prepared one (folded, channels last)
+        modes = (("monai", False, "loaded"), ("monai_prepared", True, "prepared"))
+        for key, prepared in ((key, prepared) for key, prepared, mode in modes if mode in args.monai):
+            # MONAI gets the engine's window and overlap: a block's cores + the halo each side
+            # (and windows per batch: the engine batches 4 cores)
+            windows_per_batch = max(1, 4 // block**2)
+            run[key] = run_monai(
+                scene,
+                args.model,
+                monai_out,
+                args.tile * block,
+                report["halo"],
+                threads,
+                prepared,
+                windows_per_batch,
+            )
+    results["runs"][str(size)] = run
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(REPORTS / f"{args.name}.json", json.dumps(results, indent=2))
+    print(json.dumps(run, indent=2), flush=True)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -237,7 +301,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         "| scene | halo | cores per window, windows | engine MP/s (no CRF) | MP/s with CRF | "
         "efficiency (segment stage / total) | "
-        "peak RSS driver / model actor MB | MONAI MP/s (model as loaded / prepared) | MONAI peak RSS MB |",
+        "peak RSS driver / model actor MB | MONAI MP/s (model as loaded / prepared) | "
+        "MONAI peak RSS MB (as loaded / prepared) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for size, run in results["runs"].items():
@@ -251,7 +316,7 @@ def render(results: dict[str, Any]) -> str:
             f"{run['no_crf']['megapixels_per_second']:.3f} | "
             f"{crf.get('megapixels_per_second', '-')} | {run['efficiency_vs_segment_stage']} / "
             f"{run['efficiency_vs_total']} | {rss['driver']} / {_join(rss.get('model_actors', []))} | "
-            f"{_mps(monai)} / {_mps(prepared)} | {monai.get('peak_rss_mb', '-')} |"
+            f"{_mps(monai)} / {_mps(prepared)} | {_rss(monai)} / {_rss(prepared)} |"
         )
     lines += [
         "",
@@ -265,11 +330,36 @@ def render(results: dict[str, Any]) -> str:
     for size, run in results["runs"].items():
         walls = [run.get(key, {}).get("command_seconds", "-") for key in ("monai", "monai_prepared")]
         lines.append(f"| {size}² | {run['no_crf'].get('command_seconds', '-')} | {walls[0]} | {walls[1]} |")
+    runs_of = results["runs"].items()
+    running = {size: run["running_cluster"] for size, run in runs_of if "running_cluster" in run}
+    if running:
+        lines += [
+            "",
+            "On a running local cluster (`--ray-address`, `--keep-warm 600`): the first run starts the "
+            "actors, the second finds them warm. Efficiency: model-only forward over the segment stage / "
+            "the report's total / the whole command:",
+            "",
+            "| scene | run | actors started / reused | segment stage s | report total s | whole command s | "
+            "efficiency (segment / total / command) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for size, runs in running.items():
+            for name, figures in runs.items():
+                lines.append(
+                    f"| {size}² | {name} | {figures['actors_started']} / {figures['actors_reused']} | "
+                    f"{figures['seconds']['segment']} | {figures['seconds']['total']} | "
+                    f"{figures['command_seconds']} | {figures['efficiency_vs_segment_stage']} / "
+                    f"{figures['efficiency_vs_total']} / {figures['efficiency_vs_command']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def _mps(run: dict[str, Any]) -> str:
     return f"{run['megapixels_per_second']:.3f}" if run else "-"
+
+
+def _rss(run: dict[str, Any]) -> str:
+    return f"{run['peak_rss_mb']:.0f}" if run else "-"
 
 
 def _join(values: list[float]) -> str:
