@@ -27,7 +27,7 @@ from pipeline.sources import Source, source_sha256
 MANIFEST_NAME = "manifest.json"
 # Options that change how a result is computed, not what it is: changing them redoes nothing.
 RUNTIME_ONLY_OPTIONS = frozenset(
-    {"engine", "ray_address", "max_in_flight", "batch_size", "device", "gpus_per_model_actor"}
+    {"engine", "ray_address", "max_in_flight", "batch_size", "device", "gpus_per_model_actor", "keep_warm_s"}
 )
 
 Outcome = Literal["done", "skipped", "failed"]

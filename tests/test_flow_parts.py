@@ -52,6 +52,7 @@ def test_scenes_with_one_id_are_refused(tmp_path: Path) -> None:
 def test_config_hash_changes_with_results_not_with_runtime_options() -> None:
     base = config_hash(SegmentOptions())
     assert config_hash(SegmentOptions(engine="local", max_in_flight=2, batch_size=1, device="cpu")) == base
+    assert config_hash(SegmentOptions(keep_warm_s=600)) == base, "warm actors compute the same masks"
     for changed in (SegmentOptions(crf=False), SegmentOptions(tile=256), SegmentOptions(probabilities=True)):
         assert config_hash(changed) != base
 
