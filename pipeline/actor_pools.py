@@ -153,15 +153,18 @@ class ActorPools:
         stats: PoolStats | None = None,
         max_restarts: int = 1,
         keep_warm_s: float = 0.0,
+        checkpoint_sha256: str | None = None,
     ) -> None:
         """``keep_warm_s`` > 0: the actors are named and detached, and stay up that long idle after the run
-        (``warm_actors``); warm actors an earlier run left are taken whatever it is."""
+        (``warm_actors``); warm actors an earlier run left are taken whatever it is. ``checkpoint_sha256``:
+        the caller's, so that the file is not read again (else computed when first needed)."""
         self.ray = ray
         self.checkpoint = checkpoint
         self.spec = spec
         self.gpus_per_model = gpus_per_model
         self.max_restarts = max_restarts
         self.keep_warm_s = keep_warm_s
+        self.known_sha256 = checkpoint_sha256
         self.members: list[Member] = []
         self.placed: dict[str, NodeInfo] = {}  # nodes whose actors were created, by id
         self.plans: dict[str, ActorPlan] = {}
@@ -207,7 +210,7 @@ class ActorPools:
     def checkpoint_sha256(self) -> str:
         from models.checkpoint import file_sha256
 
-        return file_sha256(Path(self.checkpoint))
+        return self.known_sha256 or file_sha256(Path(self.checkpoint))
 
     def _shape_key(self, node: NodeInfo, kind: str) -> str:
         plan = self.plans[node.node_id]

@@ -377,7 +377,7 @@ class KeptActors:
         key = self._key(checkpoint_sha256, spec, gpus_per_model)
         if key in self.kept:
             return
-        pools = self.kept[key] = self._pools(checkpoint, spec, gpus_per_model, PoolStats())
+        pools = self.kept[key] = self._pools(checkpoint, checkpoint_sha256, spec, gpus_per_model, PoolStats())
         pools.refresh()
         self.unclaimed.add(key)
 
@@ -400,7 +400,7 @@ class KeptActors:
         key = self._key(checkpoint_sha256, spec, gpus_per_model)
         pools = self.kept.get(key)
         if pools is None:
-            pools = self.kept[key] = self._pools(checkpoint, spec, gpus_per_model, stats)
+            pools = self.kept[key] = self._pools(checkpoint, checkpoint_sha256, spec, gpus_per_model, stats)
         if key in self.unclaimed:
             self.unclaimed.discard(key)
             stats.actors_started.update(pools.stats.actors_started)
@@ -408,9 +408,17 @@ class KeptActors:
         pools.stats = stats
         return pools
 
-    def _pools(self, checkpoint: Path, spec: WorkSpec, gpus_per_model: float, stats: PoolStats) -> ActorPools:
+    def _pools(
+        self, checkpoint: Path, sha256: str, spec: WorkSpec, gpus_per_model: float, stats: PoolStats
+    ) -> ActorPools:
         return ActorPools(
-            self.ray, str(checkpoint), spec, gpus_per_model, stats, keep_warm_s=self.keep_warm_s
+            self.ray,
+            str(checkpoint),
+            spec,
+            gpus_per_model,
+            stats,
+            keep_warm_s=self.keep_warm_s,
+            checkpoint_sha256=sha256,
         )
 
     def discard_unless_idle(self, pools: ActorPools) -> None:
@@ -445,10 +453,19 @@ def actor_pools(
     gpus_per_model: float = 1.0,
     stats: PoolStats | None = None,
     keep_warm_s: float = 0.0,
+    checkpoint_sha256: str | None = None,
 ) -> Iterator[ActorPools]:
     """Model and CRF actors for one scene's passes (started as the cluster allows), stopped at the end
     (left warm for ``keep_warm_s`` instead when it is > 0)."""
-    pools = ActorPools(ray, str(checkpoint), spec, gpus_per_model, stats, keep_warm_s=keep_warm_s)
+    pools = ActorPools(
+        ray,
+        str(checkpoint),
+        spec,
+        gpus_per_model,
+        stats,
+        keep_warm_s=keep_warm_s,
+        checkpoint_sha256=checkpoint_sha256,
+    )
     try:
         yield pools
     finally:

@@ -593,7 +593,9 @@ def _compute_on_ray(
             stack.callback(actors.discard_unless_idle, pools)  # a failed scene's work may still be queued
         else:
             pools = stack.enter_context(
-                actor_pools(ray, checkpoint.path, spec, gpus, stats.pools, options.keep_warm_s)
+                actor_pools(
+                    ray, checkpoint.path, spec, gpus, stats.pools, options.keep_warm_s, checkpoint.sha256
+                )
             )
         if with_context:
             spec = _with_scene_context(
