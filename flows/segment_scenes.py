@@ -39,6 +39,7 @@ from pipeline.segment import (
     PreparedScene,
     SegmentOptions,
     StagedWork,
+    as_planned,
     compute_work,
     prepare_scene,
     publish_work,
@@ -122,7 +123,7 @@ def preflight(source: Source, checkpoint: CheckpointInfo, options: SegmentOption
     local_file = isinstance(source, Path) and source.is_file()
     checksum = manifest.checksum(source) if local_file else None  # else prepare_scene reads or refuses it
     prepared = prepare_scene(source, checkpoint, options, checksum, progress)
-    key = SceneKey(prepared.checksum, checkpoint.sha256, config_hash(options))
+    key = SceneKey(prepared.checksum, checkpoint.sha256, config_hash(as_planned(options, prepared.plan)))
     previous = manifest.current(str(source), key)
     if previous is not None:
         progress.stage(prepared.name, "unchanged", f"same key as the result of {previous.finished}: skipped")

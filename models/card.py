@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import file_sha256, read_metadata
-from models.metadata import TTA_PHRASES, CheckpointMetadata
+from models.metadata import TTA_PHRASES, CheckpointMetadata, InputScales
 
 
 def render_card(path: Path, attribution: str) -> str:
@@ -58,9 +58,11 @@ def render_card(path: Path, attribution: str) -> str:
         if report:
             lines += [f"### {label}", "", *_metrics_table(report, metadata), "", _evaluated_on(report), ""]
     lines += [
-        "## Tiling and test-time views",
+        "## Tiling, input scales and test-time views",
         "",
         *_tiling_lines(metadata),
+        "",
+        _scales_line(metadata),
         "",
         _tta_line(metadata),
         "",
@@ -136,9 +138,13 @@ def _metrics_table(report: dict[str, Any], metadata: CheckpointMetadata) -> list
 
 
 def _evaluated_on(report: dict[str, Any]) -> str:
-    tiling = report.get("no_crf", {}).get("tiling", "whole image")
-    tta = report.get("no_crf", {}).get("tta", "none")
+    no_crf = report.get("no_crf", {})
+    tiling = no_crf.get("tiling", "whole image")
+    tta = no_crf.get("tta", "none")
     views = "" if tta == "none" else f" Test-time views: logits averaged over {TTA_PHRASES[tta]}."
+    multiscale = InputScales(scales=no_crf.get("scales", [1.0]), fuse=no_crf.get("fuse", "max"))
+    if not multiscale.single:
+        views = f" Multi-scale inputs: {multiscale.describe()}." + views
     if not isinstance(tiling, dict):
         return "The model ran on each whole image." + views
     return (
@@ -158,6 +164,7 @@ def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
     if tuning:
         scores = "; ".join(
             ("whole images" if not isinstance(t["tiling"], dict) else f"{t['tiling']['tile']} px")
+            + _trial_scales(t)
             + ("" if t.get("tta", "none") == "none" else f" with {t['tta']} views")
             + f" {t['miou']:.4f}"
             for t in tuning["trials"]
@@ -167,6 +174,23 @@ def _tiling_lines(metadata: CheckpointMetadata) -> list[str]:
             f"Chosen by `deeplab tune-tiling` on {tuning['images']} images, mIoU without CRF: {scores}.",
         ]
     return lines
+
+
+def _trial_scales(trial: dict[str, Any]) -> str:
+    scales = trial.get("scales", [1.0])
+    return "" if scales == [1.0] else f" at scales {', '.join(f'{s:g}' for s in scales)} ({trial['fuse']})"
+
+
+def _scales_line(metadata: CheckpointMetadata) -> str:
+    if metadata.input_scales is None or metadata.input_scales.single:
+        return (
+            "No multi-scale inputs stored: `deeplab segment` runs each window at its own scale unless given "
+            "`--scales`."
+        )
+    return (
+        f"Stored in the checkpoint: `deeplab segment` runs each window at {metadata.input_scales.describe()} "
+        "unless told otherwise (`--scales`, `--fuse`)."
+    )
 
 
 def _tta_line(metadata: CheckpointMetadata) -> str:

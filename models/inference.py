@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import ConfigError, DataError
-from models.metadata import TTA_CHOICES, BandInfo, CheckpointMetadata
+from models.metadata import TTA_CHOICES, BandInfo, CheckpointMetadata, InputScales
 
 
 def normalise(image: np.ndarray, bands: Sequence[BandInfo]) -> torch.Tensor:
@@ -136,9 +136,12 @@ def predict_image(
     model: nn.Module,
     metadata: CheckpointMetadata,
     image: np.ndarray,
-    scales: Sequence[float] = (1.0,),
+    multiscale: InputScales | None = None,
     tta: str = "none",
 ) -> np.ndarray:
-    """Class probabilities (classes, H, W) float32 for one whole (bands, H, W) image."""
+    """Class probabilities (classes, H, W) float32 for one whole (bands, H, W) image, at ``multiscale``'s
+    scales (None: 1 alone)."""
     batch = normalise(image, metadata.bands)[None]
-    return predict_probabilities(model, batch, scales=scales, tta=tta)[0].cpu().numpy()
+    multiscale = multiscale or InputScales()
+    probabilities = predict_probabilities(model, batch, multiscale.scales, multiscale.fuse, tta=tta)
+    return probabilities[0].cpu().numpy()

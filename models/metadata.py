@@ -57,6 +57,36 @@ class Tiling(BaseModel):
         return f"{self.tile} px cores in blocks of {self.cores_per_window}²"
 
 
+Fuse = Literal["max", "mean"]
+FUSE_CHOICES: tuple[str, ...] = get_args(Fuse)
+
+
+class InputScales(BaseModel):
+    """Multi-scale inputs (the DeepLab papers' MSC): each window also runs resized by each scale, and the
+    logits, brought back to the window's size, are fused per pixel (max, the paper's, or mean)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scales: tuple[float, ...] = Field((1.0,), min_length=1)
+    fuse: Fuse = "max"
+
+    @field_validator("scales")
+    @classmethod
+    def _sensible(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.1 <= s <= 4.0 for s in scales):
+            raise ValueError(f"scales must lie in 0.1-4 (got {', '.join(f'{s:g}' for s in scales)})")
+        if len(set(scales)) != len(scales):
+            raise ValueError("scales must differ")
+        return scales
+
+    @property
+    def single(self) -> bool:
+        return self.scales == (1.0,)
+
+    def describe(self) -> str:
+        listed = ", ".join(f"{s:g}" for s in self.scales)
+        return "each window at its own scale" if self.single else f"scales {listed} fused by {self.fuse}"
+
+
 # Test-time augmentation: the views of each window whose logits are averaged (models.inference.TTA_VIEWS):
 # none; a horizontal flip (2); both flips (4); flips and transposes, the dihedral group (8).
 TTA = Literal["none", "hflip", "flips", "d4"]
@@ -88,6 +118,9 @@ class CheckpointMetadata(BaseModel):
     tta: TTA | None = Field(
         None, description="the test-time views the engine averages for it unless told otherwise (None: none)"
     )
+    input_scales: InputScales | None = Field(
+        None, description="the multi-scale inputs the engine runs it at unless told otherwise (None: 1 only)"
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""
@@ -104,6 +137,11 @@ class CheckpointMetadata(BaseModel):
     def views(self, asked: str | None = None) -> str:
         """The test-time views to run: those asked for, else the stored ones, else none."""
         return asked or self.tta or "none"
+
+    def multiscale(self, scales: tuple[float, ...] | None = None, fuse: Fuse | None = None) -> InputScales:
+        """The input scales to run: those asked for, else the stored ones, else 1 alone; so the fusion."""
+        stored = self.input_scales or InputScales()
+        return InputScales(scales=scales or stored.scales, fuse=fuse or stored.fuse)
 
 
 DEFAULT_PALETTE: tuple[tuple[int, int, int], ...] = (

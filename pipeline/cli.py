@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.errors import DeepLabError
-from models.metadata import TTA_CHOICES, TTA_PHRASES
+from models.metadata import FUSE_CHOICES, TTA_CHOICES, TTA_PHRASES
 from pipeline.sources import as_source
 
 console = Console(stderr=True)
@@ -148,6 +148,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tiling = _evaluation_tiling(args, loaded.metadata)
     if args.save_tta and args.tta is None:
         raise ConfigError(f"--save-tta needs the views to save: --tta {'|'.join(TTA_CHOICES)}")
+    if args.save_scales and args.scales is None:
+        raise ConfigError("--save-scales needs the scales to save: --scales S [S ...] (and --fuse)")
+    multiscale = loaded.metadata.multiscale(_scales(args.scales), args.fuse)
     pairs = find_pairs(args.images, args.masks)
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     with _bar(len(pairs), "evaluate") as (progress, task):
@@ -157,7 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             args.crf,
             exclude_classes=exclude,
             on_image=lambda stem: progress.advance(task),
-            scales=tuple(args.scales),
+            multiscale=multiscale,
             tiling=tiling,
             tta=args.tta,  # None: the checkpoint's
         )
@@ -179,9 +182,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         console.print(
             f"{args.model}: the engine now averages the logits of {TTA_PHRASES[args.tta]}, as evaluated"
         )
+    if args.save_scales:
+        changes["input_scales"] = multiscale
+        console.print(f"{args.model}: the engine now runs it at {multiscale.describe()}, as evaluated")
     if changes:
         update_metadata(args.model, **changes)  # one rewrite of the checkpoint for all
     return 0
+
+
+def _scales(asked: list[float] | None) -> tuple[float, ...] | None:
+    return tuple(asked) if asked else None
+
+
+def _scale_set(text: str) -> tuple[float, ...]:
+    """``0.75,1`` -> (0.75, 1.0): one candidate set of multi-scale inputs."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of scales: {text!r}") from None
 
 
 def _evaluation_tiling(args: argparse.Namespace, metadata: Any) -> Any:
@@ -246,7 +264,7 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
 def _cmd_tune_tiling(args: argparse.Namespace) -> int:
     from models.checkpoint import load_checkpoint, update_metadata
-    from models.metadata import Tiling
+    from models.metadata import InputScales, Tiling
     from pipeline.evaluate import find_pairs, metric_classes
     from pipeline.tune_tiling import TilingTrial, tune_tiling
 
@@ -258,12 +276,23 @@ def _cmd_tune_tiling(args: argparse.Namespace) -> int:
     def show(trial: TilingTrial) -> None:
         console.print(f"{trial.describe()}: mIoU {trial.miou:.4f}, boundary F1 {trial.boundary_f1:.4f}")
 
+    multiscales = [InputScales(scales=scales, fuse=args.fuse or "max") for scales in args.scales or ()]
     result = tune_tiling(
-        loaded, pairs, args.tiles, args.cores_per_window, exclude, on_trial=show, views=args.tta or ()
+        loaded,
+        pairs,
+        args.tiles,
+        args.cores_per_window,
+        exclude,
+        on_trial=show,
+        views=args.tta or (),
+        multiscales=multiscales,
     )
     best = Tiling.model_validate(result["best"])
     chosen: dict[str, Any] = {"tiling": best}
     described = best.describe()
+    if "best_scales" in result:
+        chosen["input_scales"] = InputScales.model_validate(result["best_scales"])
+        described += f", {chosen['input_scales'].describe()}"
     if "best_tta" in result:
         chosen["tta"] = result["best_tta"]
         described += f", test-time views {result['best_tta']}"
@@ -410,8 +439,15 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         "tiles then agree where they meet)",
     )
     parser.add_argument("--no-crf", action="store_true")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
-    parser.add_argument("--fuse", choices=["max", "mean"], default="max", help="how scales are fused")
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        help="multi-scale inputs, e.g. 0.75 1 (default: the checkpoint's, else 1 alone)",
+    )
+    parser.add_argument(
+        "--fuse", choices=FUSE_CHOICES, help="how scales are fused (default: the checkpoint's, else max)"
+    )
     parser.add_argument(
         "--tta",
         choices=TTA_CHOICES,
@@ -468,7 +504,7 @@ def segment_options(args: argparse.Namespace) -> Any:
         cores_per_window=args.cores_per_window,
         context=args.context,
         crf=not args.no_crf,
-        scales=tuple(args.scales),
+        scales=_scales(args.scales),
         fuse=args.fuse,
         tta=args.tta,
         batch_size=args.batch_size,
@@ -551,8 +587,17 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         "--scales",
         type=float,
         nargs="+",
-        default=[1.0],
-        help="multi-scale inputs, fused by max (the paper's)",
+        help="multi-scale inputs, e.g. 0.75 1 (default: the checkpoint's, else 1 alone)",
+    )
+    evaluate.add_argument(
+        "--fuse",
+        choices=FUSE_CHOICES,
+        help="how scales are fused: max (the paper's) or mean (default: the checkpoint's, else max)",
+    )
+    evaluate.add_argument(
+        "--save-scales",
+        action="store_true",
+        help="store --scales and --fuse in the checkpoint: segment then runs them unless told otherwise",
     )
     evaluate.add_argument(
         "--tta",
@@ -617,6 +662,14 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         help="also choose the test-time views among these, on the best tiling (ties: fewer model passes); "
         "without it the stored views are left as they are",
     )
+    tune_tiling.add_argument(
+        "--scales",
+        type=_scale_set,
+        nargs="+",
+        help="also choose the multi-scale inputs among these sets, e.g. 1 0.75,1 (each tried with every "
+        "core size; ties: fewer scales); without it the stored scales are left as they are",
+    )
+    tune_tiling.add_argument("--fuse", choices=FUSE_CHOICES, help="how --scales are fused (default max)")
     tune_tiling.add_argument(
         "--dry-run", action="store_true", help="report, but leave the checkpoint unchanged"
     )

@@ -12,7 +12,7 @@ from models.checkpoint import LoadedModel
 from models.data import Pair, list_files, pair_by_stem, read_pair
 from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
-from models.metadata import CRFParams, Tiling
+from models.metadata import CRFParams, InputScales, Tiling
 from models.metrics import SegmentationMetrics
 from pipeline.crf import refine_labels
 from pipeline.grid import core_of, model_halo, plan_tiles
@@ -34,24 +34,25 @@ def find_pairs(images: str, masks: str) -> list[Pair]:
 def predictions(
     loaded: LoadedModel,
     pairs: list[Pair],
-    scales: tuple[float, ...] = (1.0,),
+    multiscale: InputScales | None = None,
     tiling: Tiling | None = None,
     halo: int = 0,
     tta: str | None = None,
 ) -> Iterator[Prediction]:
-    """Read and check each pair, then run the model (at each of ``scales``), prepared for inference as the
-    engine runs it: on the whole image, or with ``tiling`` on the engine's windows (``halo`` around cores);
-    ``tta``: the test-time views (None: the checkpoint's)."""
+    """Read and check each pair, then run the model (at each of ``multiscale``'s scales; None: the
+    checkpoint's), prepared for inference as the engine runs it: on the whole image, or with ``tiling`` on
+    the engine's windows (``halo`` around cores); ``tta``: the test-time views (None: the checkpoint's)."""
     metadata = loaded.metadata
     tta = metadata.views(tta)
+    multiscale = multiscale or metadata.multiscale()
     worker = ModelWorker(str(loaded.path), "cpu", None, amp=False, loaded=loaded)
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
         if tiling is None:
-            probabilities = predict_image(worker.model, metadata, image, scales, tta)
+            probabilities = predict_image(worker.model, metadata, image, multiscale, tta)
         else:
-            probabilities = tiled_probabilities(worker, image, tiling, halo, scales, tta)
+            probabilities = tiled_probabilities(worker, image, tiling, halo, multiscale, tta)
         yield Prediction(pair, image, truth, probabilities)
 
 
@@ -60,7 +61,7 @@ def tiled_probabilities(
     image: np.ndarray,
     tiling: Tiling,
     halo: int,
-    scales: tuple[float, ...],
+    multiscale: InputScales,
     tta: str = "none",
 ) -> np.ndarray:
     """(classes, H, W) probabilities of ``image`` as the engine computes them: the cores of its plan, each
@@ -70,7 +71,8 @@ def tiled_probabilities(
     stitched = np.empty((worker.loaded.metadata.num_classes, height, width), dtype=np.float32)
     for batch in window_batches([(tile, None) for tile in tiles], 4):
         windows = read_windows(image, batch)
-        for members, result in zip(batch, worker.predict(windows, scales, "max", True, tta=tta), strict=True):
+        results = worker.predict(windows, multiscale.scales, multiscale.fuse, True, tta=tta)
+        for members, result in zip(batch, results, strict=True):
             for tile, _ in members:
                 rows = slice(tile.core_top, tile.core_top + tile.core_height)
                 cols = slice(tile.core_left, tile.core_left + tile.core_width)
@@ -78,10 +80,14 @@ def tiled_probabilities(
     return stitched
 
 
-def evaluation_halo(loaded: LoadedModel, tiling: Tiling, crf_params: CRFParams | None) -> int:
-    """The halo ``deeplab segment`` reads around ``tiling``'s cores (with the CRF on when it is evaluated)."""
+def evaluation_halo(
+    loaded: LoadedModel, tiling: Tiling, crf_params: CRFParams | None, multiscale: InputScales | None = None
+) -> int:
+    """The halo ``deeplab segment`` reads around ``tiling``'s cores (with the CRF on when it is evaluated,
+    at ``multiscale``'s scales; None: the checkpoint's)."""
     sigma_alpha = crf_params.sigma_alpha if crf_params else None
-    return model_halo(loaded.metadata, sigma_alpha, tiling.tile)
+    min_scale = min((multiscale or loaded.metadata.multiscale()).scales)
+    return model_halo(loaded.metadata, sigma_alpha, tiling.tile, min_scale=min_scale)
 
 
 def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:
@@ -99,7 +105,7 @@ def evaluate(
     crf_params: CRFParams | None = None,
     exclude_classes: list[str] | None = None,
     on_image: Callable[[str], None] | None = None,
-    scales: tuple[float, ...] = (1.0,),
+    multiscale: InputScales | None = None,
     tiling: Tiling | None = None,
     tta: str | None = None,
 ) -> dict[str, Any]:
@@ -114,9 +120,10 @@ def evaluate(
     plain = SegmentationMetrics(names, metadata.ignore_index)
     refined = SegmentationMetrics(names, metadata.ignore_index)
     params = crf_params or metadata.crf
-    halo = evaluation_halo(loaded, tiling, params if with_crf else None) if tiling else 0
+    multiscale = multiscale or metadata.multiscale()
+    halo = evaluation_halo(loaded, tiling, params if with_crf else None, multiscale) if tiling else 0
     tta = metadata.views(tta)
-    for prediction in predictions(loaded, pairs, scales, tiling, halo, tta):
+    for prediction in predictions(loaded, pairs, multiscale, tiling, halo, tta):
         plain.update(prediction.probabilities.argmax(0), prediction.truth)
         if with_crf:
             labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
@@ -124,7 +131,8 @@ def evaluate(
         if on_image:
             on_image(prediction.pair.stem)
     inference = {
-        "scales": list(scales),
+        "scales": list(multiscale.scales),
+        "fuse": multiscale.fuse,
         "tta": tta,
         "tiling": tiling.model_dump() | {"halo": halo} if tiling else "whole image",
     }

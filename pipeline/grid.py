@@ -92,17 +92,22 @@ def crf_reach(*sigmas: float) -> int:
 
 
 def model_halo(
-    metadata: CheckpointMetadata, crf_sigma_alpha: float | None, tile: int, scene_context: bool = False
+    metadata: CheckpointMetadata,
+    crf_sigma_alpha: float | None,
+    tile: int,
+    scene_context: bool = False,
+    min_scale: float = 1.0,
 ) -> int:
     """``default_halo`` for a checkpoint's architecture (the one place that asks for its receptive field).
 
     ``scene_context``: the image pooling gets the scene's vector (``--context scene``), so the windows no
-    longer change it and the model tiles like one without global context."""
+    longer change it and the model tiles like one without global context. ``min_scale``: the smallest
+    multi-scale input; shrunk by it, each window pixel spans 1/scale scene pixels, and so does the field."""
     # here, not at the top: it builds the model (torch), and the CRF actors import this module
     from models.receptive_field import receptive_radius
 
     arch_args = tuple(sorted(metadata.arch_args.items()))
-    radius = receptive_radius(metadata.architecture, arch_args)
+    radius = math.ceil(receptive_radius(metadata.architecture, arch_args) / min(1.0, min_scale))
     global_context = has_image_pooling(metadata) and not scene_context
     return default_halo(radius, crf_sigma_alpha, tile, global_context)
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info, read_metadata
 from models.errors import DeepLabError
-from models.metadata import TTA, TTA_PHRASES, CheckpointMetadata, CRFParams, Tiling
+from models.metadata import TTA, TTA_PHRASES, CheckpointMetadata, CRFParams, Fuse, InputScales, Tiling
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.grid import (
@@ -82,8 +82,10 @@ class SegmentOptions(BaseModel):
     )
     crf: bool = True
     crf_params: CRFParams | None = None
-    scales: tuple[float, ...] = (1.0,)
-    fuse: str = Field("max", pattern="^(max|mean)$")
+    scales: tuple[float, ...] | None = Field(
+        None, description="multi-scale inputs; None: the checkpoint's, else 1 alone"
+    )
+    fuse: Fuse | None = Field(None, description="how scales are fused; None: the checkpoint's, else max")
     tta: TTA | None = Field(None, description="test-time views averaged; None: the checkpoint's, else none")
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
@@ -145,6 +147,7 @@ class ScenePlan:
     tiles: list[Tile]
     crf: CRFParams | None
     tta: str  # the options' test-time views, else the checkpoint's, else none
+    multiscale: InputScales  # the options' input scales and fusion, else the checkpoint's, else 1 alone
 
     @property
     def window(self) -> int:
@@ -171,6 +174,8 @@ class ScenePlan:
         if nodata_cores is not None:
             cores += f" ({nodata_cores} wholly nodata, skipped)"
         lines.append(f"  {cores}, halo {self.halo} px, {self.windows} windows of up to {self.window} px")
+        if not self.multiscale.single:
+            lines.append(f"  multi-scale inputs: {self.multiscale.describe()}")
         if self.tta != "none":
             lines.append(f"  test-time views ({self.tta}): logits averaged over {TTA_PHRASES[self.tta]}")
         lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
@@ -185,15 +190,25 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
     crf = (options.crf_params or metadata.crf) if options.crf else None
     shape = resampled_shape(scene.height, scene.width, check.scale)
     tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
+    multiscale = metadata.multiscale(options.scales, options.fuse)
     halo = options.halo
     if halo is None:
         scene_context = options.context == "scene"
-        halo = model_halo(metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context)
+        halo = model_halo(
+            metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context, min(multiscale.scales)
+        )
     tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
-    plan = ScenePlan(check, shape, tiling, halo, tiles, crf, metadata.views(options.tta))
+    plan = ScenePlan(check, shape, tiling, halo, tiles, crf, metadata.views(options.tta), multiscale)
     if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
         check.warnings.append(warning)
     return plan
+
+
+def as_planned(options: SegmentOptions, plan: ScenePlan) -> SegmentOptions:
+    """``options`` with what ``plan`` resolved from the checkpoint filled in (the input scales and fusion),
+    as the manifest hashes them: an unset option and the value it stands for give one key, and keys from
+    before these options could be unset stay valid."""
+    return options.model_copy(update={"scales": plan.multiscale.scales, "fuse": plan.multiscale.fuse})
 
 
 def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:
@@ -284,8 +299,8 @@ def stage_work(
         halo=plan.halo,
         cores_per_window=plan.tiling.cores_per_window,
         crf=plan.crf.model_dump() if plan.crf else None,
-        scales=options.scales,
-        fuse=options.fuse,
+        scales=plan.multiscale.scales,
+        fuse=plan.multiscale.fuse,
         tta=plan.tta,
         scale=plan.check.scale,
         plan=PLAN_VERSION,
@@ -333,8 +348,8 @@ def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
     return WorkSpec(
         crf=prepared.plan.crf,
         input_max=prepared.checkpoint.metadata.input_max,
-        scales=options.scales,
-        fuse=options.fuse,
+        scales=prepared.plan.multiscale.scales,
+        fuse=prepared.plan.multiscale.fuse,
         tta=prepared.plan.tta,
         batch_size=options.batch_size,
         device=options.device,
@@ -742,7 +757,8 @@ def _report(
         "checkpoint": loaded.path.name,
         "checkpoint_sha256": loaded.sha256,
         "crf": plan.crf.model_dump() if plan.crf else None,
-        "scales": list(options.scales),
+        "scales": list(plan.multiscale.scales),
+        "fuse": plan.multiscale.fuse,
         "tta": plan.tta,
         "seconds": {k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
         "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
@@ -764,7 +780,8 @@ def _provenance(
         "DEEPLAB_TILE": str(plan.tiling.tile),
         "DEEPLAB_HALO": str(plan.halo),
         "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",
-        "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in options.scales),
+        "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in plan.multiscale.scales),
+        "DEEPLAB_FUSE": plan.multiscale.fuse,
         "DEEPLAB_TTA": plan.tta,
         "DEEPLAB_INPUT_SHA256": checksum,
         "DEEPLAB_VERSION": software_version(),

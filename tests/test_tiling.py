@@ -11,7 +11,7 @@ import pytest
 
 from models.checkpoint import load_checkpoint, read_metadata
 from models.inference import predict_image
-from models.metadata import Tiling
+from models.metadata import InputScales, Tiling
 from pipeline.cli import main
 from pipeline.evaluate import tiled_probabilities
 from pipeline.grid import DEFAULT_TILING, resolve_tiling
@@ -39,10 +39,10 @@ def test_tiled_probabilities_stitch_each_core_from_its_own_window(
     worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
     whole = predict_image(worker.model, loaded.metadata, image)
     # one window that holds the whole chip: the whole-image pass (probabilities travel as float16)
-    covering = tiled_probabilities(worker, image, Tiling(tile=256, cores_per_window=1), 64, (1.0,))
+    covering = tiled_probabilities(worker, image, Tiling(tile=256, cores_per_window=1), 64, InputScales())
     np.testing.assert_allclose(covering, whole, atol=2e-3)
     # 64 px cores, each read with 32 px of halo: every pixel written, each core from its own window
-    tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, (1.0,))
+    tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, InputScales())
     np.testing.assert_allclose(tiled.sum(0), 1.0, atol=5e-3)
     window = image[:, 64 - 32 : 128 + 32, 128 - 32 : 192 + 32]
     alone = predict_image(worker.model, loaded.metadata, window)

@@ -15,7 +15,7 @@ import torch
 from models.checkpoint import read_metadata
 from models.errors import ConfigError
 from models.inference import TTA_VIEWS, _unview, _view, normalise, predict_image, predict_probabilities
-from models.metadata import Tiling
+from models.metadata import InputScales, Tiling
 from models.registry import build_model
 from pipeline.cli import main
 from pipeline.evaluate import tiled_probabilities
@@ -71,11 +71,11 @@ def test_tiled_views_keep_each_core_equal_to_its_window_alone(
     tiled, augmented map is what its window alone gives with the same views."""
     loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
     worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
-    tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, (1.0,), "d4")
+    tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, InputScales(), "d4")
     window = image[:, 64 - 32 : 128 + 32, 128 - 32 : 192 + 32]
     alone = predict_image(worker.model, loaded.metadata, window, tta="d4")
     np.testing.assert_allclose(tiled[:, 64:128, 128:192], alone[:, 32:96, 32:96], atol=2e-3)
-    plain = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, (1.0,))
+    plain = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, InputScales())
     assert np.abs(tiled - plain).max() > 0.05  # the views changed the map
 
 
