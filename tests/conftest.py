@@ -96,6 +96,17 @@ def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> t
     return images, masks
 
 
+def kampala_card(model: Path, tmp_path: Path) -> str:
+    """The model card ``deeplab card`` writes for ``model``, with the Kampala imagery's attribution."""
+    from pipeline.cli import main
+
+    attribution = tmp_path / "attribution.md"
+    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
+    card = tmp_path / "card.md"
+    assert main(["card", str(model), "--attribution", str(attribution), "--out", str(card)]) == 0
+    return card.read_text()
+
+
 def load_model_and_chip(kampala: Path, model: Path, target: Path, stem: str) -> tuple[Any, np.ndarray]:
     """``model`` loaded (a ``LoadedModel``) and the real chip ``stem`` read as the evaluation reads it."""
     from models.checkpoint import load_checkpoint

@@ -16,6 +16,7 @@ from pipeline.grid import model_halo
 from pipeline.manifest import config_hash
 from pipeline.segment import SegmentOptions, as_planned, plan_scene
 from pipeline.sources import describe
+from tests.conftest import kampala_card
 from tests.test_segment import _segment
 from tests.test_tiling import _chips_and_a_model_copy
 
@@ -88,11 +89,8 @@ def test_evaluate_saves_its_scales_and_segment_runs_them(
     assert main([*args, "--scales", "0", "1"]) == 2
     assert "--scales: Value error, scales must lie in 0.1-4" in capsys.readouterr().err
 
-    attribution = tmp_path / "attribution.md"
-    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
-    card = tmp_path / "card.md"
-    assert main(["card", str(model), "--attribution", str(attribution), "--out", str(card)]) == 0
-    assert "runs each window at scales 0.75, 1 fused by mean unless told otherwise" in card.read_text()
+    card = kampala_card(model, tmp_path)
+    assert "runs each window at scales 0.75, 1 fused by mean unless told otherwise" in card
 
     # segment runs the stored scales, says so in its report and tags; what is asked wins: a new result
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ from pipeline.grid import DEFAULT_TILING, resolve_tiling
 from pipeline.segment import SegmentOptions, plan_scene
 from pipeline.sources import describe
 from pipeline.workers import ModelWorker
-from tests.conftest import copy_kampala_pairs, load_model_and_chip
+from tests.conftest import copy_kampala_pairs, kampala_card, load_model_and_chip
 
 CHIPS = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21")
 
@@ -115,12 +115,9 @@ def test_tune_tiling_stores_the_best_core_size_and_the_card_shows_it(
     best = json.loads(max(tiled, key=lambda k: tiled[k]))
     assert metadata.tiling == Tiling.model_validate(best) and best["cores_per_window"] == 1
     assert tuning["best_miou"] == pytest.approx(one_view[tuning["best_tta"]])
-    attribution = tmp_path / "attribution.md"
-    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
-    card = tmp_path / "card.md"
-    assert main(["card", str(model), "--attribution", str(attribution), "--out", str(card)]) == 0
-    assert f"cuts scenes into {best['tile']} px cores in blocks of 1²" in card.read_text()
-    assert "Chosen by `deeplab tune-tiling` on 2 images" in card.read_text()
+    card = kampala_card(model, tmp_path)
+    assert f"cuts scenes into {best['tile']} px cores in blocks of 1²" in card
+    assert "Chosen by `deeplab tune-tiling` on 2 images" in card
     capsys.readouterr()
     assert main([*args, "--exclude-classes", "roads"]) == 2
     assert "roads" in capsys.readouterr().err

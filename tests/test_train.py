@@ -14,7 +14,7 @@ from models.inference import normalise
 from models.metadata import BandInfo
 from models.registry import build_model
 from pipeline.cli import main
-from tests.conftest import copy_kampala_pairs
+from tests.conftest import copy_kampala_pairs, kampala_card
 
 CHIPS = (
     "OAM-1238448-1046528-21",
@@ -108,11 +108,7 @@ def test_fine_tuning_starts_from_a_checkpoint_and_renders_a_card(kampala: Path, 
     stem = "backbone._conv_stem.weight"
     torch.testing.assert_close(a[stem], b[stem], atol=1e-6, rtol=0)
     assert load_checkpoint(second).metadata.bands == load_checkpoint(first).metadata.bands
-    card = tmp_path / "card.md"
-    attribution = tmp_path / "attribution.md"
-    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
-    assert main(["card", str(second), "--attribution", str(attribution), "--out", str(card)]) == 0
-    text = card.read_text()
+    text = kampala_card(second, tmp_path)
     assert "OpenAerialMap" in text and "deeplabv3_efficientnet_lite0" in text and "--init-from" in text
 
 

@@ -22,7 +22,7 @@ from pipeline.evaluate import tiled_probabilities
 from pipeline.segment import SegmentOptions, plan_scene
 from pipeline.sources import describe
 from pipeline.workers import ModelWorker
-from tests.conftest import copy_kampala_pairs, load_model_and_chip
+from tests.conftest import copy_kampala_pairs, kampala_card, load_model_and_chip
 from tests.test_segment import _segment
 from tests.test_tiling import CHIPS
 
@@ -102,11 +102,8 @@ def test_evaluate_saves_its_views_and_segment_averages_them(
     assert main([*args, "--save-tta"]) == 2
     assert "--save-tta needs" in capsys.readouterr().err
 
-    attribution = tmp_path / "attribution.md"
-    attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
-    card = tmp_path / "card.md"
-    assert main(["card", str(model), "--attribution", str(attribution), "--out", str(card)]) == 0
-    assert "averages the logits of each window flipped both ways (4 views)" in card.read_text()
+    card = kampala_card(model, tmp_path)
+    assert "averages the logits of each window flipped both ways (4 views)" in card
 
     # segment averages the stored views; what is asked wins, and a change of views is a new result
     scene = describe(landsat)
