@@ -57,9 +57,11 @@ dubai() {  # $1: the model's name; landcover-dubai-lite0 keeps the engine's defa
   model="$here/$1.safetensors"
   images="$data/dubai-landcover/images"; masks="$data/dubai-landcover/masks"
   if [[ "$1" != *-lite0 ]]; then
-    # the tiling, then the test-time views on it (none or the 8 flips and transposes)
+    # the tiling and the multi-scale inputs together (mean-fused), then the test-time views on the best
+    # (none or the 8 flips and transposes)
     "$deeplab" tune-tiling --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
-      --tiles 128 192 256 --exclude-classes unlabeled --tta none d4
+      --tiles 192 256 --scales 1 0.75,1 0.5,0.75,1 0.5,0.75,1,1.25 --fuse mean --exclude-classes unlabeled \
+      --tta none d4
   fi
   "$deeplab" tune-crf --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
     --crop 512 --workers 2 --exclude-classes unlabeled
