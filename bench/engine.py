@@ -108,11 +108,11 @@ def run_engine(
 def on_running_cluster(
     cluster: LocalRayCluster, scene: Path, model: Path, out: Path, options: list[str]
 ) -> dict[str, Any]:
-    """Two runs joining a running cluster with ``--keep-warm``: the first starts the actors, the second
+    """Two runs joining a running cluster with ``--keep-warm-s``: the first starts the actors, the second
     finds them warm (the nightly case: Ray and the loaded model outlive each job)."""
     runs = {}
     for name in ("first", "warm"):
-        extra = ["--no-crf", *options, "--ray-address", cluster.address, "--keep-warm", "600"]
+        extra = ["--no-crf", *options, "--ray-address", cluster.address, "--keep-warm-s", "600"]
         report = run_engine(scene, model, out, *extra, env=cluster.client_env())
         runs[name] = {
             "seconds": report["seconds"],
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument(
         "--warm",
         action="store_true",
-        help="also run each scene twice on a running local cluster with --keep-warm (the second: warm)",
+        help="also run each scene twice on a running local cluster with --keep-warm-s (the second: warm)",
     )
     parser.add_argument(
         "--model-only-runs", type=int, default=2, help="model-only passes per scene; the fastest counts"
@@ -335,7 +335,7 @@ def render(results: dict[str, Any]) -> str:
     if running:
         lines += [
             "",
-            "On a running local cluster (`--ray-address`, `--keep-warm 600`): the first run starts the "
+            "On a running local cluster (`--ray-address`, `--keep-warm-s 600`): the first run starts the "
             "actors, the second finds them warm. Efficiency: model-only forward over the segment stage / "
             "the report's total / the whole command:",
             "",

@@ -16,7 +16,8 @@ import rasterio
 
 from models.atomic import write_text_atomically
 from models.metrics import SegmentationMetrics
-from pipeline.segment import SegmentOptions, segment_scenes
+from pipeline.driver import run_batch
+from pipeline.options import SegmentOptions
 
 CELL = 1024  # one zoom-19 tile = 4x4 zoom-21 chips of 256 px
 HELD_OUT = (1, 2)  # row, column of the held-out cell 309614/261633 in the mosaic
@@ -53,11 +54,11 @@ def main() -> None:
     for crf in (False, True):
         options = SegmentOptions(crf=crf, engine=args.engine, tile=args.tile)
         work = args.out / f".scene-{args.model.stem}-{'crf' if crf else 'no-crf'}"
-        for _, result in segment_scenes([scene], args.model, work, options):
-            if isinstance(result, Exception):
-                raise result
-            with rasterio.open(result.mask) as dataset:
-                prediction = dataset.read(1)
+        batch = run_batch([scene], args.model, work, options)
+        if batch.failed:
+            raise SystemExit(batch.failed[0].message)
+        with rasterio.open(work / scene.stem / "mask.tif") as dataset:
+            prediction = dataset.read(1)
         cells = {
             f"{r},{c}": score(
                 prediction[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL],

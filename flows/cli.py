@@ -12,6 +12,8 @@ from typing import Any
 
 from flows.settings import DEFAULT_WORK_DIR
 from pipeline import cli as engine_cli
+from pipeline.option_flags import add_option_flags, options_from_args
+from pipeline.options import SegmentOptions
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -22,7 +24,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             parameters[name] = getattr(args, name)
     if args.options is not None:
-        parameters["options"] = json.loads(args.options)
+        # validated now, not when the first run starts: a wrong name or value is a usage error
+        options = SegmentOptions.model_validate_json(args.options)
+        parameters["options"] = options.model_dump(mode="json", exclude_unset=True)
     config = ServeConfig(
         work_dir=args.work_dir,
         host=args.host,
@@ -44,7 +48,7 @@ def _cmd_run_flow(args: argparse.Namespace) -> int:
     from flows.serve import ServeConfig, Services, free_port, local_server
     from flows.settings import prefect_environment, prefect_home
 
-    options = engine_cli.segment_options(args)
+    options = options_from_args(args)
     api_url = os.environ.get("PREFECT_API_URL")
     config = ServeConfig(work_dir=args.work_dir, port=free_port(), api_url=api_url)
     home = prefect_home(config.work_dir)
@@ -94,7 +98,11 @@ def add_flow_commands(commands: Any) -> None:
     serve.add_argument("--input", help="default input of the deployments (folder, glob)")
     serve.add_argument("--output", help="default output folder of the deployments")
     serve.add_argument("--model", help="default checkpoint of the deployments")
-    serve.add_argument("--options", help="default engine options, JSON (as SegmentOptions)")
+    serve.add_argument(
+        "--options",
+        help="default engine options of the deployments, JSON with the option names of `deeplab segment`, "
+        'e.g. \'{"tile": 256, "crf": false}\'',
+    )
     serve.add_argument("--concurrency-limit", type=int, default=1, help="flow runs at once (0: no limit)")
     serve.add_argument("--no-worker", action="store_true", help="deploy only; workers run elsewhere")
     serve.set_defaults(handler=_cmd_serve)
@@ -107,7 +115,7 @@ def add_flow_commands(commands: Any) -> None:
     run.add_argument("--model", type=Path, required=True)
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="PREFECT_HOME and logs go here")
-    engine_cli.add_segment_options(run)
+    add_option_flags(run)
     run.set_defaults(handler=_cmd_run_flow)
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from models.errors import DeepLabError
 from models.metadata import FUSE_CHOICES, TTA_CHOICES, TTA_PHRASES
+from pipeline.option_flags import add_option_flags, options_from_args
 from pipeline.sources import as_source
 
 console = Console(stderr=True)
@@ -307,42 +308,58 @@ def _cmd_tune_tiling(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    """The batch driver on the scenes given: 0 when every scene is published or unchanged, 1 when any
+    failed (each failure is one line naming its file)."""
+    from pipeline.driver import run_batch
     from pipeline.progress import ConsoleProgress
-    from pipeline.segment import segment_scenes
 
-    options = segment_options(args)
+    options = options_from_args(args)
     if args.dry_run:
-        return _dry_run(args.scenes, args.model, options)
-    failures = 0
-    progress = ConsoleProgress(console)
-    for scene, result in segment_scenes(args.scenes, args.model, args.out, options, progress):
-        if isinstance(result, DeepLabError):
-            failures += 1
-            console.print(f"[red]failed:[/red] {result}", highlight=False, soft_wrap=True)
-            continue
-        tiles = result.details["tiles"]
-        console.print(
-            f"{scene}: {result.mask.parent}/ {', '.join(result.details['outputs'].values())} "
-            f"({tiles['computed']} tiles "
-            f"computed, {tiles['skipped']} skipped, {tiles['resumed']} resumed; "
-            f"{result.details['seconds']['total']:.1f} s)",
-            soft_wrap=True,
-            highlight=False,
-        )
-    return 1 if failures else 0
+        return _dry_run(args.scenes, args.model, args.out, options)
+    batch = run_batch(args.scenes, args.model, args.out, options, ConsoleProgress(console))
+    reported: set[str] = set()
+    for record in batch.records:
+        result = batch.results.get(record.source)
+        if record.outcome == "failed":
+            if record.message not in reported:  # one line for the scenes of one id clash
+                console.print(f"[red]failed:[/red] {record.message}", highlight=False, soft_wrap=True)
+            reported.add(record.message)
+        elif result is None:
+            console.print(f"{record.source}: {record.message}, skipped", highlight=False, soft_wrap=True)
+        else:
+            tiles, files = result.details.tiles, ", ".join(result.details.outputs.values())
+            console.print(
+                f"{record.source}: {result.mask.parent}/ {files} ({tiles.computed} tiles computed, "
+                f"{tiles.skipped} skipped, {tiles.resumed} resumed; {result.details.total_seconds:.1f} s)",
+                soft_wrap=True,
+                highlight=False,
+            )
+    return batch.exit_code
 
 
-def _dry_run(scenes: list[Any], model: Path, options: Any) -> int:
+def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
-    from pipeline.segment import check_scenes, count_nodata_cores
+    from models.checkpoint import checkpoint_info
+    from pipeline.discover import discover_scenes, duplicate_ids
+    from pipeline.driver import failure_line
+    from pipeline.segment import count_nodata_cores, plan_scene
+    from pipeline.sources import describe
 
-    failures = 0
-    for _, plan in check_scenes(scenes, model, options):
-        if isinstance(plan, DeepLabError):
+    metadata = checkpoint_info(Path(model)).metadata
+    found = discover_scenes([str(scene) for scene in scenes], exclude=Path(out).resolve())
+    clashes = duplicate_ids(found)
+    for line in dict.fromkeys(clashes.values()):
+        console.print(f"[red]refused:[/red] {line}", highlight=False, soft_wrap=True)
+    failures = len(clashes)
+    for scene in (scene for scene in found if scene not in clashes):
+        try:
+            plan = plan_scene(describe(scene, options.mpp), metadata, options)
+            lines = plan.describe(count_nodata_cores(plan.check.scene, plan))
+        except Exception as error:
             failures += 1
-            console.print(f"[red]refused:[/red] {plan}", highlight=False, soft_wrap=True)
+            console.print(f"[red]refused:[/red] {failure_line(scene, 'preflight', error)}", soft_wrap=True)
             continue
-        for line in plan.describe(count_nodata_cores(plan.check.scene, plan)):
+        for line in lines:
             _stdout().print(line, highlight=False, soft_wrap=True)
     return 1 if failures else 0
 
@@ -411,116 +428,6 @@ def _metrics_table(report: dict[str, Any], classes: list[str]) -> Table:
         table.add_row(f"IoU {name}", *("-" if v is None else f"{v:.4f}" for v in values))
     table.add_row("images", *(str(part["images"]) for part in report.values()))
     return table
-
-
-def add_segment_options(parser: argparse.ArgumentParser) -> None:
-    """The engine's options (SegmentOptions), one flag each: ``segment`` and the flow commands share them."""
-    parser.add_argument(
-        "--tile", type=int, help="core size in pixels (default: the checkpoint's evaluated tiling, else 512)"
-    )
-    parser.add_argument(
-        "--halo",
-        type=int,
-        help="context read around each core, pixels (default: the model's receptive field and 3 σα of "
-        "the CRF, up to half the core for models with image pooling, else up to the core)",
-    )
-    parser.add_argument(
-        "--cores-per-window",
-        type=int,
-        help="blocks of NxN cores share one window, so the halo is read and computed once per block "
-        "(1: a window per core; larger: less halo work, more memory per window; default: the "
-        "checkpoint's evaluated tiling, else 2)",
-    )
-    parser.add_argument(
-        "--context",
-        choices=["window", "scene"],
-        default="window",
-        help="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more model pass; "
-        "tiles then agree where they meet)",
-    )
-    parser.add_argument("--no-crf", action="store_true")
-    parser.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        help="multi-scale inputs, e.g. 0.75 1 (default: the checkpoint's, else 1 alone)",
-    )
-    parser.add_argument(
-        "--fuse", choices=FUSE_CHOICES, help="how scales are fused (default: the checkpoint's, else max)"
-    )
-    parser.add_argument(
-        "--tta",
-        choices=TTA_CHOICES,
-        help="test-time views averaged per window (2, 4 or 8 model passes; default: the checkpoint's, "
-        "else none)",
-    )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--allow-ungeoreferenced", action="store_true")
-    parser.add_argument(
-        "--engine",
-        choices=["ray", "local"],
-        default="ray",
-        help="ray (local cluster started by itself, or --ray-address) or one local process",
-    )
-    parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        help="windows queued on actors at once (default: twice what the cluster's actors hold)",
-    )
-    parser.add_argument(
-        "--gpus-per-model-actor",
-        type=float,
-        default=1.0,
-        help="GPU share each inference actor requests (0.5: two actors per GPU)",
-    )
-    parser.add_argument(
-        "--keep-warm",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="on a running cluster (--ray-address): leave the model and CRF actors up, loaded, until idle "
-        "this long, for the next run of the same model and options (default 0: stop them at the end)",
-    )
-    parser.add_argument(
-        "--match-resolution", action="store_true", help="resample to the model's training pixel size"
-    )
-    parser.add_argument("--mpp", type=float, help="a slide's level-0 µm/px when its file does not say")
-    parser.add_argument("--ome-zarr", action="store_true", help="slides: also write mask.ome.zarr (NGFF 0.5)")
-    parser.add_argument(
-        "--probabilities", action="store_true", help="also write probabilities.tif (top-class confidence)"
-    )
-    parser.add_argument("--vectorize", action="store_true", help="also write polygons.gpkg (per class)")
-
-
-def segment_options(args: argparse.Namespace) -> Any:
-    """SegmentOptions from the flags of ``add_segment_options``."""
-    from pipeline.segment import SegmentOptions
-
-    return SegmentOptions(
-        tile=args.tile,
-        halo=args.halo,
-        cores_per_window=args.cores_per_window,
-        context=args.context,
-        crf=not args.no_crf,
-        scales=_scales(args.scales),
-        fuse=args.fuse,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        device=args.device,
-        allow_ungeoreferenced=args.allow_ungeoreferenced,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        max_in_flight=args.max_in_flight,
-        gpus_per_model_actor=args.gpus_per_model_actor,
-        keep_warm_s=args.keep_warm,
-        match_resolution=args.match_resolution,
-        mpp=args.mpp,
-        ome_zarr=args.ome_zarr,
-        probabilities=args.probabilities,
-        vectorize=args.vectorize,
-    )
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -677,11 +584,14 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
     segment = commands.add_parser("segment", help="segment georeferenced scenes into class-mask COGs")
     segment.add_argument(
-        "scenes", nargs="+", type=as_source, help="GeoTIFFs: paths or URLs GDAL reads (s3://, https://)"
+        "scenes",
+        nargs="+",
+        type=as_source,
+        help="scenes: files, folders, globs, or URLs GDAL reads (s3://, https://); slides too",
     )
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument("--out", type=Path, required=True)
-    add_segment_options(segment)
+    add_option_flags(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
 

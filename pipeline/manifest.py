@@ -22,19 +22,16 @@ from typing import Any, Literal
 
 from models.atomic import write_text_atomically
 from models.errors import DataError
+from pipeline.options import RUNTIME_ONLY_OPTIONS, SegmentOptions
 from pipeline.sources import Source, source_sha256
 
 MANIFEST_NAME = "manifest.json"
-# Options that change how a result is computed, not what it is: changing them redoes nothing.
-RUNTIME_ONLY_OPTIONS = frozenset(
-    {"engine", "ray_address", "max_in_flight", "batch_size", "device", "gpus_per_model_actor", "keep_warm_s"}
-)
 
 Outcome = Literal["done", "skipped", "failed"]
 
 
-def config_hash(options: Any) -> str:
-    """A hash of the options that determine a result (a pydantic model, e.g. SegmentOptions)."""
+def config_hash(options: SegmentOptions) -> str:
+    """A hash of the options that determine a result: every field not marked ``runtime``."""
     fields = options.model_dump(mode="json", exclude=set(RUNTIME_ONLY_OPTIONS))
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

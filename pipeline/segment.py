@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from affine import Affine
-from pydantic import BaseModel, ConfigDict, Field
 
 from models.atomic import write_text_atomically
-from models.checkpoint import CheckpointInfo, checkpoint_info, read_metadata
-from models.errors import DeepLabError
-from models.metadata import TTA, TTA_PHRASES, CheckpointMetadata, CRFParams, Fuse, InputScales, Tiling
+from models.checkpoint import CheckpointInfo, checkpoint_info
+from models.metadata import TTA_PHRASES, CheckpointMetadata, CRFParams, InputScales, Tiling
 from models.version import software_version
 from pipeline.areas import class_areas_m2
 from pipeline.grid import (
@@ -38,10 +36,12 @@ from pipeline.grid import (
     window_warning,
 )
 from pipeline.ledger import Ledger, result_key
+from pipeline.options import SegmentOptions
 from pipeline.preflight import PreflightResult, preflight
 from pipeline.publish import write_confidence_cog, write_mask_cog, write_quicklook
 from pipeline.ray_engine import KeptActors, RunStats
 from pipeline.regrid import NearestView
+from pipeline.report import SceneReport, SlideSection, TileCounts
 from pipeline.slide_publish import write_ome_pyramid, write_ome_zarr
 from pipeline.slides import level_for_scale
 from pipeline.sources import (
@@ -69,55 +69,13 @@ from pipeline.workers import (
 )
 
 
-class SegmentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tile: int | None = Field(None, ge=16, description="core size; None: the checkpoint's tiling, else 512")
-    halo: int | None = Field(None, ge=0, description="None: derived from the model's head and the CRF")
-    cores_per_window: int | None = Field(
-        None,
-        ge=1,
-        le=8,
-        description="blocks of NxN cores share one window: the halo is computed once per block; "
-        "None: the checkpoint's tiling, else 2",
-    )
-    crf: bool = True
-    crf_params: CRFParams | None = None
-    scales: tuple[float, ...] | None = Field(
-        None, description="multi-scale inputs; None: the checkpoint's, else 1 alone"
-    )
-    fuse: Fuse | None = Field(None, description="how scales are fused; None: the checkpoint's, else max")
-    tta: TTA | None = Field(None, description="test-time views averaged; None: the checkpoint's, else none")
-    batch_size: int = Field(4, ge=1)
-    device: str = "auto"
-    allow_ungeoreferenced: bool = False
-    engine: Literal["ray", "local"] = "ray"
-    ray_address: str | None = None
-    max_in_flight: int | None = Field(None, ge=1, description="None: twice what the cluster's actors hold")
-    gpus_per_model_actor: float = Field(1.0, gt=0, le=1, description="fractional: several actors per GPU")
-    keep_warm_s: float = Field(
-        0.0,
-        ge=0,
-        description="leave the actors up, named, this many idle seconds after the run, for the next run of "
-        "the same model and options on the cluster to reuse (a running cluster: --ray-address); 0: stop them",
-    )
-    amp: bool = True
-    match_resolution: bool = False
-    mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
-    probabilities: bool = False
-    vectorize: bool = False
-    ome_zarr: bool = Field(False, description="slides: also write the mask as OME-Zarr (NGFF 0.5)")
-    context: Literal["window", "scene"] = Field(
-        "window", description="DeepLab-v3 image pooling over each window, or once over the whole scene"
-    )
-
-
 @dataclass
 class SegmentResult:
     scene: Source
     mask: Path
     report: Path
     quicklook: Path
-    details: dict[str, Any] = field(default_factory=dict)
+    details: SceneReport
 
 
 class Progress(Protocol):
@@ -447,24 +405,24 @@ def publish_work(
         )
         timings["vectorize"] = time.perf_counter() - clock
     total = sum(timings.values())
-    tiles = {
-        "total": len(plan.tiles),
-        "computed": work.computed,
-        "skipped": work.skipped,
-        "resumed": work.resumed,
-        "windows": work.windows,  # computed this run
-    }
-    details = _report(scene, loaded, labels, options, plan, prepared.checksum, timings, total, tiles)
-    details["outputs"] = {k: v.name for k, v in outputs.items()}
+    tiles = TileCounts(
+        total=len(plan.tiles),
+        computed=work.computed,
+        skipped=work.skipped,
+        resumed=work.resumed,
+        windows=work.windows,  # computed this run
+    )
     actor_memory = work.cluster.actor_memory if work.cluster else {}
-    details["peak_rss_mb"] = {"driver": round(peak_rss_mb(), 1)} | {
+    details = _report(scene, loaded, labels, options, plan, prepared.checksum, timings, total, tiles)
+    details.outputs = {k: v.name for k, v in outputs.items()}
+    details.peak_rss_mb = {"driver": round(peak_rss_mb(), 1)} | {
         f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
     }
     if work.cluster is not None:
-        details["cluster"] = work.cluster.report()
+        details.cluster = work.cluster.report()
     if polygons is not None:
-        details["polygons"] = polygons
-    write_text_atomically(outputs["report"], json.dumps(details, indent=2))
+        details.polygons = polygons
+    details.write(outputs["report"])
     progress.stage(name, "done", f"{total:.1f} s")
     return SegmentResult(prepared.source, outputs["mask"], outputs["report"], outputs["quicklook"], details)
 
@@ -508,9 +466,9 @@ def _wanted(output: str, options: SegmentOptions) -> bool:
     )
 
 
-def _empty_warning(scene: Scene, tiles: dict[str, int]) -> list[str]:
+def _empty_warning(scene: Scene, tiles: TileCounts) -> list[str]:
     """A slide without tissue (or a scene without valid data) publishes an empty, valid mask and says so."""
-    if tiles["skipped"] < tiles["total"]:
+    if tiles.skipped < tiles.total:
         return []
     what = "no tissue found" if scene.slide is not None else "no valid pixel"
     return [f"{scene.path}: {what}; the mask is empty (all nodata)"]
@@ -635,67 +593,6 @@ def _compute_on_ray(
         )
 
 
-def check_scenes(
-    scenes: list[Source], checkpoint: Path, options: SegmentOptions
-) -> Iterator[tuple[Source, ScenePlan | DeepLabError]]:
-    """Each scene's plan, or why it is refused: reads the checkpoint's metadata and the scenes' headers."""
-    metadata = read_metadata(checkpoint)
-    for scene in scenes:
-        try:
-            yield scene, plan_scene(describe(scene, options.mpp), metadata, options)
-        except DeepLabError as exc:
-            yield scene, exc
-
-
-def segment_scenes(
-    scenes: list[Source],
-    checkpoint: Path,
-    out_dir: Path,
-    options: SegmentOptions,
-    progress: Progress | None = None,
-) -> Iterator[tuple[Source, SegmentResult | DeepLabError]]:
-    """Every scene in turn on one Ray session; a failed scene is reported and the others go on.
-
-    The checkpoint and every scene are checked before Ray starts: a bad checkpoint stops the batch at once,
-    and a scene that fails its preflight never costs a cluster start.
-    """
-    ready = []
-    for scene, plan in check_scenes(scenes, checkpoint, options):
-        if isinstance(plan, DeepLabError):
-            yield scene, plan
-        else:
-            ready.append(scene)
-    if not ready:
-        return
-    if options.engine == "local":
-        for scene in ready:
-            yield scene, _attempt(scene, checkpoint, out_dir, options, None, progress)
-        return
-    from pipeline.ray_engine import kept_actors, ray_session
-
-    with (
-        ray_session(Path(out_dir) / ".work", options.ray_address) as ray,
-        kept_actors(ray, options.keep_warm_s) as actors,
-    ):
-        for scene in ready:
-            yield scene, _attempt(scene, checkpoint, out_dir, options, ray, progress, actors)
-
-
-def _attempt(
-    scene: Source,
-    checkpoint: Path,
-    out_dir: Path,
-    options: SegmentOptions,
-    ray: Any,
-    progress: Progress | None,
-    actors: KeptActors | None = None,
-) -> SegmentResult | DeepLabError:
-    try:
-        return segment_scene(scene, checkpoint, out_dir, options, ray, progress, actors)
-    except DeepLabError as exc:
-        return exc
-
-
 def _report(
     scene: Scene,
     loaded: CheckpointInfo,
@@ -705,8 +602,8 @@ def _report(
     checksum: str,
     timings: dict[str, float],
     total: float,
-    tiles: dict[str, int],
-) -> dict[str, Any]:
+    tiles: TileCounts,
+) -> SceneReport:
     classes = loaded.metadata.classes
     per_row = np.zeros((scene.height, len(classes)), dtype=np.int64)
     for top in range(0, scene.height, plan.tiling.tile):
@@ -716,55 +613,53 @@ def _report(
                 : len(classes)
             ]
     areas = class_areas_m2(per_row, scene.crs, scene.transform)
-    slide: dict[str, Any] = {}
+    class_pixels = per_row.sum(0)
+    report = SceneReport(
+        scene=str(scene.path),
+        input_sha256=checksum,
+        shape=[scene.height, scene.width],
+        crs=scene.crs.to_string() if scene.crs else None,
+        pixel_size_m=scene.pixel_size_m(),
+        tiles=tiles,
+        tile=plan.tiling.tile,
+        halo=plan.halo,
+        cores_per_window=plan.tiling.cores_per_window,
+        context=options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
+        model_grid=list(plan.shape),
+        warnings=plan.check.warning_lines() + _empty_warning(scene, tiles),
+        class_pixels={c.name: int(n) for c, n in zip(classes, class_pixels, strict=True)},
+        class_areas_m2=None
+        if areas is None
+        else {c.name: float(a) for c, a in zip(classes, areas, strict=True)},
+        model=loaded.metadata.architecture,
+        checkpoint=loaded.path.name,
+        checkpoint_sha256=loaded.sha256,
+        # every field marked as set, so that the report always lists all of the CRF's parameters
+        crf=CRFParams.model_validate(plan.crf.model_dump()) if plan.crf else None,
+        scales=list(plan.multiscale.scales),
+        fuse=plan.multiscale.fuse,
+        tta=plan.tta,
+        seconds={k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
+        megapixels_per_second=round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
+        software_version=software_version(),
+    )
     if scene.slide is not None:
         mpp = _working_mpp(scene, plan)
         mm2_per_px = (mpp * 1e-3) ** 2
-        class_pixels = per_row.sum(0)
-        slide = {
-            "slide": {
-                "reader": scene.slide.reader,
-                "levels": [list(d) for d in scene.slide.level_dimensions],
-                "level_0_mpp": scene.slide.level_mpp(0),
-                "level_read": level_for_scale(scene.slide, plan.check.scale)[0],
-                "working_mpp": mpp,
-                "level_0_px_per_mask_px": 1 / plan.check.scale,
-            },
-            "class_areas_mm2": {
-                c.name: float(n * mm2_per_px) for c, n in zip(classes, class_pixels, strict=True)
-            },
-            "tissue_area_mm2": float(class_pixels.sum() * mm2_per_px),
-            "background_cores_share": round(tiles["skipped"] / max(tiles["total"], 1), 4),
+        report.slide = SlideSection(
+            reader=scene.slide.reader,
+            levels=[list(d) for d in scene.slide.level_dimensions],
+            level_0_mpp=scene.slide.level_mpp(0),
+            level_read=level_for_scale(scene.slide, plan.check.scale)[0],
+            working_mpp=mpp,
+            level_0_px_per_mask_px=1 / plan.check.scale,
+        )
+        report.class_areas_mm2 = {
+            c.name: float(n * mm2_per_px) for c, n in zip(classes, class_pixels, strict=True)
         }
-    report = {
-        "scene": str(scene.path),
-        "input_sha256": checksum,
-        "shape": [scene.height, scene.width],
-        "crs": scene.crs.to_string() if scene.crs else None,
-        "pixel_size_m": scene.pixel_size_m(),
-        "tiles": tiles,
-        "tile": plan.tiling.tile,
-        "halo": plan.halo,
-        "cores_per_window": plan.tiling.cores_per_window,
-        "context": options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
-        "model_grid": list(plan.shape),
-        "warnings": plan.check.warning_lines() + _empty_warning(scene, tiles),
-        "class_pixels": {c.name: int(n) for c, n in zip(classes, per_row.sum(0), strict=True)},
-        "class_areas_m2": None
-        if areas is None
-        else {c.name: float(a) for c, a in zip(classes, areas, strict=True)},
-        "model": loaded.metadata.architecture,
-        "checkpoint": loaded.path.name,
-        "checkpoint_sha256": loaded.sha256,
-        "crf": plan.crf.model_dump() if plan.crf else None,
-        "scales": list(plan.multiscale.scales),
-        "fuse": plan.multiscale.fuse,
-        "tta": plan.tta,
-        "seconds": {k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
-        "megapixels_per_second": round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
-        "software_version": software_version(),
-    }
-    return report | slide
+        report.tissue_area_mm2 = float(class_pixels.sum() * mm2_per_px)
+        report.background_cores_share = round(tiles.skipped / max(tiles.total, 1), 4)
+    return report
 
 
 def _provenance(

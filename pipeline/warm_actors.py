@@ -1,4 +1,4 @@
-"""Actors left warm on a running cluster between runs (``--keep-warm``), and how runs find or evict them.
+"""Actors left warm on a running cluster between runs (``--keep-warm-s``), and how runs find or evict them.
 
 A run that ends leaves its model and CRF actors up, named and detached, for ``keep_warm_s``: the next run of
 the same checkpoint and actor shape on that cluster (the next ``ray job submit``, flow run or command) takes

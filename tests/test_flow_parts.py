@@ -11,13 +11,13 @@ import yaml
 from PIL import Image
 
 from flows.artifacts import artifact_key, batch_table, thumbnail_data_url
-from flows.discover import discover_scenes, duplicate_ids
 from flows.serve import PREFECT_FILE, ServeConfig, render_deployments
 from flows.settings import TELEMETRY_OFF, prefect_environment, worker_environment
 from flows.task_progress import TaskLogProgress
 from models.errors import DataError
+from pipeline.discover import discover_scenes, duplicate_ids
 from pipeline.manifest import Manifest, SceneKey, SceneRecord, config_hash
-from pipeline.segment import SegmentOptions
+from pipeline.options import SegmentOptions
 
 
 def test_discovery_of_folders_globs_and_lists(tmp_path: Path) -> None:
@@ -45,8 +45,13 @@ def test_discovery_of_folders_globs_and_lists(tmp_path: Path) -> None:
 def test_scenes_with_one_id_are_refused(tmp_path: Path) -> None:
     first, second = tmp_path / "x" / "s.tif", tmp_path / "y" / "s.tif"
     clashes = duplicate_ids([first, second, tmp_path / "t.tif"])
-    assert list(clashes) == [second]
-    assert "same scene id 's'" in clashes[second] and str(first) in clashes[second]
+    assert list(clashes) == [first, second], "every scene of a clash is refused, not only the later ones"
+    assert clashes[first] == clashes[second], "one line names them all"
+    assert (
+        "same scene id 's'" in clashes[first]
+        and str(first) in clashes[first]
+        and str(second) in clashes[first]
+    )
 
 
 def test_config_hash_changes_with_results_not_with_runtime_options() -> None:

@@ -14,7 +14,8 @@ from models.metadata import InputScales
 from pipeline.cli import main
 from pipeline.grid import model_halo
 from pipeline.manifest import config_hash
-from pipeline.segment import SegmentOptions, as_planned, plan_scene
+from pipeline.options import SegmentOptions
+from pipeline.segment import as_planned, plan_scene
 from pipeline.sources import describe
 from tests.conftest import kampala_card
 from tests.test_segment import _segment

@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from flows.discover import discover_scenes
+from pipeline.discover import discover_scenes
 from pipeline.manifest import Manifest
-from pipeline.segment import SegmentOptions, segment_scene
+from pipeline.options import SegmentOptions
+from pipeline.segment import segment_scene
 from pipeline.sources import as_source, describe, source_id, source_sha256
 from tests.conftest import kampala_chip
 from tests.http_range import serving
@@ -32,7 +33,7 @@ def test_a_scene_over_http_gives_the_local_mask(kampala: Path, buildings_model: 
         url = f"{base}/chip.tif"
         scene = describe(url)
         assert scene.path == url and scene.scene_id == "chip" and scene.crs is not None
-        assert source_sha256(url) == Manifest(tmp_path).checksum(url) == local.details["input_sha256"]
+        assert source_sha256(url) == Manifest(tmp_path).checksum(url) == local.details.input_sha256
         remote = segment_scene(url, buildings_model, tmp_path / "remote", options)
-    assert remote.details["scene"] == url
+    assert remote.details.scene == url
     assert remote.mask.read_bytes() == local.mask.read_bytes()

@@ -149,8 +149,13 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
     published = [p for p in (out / "RGB.byte").iterdir()]
     assert sorted(p.name for p in published) == ["mask.tif", "quicklook.png", "report.json"]
 
-    # Running again resumes: nothing is computed and the mask is byte-identical.
+    # Running again skips the unchanged scene: its outputs are left as they are.
     before = mask_path.read_bytes()
+    stamp = mask_path.stat().st_mtime_ns
+    assert _segment(landsat, buildings_model, out) == 0
+    assert mask_path.stat().st_mtime_ns == stamp
+    # With an output gone, the scene is published again from its ledger: nothing is computed, same bytes.
+    mask_path.unlink()
     assert _segment(landsat, buildings_model, out) == 0
     again = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert again["tiles"]["computed"] == 0 and again["tiles"]["resumed"] == report["tiles"]["computed"]
@@ -179,6 +184,7 @@ def test_scene_context_is_computed_once_and_shared_by_both_engines(
     assert context.shape == (1, 320) and np.isfinite(context).all() and context.any()
     mask = (out / "RGB.byte" / "mask.tif").read_bytes()
 
+    (out / "RGB.byte" / "mask.tif").unlink()  # else the unchanged scene is skipped whole
     assert _segment(landsat, buildings_model, out, "--no-crf", "--context", "scene") == 0
     assert json.loads((out / "RGB.byte" / "report.json").read_text())["tiles"]["computed"] == 0
     assert (out / "RGB.byte" / "mask.tif").read_bytes() == mask

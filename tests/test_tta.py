@@ -19,7 +19,8 @@ from models.metadata import InputScales, Tiling
 from models.registry import build_model
 from pipeline.cli import main
 from pipeline.evaluate import tiled_probabilities
-from pipeline.segment import SegmentOptions, plan_scene
+from pipeline.options import SegmentOptions
+from pipeline.segment import plan_scene
 from pipeline.sources import describe
 from pipeline.workers import ModelWorker
 from tests.conftest import copy_kampala_pairs, kampala_card, load_model_and_chip

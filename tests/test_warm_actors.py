@@ -1,4 +1,4 @@
-"""Actors left warm on a running cluster (`--keep-warm`): the next run takes them as they are, a run of
+"""Actors left warm on a running cluster (`--keep-warm-s`): the next run takes them as they are, a run of
 another shape makes room by stopping idle ones, and an idle warm actor ends itself."""
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ def _warm_actors(cluster: LocalRayCluster) -> list[str]:
 def test_a_second_run_takes_the_warm_model_actor_and_another_shape_evicts_it(
     cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
 ) -> None:
-    first = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm", "120")
+    first = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "120")
     assert first["cluster"]["actors_started"] == {"model": 1}
     assert first["cluster"]["actors_reused"] == {}
     warm = _warm_actors(cluster)
     assert len(warm) == 1 and warm[0].startswith("deeplab-model-"), warm
 
-    second = _segment(cluster, landsat, landcover_model, tmp_path / "b", "--no-crf", "--keep-warm", "120")
+    second = _segment(cluster, landsat, landcover_model, tmp_path / "b", "--no-crf", "--keep-warm-s", "120")
     assert second["cluster"]["actors_started"] == {}, "the model was not loaded again"
     assert second["cluster"]["actors_reused"] == {"model": 1}
     assert _warm_actors(cluster) == warm
@@ -76,14 +76,14 @@ def test_a_second_run_takes_the_warm_model_actor_and_another_shape_evicts_it(
     assert time.monotonic() - started < 110, "the run did not wait for the warm actor's idle limit"
     assert third["cluster"]["actors_started"] == {"crf": 1, "model": 1}
     assert third["cluster"]["actors_reused"] == {}
-    assert _warm_actors(cluster) == [], "evicted; and a run without --keep-warm leaves nothing up"
+    assert _warm_actors(cluster) == [], "evicted; and a run without --keep-warm-s leaves nothing up"
 
 
 @pytest.mark.slow
 def test_an_idle_warm_actor_ends_itself(
     cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
 ) -> None:
-    report = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm", "3")
+    report = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "3")
     assert report["cluster"]["actors_started"] == {"model": 1}
     deadline = time.monotonic() + 60
     while (left := _warm_actors(cluster)) and time.monotonic() < deadline:
