@@ -2,7 +2,7 @@
 
     python -m bench.cluster [--scene S --model M --tile 128] [--cost-scene S --cost-model M]
 
-Each run brings up a real multi-node cluster on this machine (pipeline.local_cluster: a head with no CPUs,
+Each run brings up a real multi-node cluster on this machine (pipeline.ray.local_cluster: a head with no CPUs,
 N worker nodes of one CPU each, every node pinned to its own physical core as a separate machine would be)
 and runs `deeplab segment --ray-address` on it as a client would. Throughput is taken from the ledger's
 per-core timestamps between the first and the last core (actor start-up excluded) and end to end.
@@ -30,12 +30,12 @@ import torch
 
 from models.atomic import write_text_atomically
 from models.checkpoint import load_checkpoint
-from pipeline.grid import model_halo, plan_tiles, read_window
-from pipeline.ledger import Ledger
-from pipeline.local_cluster import LocalRayCluster
-from pipeline.sources import describe
-from pipeline.stage import stage_scene
-from pipeline.workers import CRFWorker, ModelWorker, write_core
+from pipeline.engine.grid import model_halo, plan_tiles, read_window
+from pipeline.engine.ledger import Ledger
+from pipeline.engine.stage import stage_scene
+from pipeline.engine.workers import CRFWorker, ModelWorker, write_core
+from pipeline.io.readers import describe
+from pipeline.ray.local_cluster import LocalRayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))

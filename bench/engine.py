@@ -28,11 +28,11 @@ import torch
 from rasterio.windows import Window
 
 from models.atomic import write_text_atomically
-from pipeline.grid import plan_tiles
-from pipeline.local_cluster import LocalRayCluster
-from pipeline.segment import cores_to_compute
-from pipeline.stage import StagedScene
-from pipeline.workers import ModelWorker, read_windows, window_batches
+from pipeline.engine.grid import plan_tiles
+from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.stage import StagedScene
+from pipeline.engine.workers import ModelWorker, read_windows, window_batches
+from pipeline.ray.local_cluster import LocalRayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))

@@ -16,8 +16,8 @@ import rasterio
 
 from models.atomic import write_text_atomically
 from models.metrics import SegmentationMetrics
-from pipeline.driver import run_batch
-from pipeline.options import SegmentOptions
+from pipeline.engine.driver import run_batch
+from pipeline.engine.options import SegmentOptions
 
 CELL = 1024  # one zoom-19 tile = 4x4 zoom-21 chips of 256 px
 HELD_OUT = (1, 2)  # row, column of the held-out cell 309614/261633 in the mosaic

@@ -21,7 +21,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.inference import normalise
 from models.optimize import for_inference
-from pipeline.workers import peak_rss_mb
+from pipeline.engine.workers import peak_rss_mb
 
 
 def main() -> None:

@@ -25,13 +25,14 @@ import numpy as np
 
 from models.atomic import write_text_atomically
 from models.checkpoint import read_metadata
-from pipeline.actor_pools import ActorPlan
-from pipeline.grid import Tile, core_of, model_halo, plan_tiles, read_window
-from pipeline.ledger import NODATA_LABEL, Ledger
-from pipeline.ray_engine import ray_session, run_tiles
-from pipeline.segment import cores_to_compute
-from pipeline.stage import StagedScene, stage_scene
-from pipeline.workers import CRFWorker, ModelWorker, Work, WorkSpec, window_batches
+from pipeline.engine.grid import Tile, core_of, model_halo, plan_tiles, read_window
+from pipeline.engine.ledger import NODATA_LABEL, Ledger
+from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.stage import StagedScene, stage_scene
+from pipeline.engine.workers import CRFWorker, ModelWorker, Work, WorkSpec, window_batches
+from pipeline.ray.actor_pools import ActorPlan
+from pipeline.ray.scheduler import run_tiles
+from pipeline.ray.session import ray_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))

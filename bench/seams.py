@@ -22,9 +22,16 @@ from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
-from pipeline.grid import DEFAULT_TILING, Tile, core_of, model_halo, plan_tiles
-from pipeline.segment import cores_to_compute
-from pipeline.workers import ModelWorker, Work, context_of, local_context_sums, read_windows, window_batches
+from pipeline.engine.grid import DEFAULT_TILING, Tile, core_of, model_halo, plan_tiles
+from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.workers import (
+    ModelWorker,
+    Work,
+    context_of,
+    local_context_sums,
+    read_windows,
+    window_batches,
+)
 
 ENGINE_CORES_PER_WINDOW = DEFAULT_TILING.cores_per_window  # the engine's default plan
 BORDER = 16  # px each side of a core border counted as "near a border"

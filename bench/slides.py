@@ -27,7 +27,7 @@ from PIL import Image
 
 from bench.engine import run_engine
 from models.atomic import write_text_atomically
-from pipeline.slides import open_slide
+from pipeline.io.slides import open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.manifest import SceneRecord
+from pipeline.engine.manifest import SceneRecord
 
 THUMBNAIL_PX = 320  # artifacts live in the Prefect database: a small picture, the full one is on disk
 

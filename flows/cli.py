@@ -1,4 +1,4 @@
-"""The ``deeplab`` console script: the engine's commands (``pipeline.cli``) plus ``deeplab serve``."""
+"""The ``deeplab`` console script: the engine's commands (``pipeline.cli``) plus ``serve``, ``run-flow``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import DEFAULT_WORK_DIR
-from pipeline import cli as engine_cli
-from pipeline.option_flags import add_option_flags, options_from_args
-from pipeline.options import SegmentOptions
+from pipeline.cli import commands as engine_cli
+from pipeline.cli.flags import add_option_flags, options_from_args
+from pipeline.engine.options import SegmentOptions
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

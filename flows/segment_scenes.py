@@ -1,4 +1,4 @@
-"""The ``segment-scenes`` flow: the engine's batch driver (``pipeline.driver``), one Prefect task per stage.
+"""The ``segment-scenes`` flow: the batch driver (``pipeline.engine.driver``), one Prefect task per stage.
 
 discover -> preflight (every scene) -> stage -> segment -> publish (each scene) -> report. Each scene runs
 as its own chain of tasks, so a scene that fails fails its own tasks and the others go on; the flow's final
@@ -28,11 +28,11 @@ from flows.settings import worker_environment
 from flows.task_progress import TaskLogProgress
 from models.checkpoint import checkpoint_info
 from models.errors import DeepLabError
-from pipeline.driver import Batch, Cluster, SceneJob, cluster_for
-from pipeline.manifest import SceneRecord, now_iso
-from pipeline.options import SegmentOptions
-from pipeline.report import SceneReport
-from pipeline.sources import Source
+from pipeline.engine.driver import Batch, Cluster, SceneJob, cluster_for
+from pipeline.engine.manifest import SceneRecord, now_iso
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.report import SceneReport
+from pipeline.io.sources import Source
 
 SCENE_THREADS = 4  # scenes in flight at once (preflight, staging and publishing overlap)
 

@@ -7,14 +7,14 @@ import threading
 import time
 from typing import Any
 
-from pipeline.workers import CoreDone
+from pipeline.engine.workers import CoreDone
 
 # at most one line per this many seconds, besides each tenth of the cores and the last one
 MIN_SECONDS_BETWEEN_LINES = 10.0
 
 
 class TaskLogProgress:
-    """Implements ``pipeline.segment.Progress`` on a Prefect run logger."""
+    """Implements ``pipeline.engine.plan.Progress`` on a Prefect run logger."""
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         self.logger = logger

@@ -98,7 +98,7 @@ def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> t
 
 def kampala_card(model: Path, tmp_path: Path) -> str:
     """The model card ``deeplab card`` writes for ``model``, with the Kampala imagery's attribution."""
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     attribution = tmp_path / "attribution.md"
     attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")
@@ -111,7 +111,7 @@ def load_model_and_chip(kampala: Path, model: Path, target: Path, stem: str) -> 
     """``model`` loaded (a ``LoadedModel``) and the real chip ``stem`` read as the evaluation reads it."""
     from models.checkpoint import load_checkpoint
     from models.data import read_pair
-    from pipeline.evaluate import find_pairs
+    from pipeline.tools.evaluate import find_pairs
 
     images, masks = copy_kampala_pairs(kampala, target, (stem,))
     loaded = load_checkpoint(model)

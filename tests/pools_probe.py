@@ -13,8 +13,8 @@ import sys
 import ray
 
 from models.metadata import CRFParams
-from pipeline.actor_pools import ActorPools
-from pipeline.workers import WorkSpec
+from pipeline.engine.workers import WorkSpec
+from pipeline.ray.actor_pools import ActorPools
 
 
 def main(address: str, checkpoint: str) -> None:

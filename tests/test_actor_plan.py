@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.actor_pools import ActorPlan, PoolStats
-from pipeline.cluster_storage import sees
+from pipeline.ray.actor_pools import ActorPlan, PoolStats
+from pipeline.ray.storage import sees
 
 
 def test_gpu_node_runs_model_actors_per_gpu_share_and_crf_on_spare_cpus() -> None:
-    plan = ActorPlan.for_resources(cpus=4, gpus=1, crf=True, cluster_has_gpus=True, gpus_per_model=0.5)
+    plan = ActorPlan.for_resources(cpus=4, gpus=1, crf=True, cluster_has_gpus=True, gpus_per_model_actor=0.5)
     assert (plan.model_actors, plan.model_gpus) == (2, 0.5)
     assert plan.crf_actors == 3 and plan.crf_cpus == 1.0
     whole = ActorPlan.for_resources(cpus=8, gpus=2, crf=False, cluster_has_gpus=True)

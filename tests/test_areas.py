@@ -7,7 +7,7 @@ import pytest
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from pipeline.areas import class_areas_m2, row_pixel_areas_m2
+from pipeline.io.areas import class_areas_m2, row_pixel_areas_m2
 
 
 def test_projected_pixel_area() -> None:

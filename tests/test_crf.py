@@ -10,9 +10,9 @@ from scipy import ndimage
 from models.data import read_image, read_mask
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
-from pipeline.crf import CRFError, refine, refine_labels
-from pipeline.grid import Tile, core_of
-from pipeline.workers import CRFWorker, crf_inputs
+from pipeline.engine.crf import CRFError, refine, refine_labels
+from pipeline.engine.grid import Tile, core_of
+from pipeline.engine.workers import CRFWorker, crf_inputs
 from tests.conftest import kampala_chip
 
 STEMS = ("OAM-1238456-1046532-21", "OAM-1238450-1046530-21", "OAM-1238452-1046529-21")

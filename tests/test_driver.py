@@ -15,9 +15,9 @@ import rasterio.shutil
 import yaml
 from rasterio.windows import Window
 
-from pipeline.cli import main
-from pipeline.driver import failure_line
-from pipeline.local_cluster import LocalRayCluster
+from pipeline.cli.commands import main
+from pipeline.engine.driver import failure_line
+from pipeline.ray.local_cluster import LocalRayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tile", "128", "--halo", "32", "--no-crf", "--engine", "local"]

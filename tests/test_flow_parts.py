@@ -15,9 +15,9 @@ from flows.serve import PREFECT_FILE, ServeConfig, render_deployments
 from flows.settings import TELEMETRY_OFF, prefect_environment, worker_environment
 from flows.task_progress import TaskLogProgress
 from models.errors import DataError
-from pipeline.discover import discover_scenes, duplicate_ids
-from pipeline.manifest import Manifest, SceneKey, SceneRecord, config_hash
-from pipeline.options import SegmentOptions
+from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash
+from pipeline.engine.options import SegmentOptions
+from pipeline.io.discover import discover_scenes, duplicate_ids
 
 
 def test_discovery_of_folders_globs_and_lists(tmp_path: Path) -> None:

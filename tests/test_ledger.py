@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.ledger import NODATA_LABEL, Ledger, result_key
+from pipeline.engine.ledger import NODATA_LABEL, Ledger, result_key
 
 
 def test_cores_are_recorded_and_survive_a_reopen(tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ import rasterio
 
 from models.checkpoint import read_metadata, update_metadata
 from models.metadata import InputScales
-from pipeline.cli import main
-from pipeline.grid import model_halo
-from pipeline.manifest import config_hash
-from pipeline.options import SegmentOptions
-from pipeline.segment import as_planned, plan_scene
-from pipeline.sources import describe
+from pipeline.cli.commands import main
+from pipeline.engine.grid import model_halo
+from pipeline.engine.manifest import config_hash
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.plan import as_planned, plan_scene
+from pipeline.io.readers import describe
 from tests.conftest import kampala_card
 from tests.test_segment import _segment
 from tests.test_tiling import _chips_and_a_model_copy

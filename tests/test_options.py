@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from flows.cli import add_flow_commands, main
-from pipeline.cli import build_parser
-from pipeline.manifest import config_hash
-from pipeline.option_flags import flag_of, options_from_args
-from pipeline.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_runtime
+from pipeline.cli.commands import build_parser
+from pipeline.cli.flags import flag_of, options_from_args
+from pipeline.engine.manifest import config_hash
+from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = set(SegmentOptions.model_fields)

@@ -16,8 +16,8 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from models.metadata import ClassInfo
-from pipeline.cli import main
-from pipeline.vectorize import vectorize_mask
+from pipeline.cli.commands import main
+from pipeline.io.vectorize import vectorize_mask
 
 
 def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:

@@ -12,8 +12,8 @@ from rasterio.transform import from_origin
 
 from models.checkpoint import read_metadata
 from models.errors import DataError
-from pipeline.preflight import preflight
-from pipeline.sources import describe
+from pipeline.engine.preflight import preflight
+from pipeline.io.readers import describe
 
 
 def _raster(path: Path, dtype: str = "uint8", bands: int = 3, pixel: float = 0.0746, **extra: object) -> Path:

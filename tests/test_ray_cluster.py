@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_cluster import LocalRayCluster, processes_mentioning
+from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_ID = "RGB.byte"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.local_cluster import free_port, is_live, process_name, processes_mentioning
+from pipeline.ray.local_cluster import free_port, is_live, process_name, processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 SSHD = Path("/usr/sbin/sshd")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from models.receptive_field import backbone_radius, receptive_radius
-from pipeline.grid import default_halo
+from pipeline.engine.grid import default_halo
 
 
 def _gradient_support_radius(net: nn.Module, size: int = 65) -> int:

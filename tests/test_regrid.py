@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.regrid import NearestView
-from pipeline.sources import resampled_shape
+from pipeline.io.regrid import NearestView
+from pipeline.io.sources import resampled_shape
 
 
 def test_nearest_view_undoes_an_integer_upsampling() -> None:

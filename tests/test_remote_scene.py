@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.discover import discover_scenes
-from pipeline.manifest import Manifest
-from pipeline.options import SegmentOptions
-from pipeline.segment import segment_scene
-from pipeline.sources import as_source, describe, source_id, source_sha256
+from pipeline.engine.manifest import Manifest
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.segment import segment_scene
+from pipeline.io.discover import discover_scenes
+from pipeline.io.readers import describe
+from pipeline.io.sources import as_source, source_id, source_sha256
 from tests.conftest import kampala_chip
 from tests.http_range import serving
 

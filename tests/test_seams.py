@@ -17,7 +17,7 @@ from bench.seams import (
     worker_for,
 )
 from models.checkpoint import load_checkpoint, read_metadata
-from pipeline.grid import model_halo
+from pipeline.engine.grid import model_halo
 
 TILE = 512
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import rasterio
 
-from pipeline.cli import main
-from pipeline.grid import core_of, plan_tiles
-from pipeline.segment import cores_to_compute
-from pipeline.workers import window_batches
+from pipeline.cli.commands import main
+from pipeline.engine.grid import core_of, plan_tiles
+from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.workers import window_batches
 
 
 def test_plan_covers_the_scene_once() -> None:

@@ -17,8 +17,8 @@ from rasterio.transform import Affine
 
 from models.checkpoint import update_metadata
 from models.errors import DataError
-from pipeline.options import SegmentOptions
-from pipeline.segment import segment_scene
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.segment import segment_scene
 from tests.conftest import resume_after_kill
 
 WORKING_MPP = 1.0

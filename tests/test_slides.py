@@ -7,8 +7,15 @@ import pytest
 from PIL import Image
 
 from models.errors import DataError
-from pipeline.slides import choose_grid, describe_slide, is_slide, open_slide, read_working_block, thumbnail
-from pipeline.tissue import detect_tissue, otsu_threshold
+from pipeline.io.slides import (
+    choose_grid,
+    describe_slide,
+    is_slide,
+    open_slide,
+    read_working_block,
+    thumbnail,
+)
+from pipeline.io.tissue import detect_tissue, otsu_threshold
 
 
 def test_cmu_slide_metadata_and_grid(cmu_slide) -> None:
@@ -113,8 +120,8 @@ def test_tissue_on_real_slides(cmu_slide, tcga_slide) -> None:
 
 def test_preflight_of_slides(cmu_slide, tcga_slide, buildings_model) -> None:
     from models.checkpoint import read_metadata
-    from pipeline.preflight import preflight
-    from pipeline.sources import describe
+    from pipeline.engine.preflight import preflight
+    from pipeline.io.readers import describe
 
     aerial = read_metadata(buildings_model)
     refused = preflight(describe(cmu_slide), aerial)
@@ -149,7 +156,7 @@ def test_stain_separation_and_labels() -> None:
 
 @pytest.mark.slow
 def test_slide_chips_hold_out_a_separate_band(cmu_slide, tmp_path) -> None:
-    from pipeline.slide_chips import cut_chips
+    from pipeline.tools.slide_chips import cut_chips
 
     summary = cut_chips(cmu_slide, tmp_path, size=256, stride=256, holdout_from=0.75)
     stems = sorted(p.stem for p in (tmp_path / "images").iterdir())
@@ -167,7 +174,7 @@ def test_ome_pyramids_tiff_and_zarr(tmp_path) -> None:
     import tiffslide
     import zarr
 
-    from pipeline.slide_publish import mode_2x2, write_ome_pyramid, write_ome_zarr
+    from pipeline.io.ome import mode_2x2, write_ome_pyramid, write_ome_zarr
 
     assert mode_2x2(np.array([[1, 2, 3], [1, 5, 3]], dtype=np.uint8)).tolist() == [[1, 3]]
     labels = np.random.default_rng(0).integers(0, 3, (1100, 700)).astype(np.uint8)

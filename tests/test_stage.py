@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from pipeline.stage import MARKER, count_valid, stage_scene
+from pipeline.engine.stage import MARKER, count_valid, stage_scene
 
 
 def test_landsat_is_staged_exactly_with_its_nodata_mask(landsat: Path, tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ import pytest
 from models.checkpoint import load_checkpoint, read_metadata
 from models.inference import predict_image
 from models.metadata import InputScales, Tiling
-from pipeline.cli import main
-from pipeline.evaluate import tiled_probabilities
-from pipeline.grid import DEFAULT_TILING, resolve_tiling
-from pipeline.options import SegmentOptions
-from pipeline.segment import plan_scene
-from pipeline.sources import describe
-from pipeline.workers import ModelWorker
+from pipeline.cli.commands import main
+from pipeline.engine.grid import DEFAULT_TILING, resolve_tiling
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.plan import plan_scene
+from pipeline.engine.workers import ModelWorker
+from pipeline.io.readers import describe
+from pipeline.tools.evaluate import tiled_probabilities
 from tests.conftest import copy_kampala_pairs, kampala_card, load_model_and_chip
 
 CHIPS = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21")

@@ -17,12 +17,12 @@ from models.errors import ConfigError
 from models.inference import TTA_VIEWS, _unview, _view, normalise, predict_image, predict_probabilities
 from models.metadata import InputScales, Tiling
 from models.registry import build_model
-from pipeline.cli import main
-from pipeline.evaluate import tiled_probabilities
-from pipeline.options import SegmentOptions
-from pipeline.segment import plan_scene
-from pipeline.sources import describe
-from pipeline.workers import ModelWorker
+from pipeline.cli.commands import main
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.plan import plan_scene
+from pipeline.engine.workers import ModelWorker
+from pipeline.io.readers import describe
+from pipeline.tools.evaluate import tiled_probabilities
 from tests.conftest import copy_kampala_pairs, kampala_card, load_model_and_chip
 from tests.test_segment import _segment
 from tests.test_tiling import CHIPS

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_cluster import LocalRayCluster, processes_mentioning
-from pipeline.warm_actors import NAMESPACE
+from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
+from pipeline.ray.warm_actors import NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--tile", "128", "--halo", "32"]
@@ -92,7 +92,7 @@ def test_an_idle_warm_actor_ends_itself(
 
 
 def test_a_warm_actor_is_idle_only_between_calls_of_work() -> None:
-    from pipeline.warm_actors import Warmable, working
+    from pipeline.ray.warm_actors import Warmable, working
 
     class Probe(Warmable):
         @working
@@ -106,7 +106,7 @@ def test_a_warm_actor_is_idle_only_between_calls_of_work() -> None:
 
 
 def test_warm_actor_names_carry_their_shape_and_node() -> None:
-    from pipeline.warm_actors import _key_and_node, actor_name, shape_key
+    from pipeline.ray.warm_actors import _key_and_node, actor_name, shape_key
 
     node = "f" * 56
     key = shape_key("0" * 64, "model", {"plan": {"model_cpus": 2.0}, "device": "auto", "amp": True})

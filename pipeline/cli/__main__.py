@@ -1,0 +1,7 @@
+"""``python -m pipeline.cli``: the engine's commands (the console script ``deeplab`` adds ``serve``)."""
+
+import sys
+
+from pipeline.cli.commands import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Command-line flags generated from ``SegmentOptions``: one flag per field, named as the field, with the
+field's help, default and bounds; renamed flags kept as aliases that warn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from pipeline.engine.options import SegmentOptions
+
+# old flag -> the field it now sets under its own name (kept for a while; each use warns)
+DEPRECATED_FLAGS = {"--keep-warm": "keep_warm_s"}
+
+
+def flag_of(name: str) -> str:
+    """The flag of the field ``name``: ``keep_warm_s`` -> ``--keep-warm-s``."""
+    return "--" + name.replace("_", "-")
+
+
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        kept = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return kept[0] if len(kept) == 1 else annotation
+    return annotation
+
+
+def _json_of(model: type[BaseModel]) -> Any:
+    def parse(text: str) -> BaseModel:
+        return model.model_validate_json(text)
+
+    parse.__name__ = f"{model.__name__} JSON"  # argparse names the type in its error message
+    return parse
+
+
+def _default_text(field: FieldInfo) -> str:
+    default = field.default
+    if default is None or isinstance(default, bool) or "(default" in (field.description or ""):
+        return ""
+    return f" (default: {default})"
+
+
+def _arguments(name: str, field: FieldInfo) -> dict[str, Any]:
+    """argparse's keywords for one field; every default is SUPPRESS: the model alone holds defaults."""
+    kind = _without_none(field.annotation)
+    keywords: dict[str, Any] = {
+        "dest": name,
+        "default": argparse.SUPPRESS,
+        "help": (field.description or "") + _default_text(field),
+    }
+    if kind is bool:
+        # a flag that is on by default is turned off with --no-NAME (--no-crf), the others turned on
+        keywords["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+    elif get_origin(kind) is Literal:
+        keywords["choices"] = list(get_args(kind))
+    elif get_origin(kind) is tuple:
+        keywords |= {"type": get_args(kind)[0], "nargs": "+"}
+    elif isinstance(kind, type) and issubclass(kind, BaseModel):
+        keywords |= {"type": _json_of(kind), "metavar": "JSON"}
+    elif kind in (int, float, str):
+        keywords["type"] = kind
+    else:
+        raise TypeError(f"SegmentOptions.{name}: no flag for a field of type {field.annotation}")
+    return keywords
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag: sets its field and says once which flag to use instead."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"warning: {option_string} is deprecated and will be removed; use {flag_of(self.dest)}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """Every ``SegmentOptions`` field as a flag of ``parser``, in the model's order."""
+    group = parser.add_argument_group("engine options (SegmentOptions)")
+    for name, field in SegmentOptions.model_fields.items():
+        group.add_argument(flag_of(name), **_arguments(name, field))
+    for old, name in DEPRECATED_FLAGS.items():
+        keywords = _arguments(name, SegmentOptions.model_fields[name])
+        group.add_argument(
+            old,
+            action=_DeprecatedFlag,
+            type=keywords["type"],
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
+
+
+def options_from_args(args: argparse.Namespace) -> SegmentOptions:
+    """``SegmentOptions`` from the flags given (the others keep the model's defaults)."""
+    given = {name: getattr(args, name) for name in SegmentOptions.model_fields if hasattr(args, name)}
+    return SegmentOptions(**given)

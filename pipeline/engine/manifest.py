@@ -1,0 +1,137 @@
+"""The output folder's manifest: every run's scenes, keys and outcomes, and what a re-run may skip.
+
+A scene's result is keyed by (input checksum, checkpoint sha256, config hash). A run skips a scene whose
+last successful result has the same key and whose published files are all still there; anything else is
+redone. Input checksums are cached by (size, mtime): a nightly run does not re-read unchanged scenes.
+
+The manifest is one JSON file, rewritten atomically under an exclusive lock, so concurrent runs into one
+output folder never lose each other's records.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from models.atomic import write_text_atomically
+from models.errors import DataError
+from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions
+from pipeline.io.sources import Source, source_sha256
+
+MANIFEST_NAME = "manifest.json"
+
+Outcome = Literal["done", "skipped", "failed"]
+
+
+def config_hash(options: SegmentOptions) -> str:
+    """A hash of the options that determine a result: every field not marked ``runtime``."""
+    fields = options.model_dump(mode="json", exclude=set(RUNTIME_ONLY_OPTIONS))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SceneKey:
+    input_sha256: str
+    checkpoint_sha256: str
+    config: str
+
+
+@dataclass
+class SceneRecord:
+    """One scene's outcome in one run."""
+
+    source: str
+    scene_id: str
+    outcome: Outcome
+    key: SceneKey | None = None
+    message: str = ""
+    outputs: dict[str, str] | None = None  # name -> path relative to the output folder
+    tiles: dict[str, int] | None = None
+    seconds: float | None = None
+    finished: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SceneRecord:
+        key = data.get("key")
+        return cls(**(data | {"key": SceneKey(**key) if key else None}))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Manifest:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / MANIFEST_NAME
+
+    def read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"scenes": {}, "checksums": {}, "runs": []}
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(
+                f"{self.path}: unreadable manifest ({exc}); move it aside to start afresh"
+            ) from exc
+        return data
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under an exclusive lock; the body's changes are written atomically."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f".{MANIFEST_NAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self.read()
+            yield data
+            write_text_atomically(self.path, json.dumps(data, indent=2))
+
+    def checksum(self, source: Source) -> str:
+        """The sha256, from the cache while size and mtime are unchanged (URLs are read every time)."""
+        if not isinstance(source, Path):
+            return source_sha256(source)
+        stat = source.stat()
+        cached = self.read()["checksums"].get(str(source))
+        if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
+            return str(cached["sha256"])
+        digest = source_sha256(source)
+        with self._locked() as data:
+            data["checksums"][str(source)] = {
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sha256": digest,
+            }
+        return digest
+
+    def current(self, source: str, key: SceneKey) -> SceneRecord | None:
+        """The last successful record of ``source`` if it has this key and its outputs all exist."""
+        entry = self.read()["scenes"].get(source)
+        if entry is None:
+            return None
+        record = SceneRecord.from_json(entry)
+        if record.key != key or not record.outputs:
+            return None
+        if not all((self.out_dir / path).is_file() for path in record.outputs.values()):
+            return None
+        return record
+
+    def record_scene(self, record: SceneRecord) -> None:
+        """Remember a scene's successful result (failures live in the run records only)."""
+        if record.outcome != "done":
+            return
+        with self._locked() as data:
+            data["scenes"][record.source] = record.as_json()
+
+    def record_run(self, run: dict[str, Any], scenes: list[SceneRecord]) -> None:
+        with self._locked() as data:
+            data["runs"].append(run | {"scenes": [s.as_json() for s in scenes]})

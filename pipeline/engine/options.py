@@ -1,0 +1,106 @@
+"""The engine's one options object, ``SegmentOptions``: every setting of a run, with its help and default.
+
+The CLI's flags are generated from it (``pipeline.cli.flags``), the ``segment-scenes`` flow and its
+deployments take it as their ``options`` parameter, and ``deeplab serve --options`` is validated against
+it. A field marked ``runtime`` changes how a result is computed, not what it is: it is outside the
+manifest's config hash, so changing it redoes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.metadata import TTA, CRFParams, Fuse
+
+_RUNTIME = "runtime"
+WHOLE_GPU = 1.0  # the GPU share a model actor requests unless told otherwise
+
+
+def runtime_field(default: Any, **kwargs: Any) -> Any:
+    """A field outside the result key: the same inputs give the same masks whatever its value."""
+    return Field(default, json_schema_extra={_RUNTIME: True}, **kwargs)
+
+
+class SegmentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tile: int | None = Field(
+        None, ge=16, description="core size in pixels (default: the checkpoint's tiling, else 512)"
+    )
+    halo: int | None = Field(
+        None,
+        ge=0,
+        description="context read around each core, pixels (default: the model's receptive field and 3 σα "
+        "of the CRF, up to half the core for models with image pooling, else up to the core)",
+    )
+    cores_per_window: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="blocks of NxN cores share one window, so the halo is read and computed once per block "
+        "(1: a window per core; larger: less halo work, more memory per window; default: the checkpoint's "
+        "evaluated tiling, else 2)",
+    )
+    crf: bool = Field(True, description="refine each window with the dense CRF")
+    crf_params: CRFParams | None = Field(
+        None,
+        description='the CRF\'s parameters as JSON, e.g. \'{"w1": 5, "sigma_alpha": 80}\' '
+        "(default: the checkpoint's tuned ones, else the paper's)",
+    )
+    scales: tuple[float, ...] | None = Field(
+        None, description="multi-scale inputs, e.g. 0.75 1 (default: the checkpoint's, else 1 alone)"
+    )
+    fuse: Fuse | None = Field(None, description="how scales are fused (default: the checkpoint's, else max)")
+    tta: TTA | None = Field(
+        None,
+        description="test-time views averaged per window: 2, 4 or 8 model passes "
+        "(default: the checkpoint's, else none)",
+    )
+    batch_size: int = runtime_field(4, ge=1, description="windows per model call")
+    device: str = runtime_field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    allow_ungeoreferenced: bool = Field(False, description="segment scenes without a CRS or transform")
+    engine: Literal["ray", "local"] = runtime_field(
+        "ray", description="ray (a local cluster started by itself, or --ray-address) or one local process"
+    )
+    ray_address: str | None = runtime_field(
+        None, description="join this Ray cluster (default: RAY_ADDRESS, else start a local one)"
+    )
+    max_in_flight: int | None = runtime_field(
+        None,
+        ge=1,
+        description="windows queued on actors at once (default: twice what the cluster's actors hold)",
+    )
+    gpus_per_model_actor: float = runtime_field(
+        WHOLE_GPU, gt=0, le=1, description="GPU share each inference actor requests (0.5: two actors per GPU)"
+    )
+    keep_warm_s: float = runtime_field(
+        0.0,
+        ge=0,
+        description="on a running cluster (--ray-address): leave the model and CRF actors up, loaded, "
+        "until idle this many seconds, for the next run of the same model and options (0: stop them)",
+    )
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    match_resolution: bool = Field(False, description="resample scenes to the model's training pixel size")
+    mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
+    probabilities: bool = Field(
+        False, description="also write the top-class confidence (probabilities.tif / .ome.tif)"
+    )
+    vectorize: bool = Field(
+        False, description="also write polygons (polygons.gpkg; slides: polygons.geojson for QuPath)"
+    )
+    ome_zarr: bool = Field(False, description="slides: also write the mask as OME-Zarr (NGFF 0.5)")
+    context: Literal["window", "scene"] = Field(
+        "window",
+        description="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more "
+        "model pass; tiles then agree where they meet)",
+    )
+
+
+def is_runtime(name: str) -> bool:
+    """Whether the option ``name`` is outside the result key (marked on its field)."""
+    extra = SegmentOptions.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(_RUNTIME))
+
+
+RUNTIME_ONLY_OPTIONS = frozenset(name for name in SegmentOptions.model_fields if is_runtime(name))

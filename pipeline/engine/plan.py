@@ -1,0 +1,119 @@
+"""A scene's plan before any work: preflight, the grid it runs on, its tiling, halo, cores, CRF, views and
+scales resolved from the options and the checkpoint (``--dry-run`` prints it); and how a run reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from models.metadata import TTA_PHRASES, CheckpointMetadata, CRFParams, InputScales, Tiling
+from pipeline.engine.grid import (
+    Tile,
+    count_windows,
+    model_halo,
+    plan_tiles,
+    resolve_tiling,
+    window_warning,
+)
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.preflight import PreflightResult, preflight
+from pipeline.engine.workers import CoreDone
+from pipeline.io.readers import open_blocks, reader_of
+from pipeline.io.sources import Scene, resampled_shape
+
+
+class Progress(Protocol):
+    """Where a run reports its stages and finished cores (the CLI draws them; tests may record them)."""
+
+    def stage(self, scene: str, stage: str, detail: str = "") -> None: ...
+
+    def cores(self, scene: str, total: int) -> CoreDone: ...
+
+
+class Silent:
+    def stage(self, scene: str, stage: str, detail: str = "") -> None:
+        return None
+
+    def cores(self, scene: str, total: int) -> CoreDone:
+        return lambda: None
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """What a run will do for one scene, before any of it is done (``--dry-run`` prints this)."""
+
+    check: PreflightResult
+    shape: tuple[int, int]  # the grid the model runs on (the source's unless --match-resolution)
+    tiling: Tiling  # the options' tile and block, else the checkpoint's
+    halo: int
+    tiles: list[Tile]
+    crf: CRFParams | None
+    tta: str  # the options' test-time views, else the checkpoint's, else none
+    multiscale: InputScales  # the options' input scales and fusion, else the checkpoint's, else 1 alone
+
+    @property
+    def window(self) -> int:
+        return max(t.window[2] for t in self.tiles) if self.tiles else 0
+
+    @property
+    def windows(self) -> int:
+        return count_windows(self.tiles)
+
+    def describe(self, nodata_cores: int | None = None) -> list[str]:
+        scene = self.check.scene
+        where = reader_of(scene).where(scene)
+        lines = [
+            f"{scene.path}: {scene.height}x{scene.width} px, {scene.bands} band(s) {scene.dtype}, {where}"
+        ]
+        if self.shape != (scene.height, scene.width):
+            lines.append(f"  resampled to {self.shape[0]}x{self.shape[1]} px (x{self.check.scale:.3g})")
+        cores = (
+            f"{len(self.tiles)} cores of {self.tiling.tile} px in blocks of {self.tiling.cores_per_window}²"
+        )
+        if nodata_cores is not None:
+            cores += f" ({nodata_cores} wholly nodata, skipped)"
+        lines.append(f"  {cores}, halo {self.halo} px, {self.windows} windows of up to {self.window} px")
+        if not self.multiscale.single:
+            lines.append(f"  multi-scale inputs: {self.multiscale.describe()}")
+        if self.tta != "none":
+            lines.append(f"  test-time views ({self.tta}): logits averaged over {TTA_PHRASES[self.tta]}")
+        lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
+        lines += [f"  warning: {w}" for w in self.check.warnings]
+        return lines
+
+
+def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> ScenePlan:
+    """Preflight (raises on problems) and the tile plan; reads no pixels."""
+    check = preflight(scene, metadata, options.allow_ungeoreferenced, options.match_resolution)
+    check.raise_if_refused()
+    crf = (options.crf_params or metadata.crf) if options.crf else None
+    shape = resampled_shape(scene.height, scene.width, check.scale)
+    tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
+    multiscale = metadata.multiscale(options.scales, options.fuse)
+    halo = options.halo
+    if halo is None:
+        scene_context = options.context == "scene"
+        halo = model_halo(
+            metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context, min(multiscale.scales)
+        )
+    tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
+    plan = ScenePlan(check, shape, tiling, halo, tiles, crf, metadata.views(options.tta), multiscale)
+    if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
+        check.warnings.append(warning)
+    return plan
+
+
+def as_planned(options: SegmentOptions, plan: ScenePlan) -> SegmentOptions:
+    """``options`` with what ``plan`` resolved from the checkpoint filled in (the input scales and fusion),
+    as the manifest hashes them: an unset option and the value it stands for give one key, and keys from
+    before these options could be unset stay valid."""
+    return options.model_copy(update={"scales": plan.multiscale.scales, "fuse": plan.multiscale.fuse})
+
+
+def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:
+    """Cores without one valid pixel, read from the source's mask (what a dry run can know unstaged)."""
+    with open_blocks(scene, plan.check.scale) as blocks:
+        return sum(
+            not blocks.read_valid(t.core_top, t.core_left, t.core_height, t.core_width).any()
+            for t in plan.tiles
+        )

@@ -1,0 +1,186 @@
+"""Publish a computed scene: its publisher writes the mask (and confidence), then the quicklook, the polygons
+and the typed report, each written atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.checkpoint import CheckpointInfo
+from models.metadata import CRFParams
+from models.version import software_version
+from pipeline.engine.grid import has_image_pooling
+from pipeline.engine.options import SegmentOptions
+from pipeline.engine.plan import Progress, ScenePlan, Silent
+from pipeline.engine.report import SceneReport, TileCounts
+from pipeline.engine.work import StagedWork
+from pipeline.engine.workers import peak_rss_mb
+from pipeline.io.areas import class_areas_m2
+from pipeline.io.cog import write_quicklook
+from pipeline.io.publishers import Publication, Publisher
+from pipeline.io.readers import reader_of
+from pipeline.io.sources import Source
+from pipeline.io.vectorize import vectorize_mask
+
+
+@dataclass
+class SegmentResult:
+    scene: Source
+    mask: Path
+    report: Path
+    quicklook: Path
+    details: SceneReport
+
+
+def publish_work(
+    work: StagedWork, out_dir: Path, options: SegmentOptions, progress: Progress | None = None
+) -> SegmentResult:
+    """Write the mask (and the optional confidence and polygons), the quicklook and the report."""
+    progress = progress or Silent()
+    prepared = work.prepared
+    scene, plan, loaded, timings = prepared.scene, prepared.plan, prepared.checkpoint, prepared.timings
+    name = prepared.name
+    clock = time.perf_counter()
+    progress.stage(name, "publish")
+    reader = reader_of(scene)
+    publisher = reader.publisher
+    outputs = publisher.outputs(
+        Path(out_dir) / scene.scene_id, options.probabilities, options.vectorize, options.ome_zarr
+    )
+    publication = Publication(
+        scene,
+        plan.shape,
+        plan.check.scale,
+        loaded.metadata.classes,
+        _provenance(loaded, options, plan, prepared.checksum),
+        work.staged.folder / "pyramid",
+    )
+    labels = publisher.output_grid(work.ledger.labels(), publication)
+    publisher.write_mask(labels, publication, outputs)
+    if options.probabilities:
+        publisher.write_confidence(work.ledger.confidence(), publication, outputs["probabilities"])
+    write_quicklook(work.staged.image(), work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
+    timings["publish"] = time.perf_counter() - clock
+    polygons = None
+    if options.vectorize:
+        clock = time.perf_counter()
+        progress.stage(name, "vectorize")
+        polygons = vectorize_mask(
+            labels,
+            loaded.metadata.classes,
+            scene.crs,
+            publisher.polygon_transform(publication),
+            outputs["polygons"],
+            plan.tiling.tile,
+            publisher.qupath_polygons,
+        )
+        timings["vectorize"] = time.perf_counter() - clock
+    total = sum(timings.values())
+    tiles = TileCounts(
+        total=len(plan.tiles),
+        computed=work.computed,
+        skipped=work.skipped,
+        resumed=work.resumed,
+        windows=work.windows,  # computed this run
+    )
+    actor_memory = work.cluster.actor_memory if work.cluster else {}
+    details = _report(
+        publisher, publication, loaded, labels, options, plan, prepared.checksum, timings, total, tiles
+    )
+    if tiles.skipped == tiles.total:  # an empty, valid mask: said so rather than silently published
+        details.warnings.append(f"{scene.path}: {reader.nothing_valid}; the mask is empty (all nodata)")
+    details.outputs = {k: v.name for k, v in outputs.items()}
+    details.peak_rss_mb = {"driver": round(peak_rss_mb(), 1)} | {
+        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
+    }
+    if work.cluster is not None:
+        details.cluster = work.cluster.report()
+    if polygons is not None:
+        details.polygons = polygons
+    details.write(outputs["report"])
+    progress.stage(name, "done", f"{total:.1f} s")
+    return SegmentResult(prepared.source, outputs["mask"], outputs["report"], outputs["quicklook"], details)
+
+
+def _report(
+    publisher: Publisher,
+    publication: Publication,
+    loaded: CheckpointInfo,
+    labels: Any,
+    options: SegmentOptions,
+    plan: ScenePlan,
+    checksum: str,
+    timings: dict[str, float],
+    total: float,
+    tiles: TileCounts,
+) -> SceneReport:
+    scene, classes = publication.scene, loaded.metadata.classes
+    per_row = np.zeros((scene.height, len(classes)), dtype=np.int64)
+    for top in range(0, scene.height, plan.tiling.tile):
+        rows = np.asarray(labels[top : top + plan.tiling.tile])
+        for offset, row in enumerate(rows):
+            per_row[top + offset] = np.bincount(row[row < len(classes)], minlength=len(classes))[
+                : len(classes)
+            ]
+    areas = class_areas_m2(per_row, scene.crs, scene.transform)
+    class_pixels = per_row.sum(0)
+    report = SceneReport(
+        scene=str(scene.path),
+        input_sha256=checksum,
+        shape=[scene.height, scene.width],
+        crs=scene.crs.to_string() if scene.crs else None,
+        pixel_size_m=scene.pixel_size_m(),
+        tiles=tiles,
+        tile=plan.tiling.tile,
+        halo=plan.halo,
+        cores_per_window=plan.tiling.cores_per_window,
+        context=options.context if has_image_pooling(loaded.metadata) else "none (no image pooling)",
+        model_grid=list(plan.shape),
+        warnings=plan.check.warning_lines(),
+        class_pixels={c.name: int(n) for c, n in zip(classes, class_pixels, strict=True)},
+        class_areas_m2=None
+        if areas is None
+        else {c.name: float(a) for c, a in zip(classes, areas, strict=True)},
+        model=loaded.metadata.architecture,
+        checkpoint=loaded.path.name,
+        checkpoint_sha256=loaded.sha256,
+        # every field marked as set, so that the report always lists all of the CRF's parameters
+        crf=CRFParams.model_validate(plan.crf.model_dump()) if plan.crf else None,
+        scales=list(plan.multiscale.scales),
+        fuse=plan.multiscale.fuse,
+        tta=plan.tta,
+        seconds={k: round(v, 3) for k, v in timings.items()} | {"total": round(total, 3)},
+        megapixels_per_second=round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
+        software_version=software_version(),
+    )
+    skipped_share = round(tiles.skipped / max(tiles.total, 1), 4)
+    section = publisher.report_section(publication, [int(n) for n in class_pixels], skipped_share)
+    for name, value in section.items():
+        setattr(report, name, value)  # set one by one (validated): the JSON keeps only the sections set
+    return report
+
+
+def _provenance(
+    loaded: CheckpointInfo, options: SegmentOptions, plan: ScenePlan, checksum: str
+) -> dict[str, str]:
+    metadata = loaded.metadata
+    return {
+        "DEEPLAB_MODEL": metadata.architecture,
+        "DEEPLAB_CHECKPOINT": loaded.path.name,
+        "DEEPLAB_CHECKPOINT_SHA256": loaded.sha256,
+        "DEEPLAB_CLASSES": json.dumps([c.name for c in metadata.classes]),
+        "DEEPLAB_CRF": json.dumps(plan.crf.model_dump()) if plan.crf else "off",
+        "DEEPLAB_TILE": str(plan.tiling.tile),
+        "DEEPLAB_HALO": str(plan.halo),
+        "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",
+        "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in plan.multiscale.scales),
+        "DEEPLAB_FUSE": plan.multiscale.fuse,
+        "DEEPLAB_TTA": plan.tta,
+        "DEEPLAB_INPUT_SHA256": checksum,
+        "DEEPLAB_VERSION": software_version(),
+    }

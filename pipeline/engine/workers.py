@@ -1,0 +1,273 @@
+"""The per-window work, as plain classes: Ray wraps them as actors; the local engine calls them directly."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.metadata import CRFParams
+from pipeline.engine.grid import Tile, core_of, crf_reach, crop_window, narrowed, read_window
+from pipeline.engine.ledger import NODATA_LABEL, Ledger
+
+if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
+    from models.checkpoint import LoadedModel
+
+# Confidence is stored as uint8 0-254 (255 is nodata); the published raster carries the 1/254 scale.
+CONFIDENCE_SCALE = 254.0
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """What each window goes through: the same for the Ray and the local engine."""
+
+    crf: CRFParams | None
+    input_max: float
+    scales: tuple[float, ...] = (1.0,)
+    fuse: str = "max"
+    tta: str = "none"
+    batch_size: int = 4
+    device: str = "auto"
+    amp: bool = True
+    probabilities: bool = False
+    context: np.ndarray | None = None  # --context scene: (branches, channels) pooled features of the scene
+
+
+CoreDone = Callable[[], None]  # progress callback, once per finished core
+# A core to compute and its valid-pixel mask; None when every pixel is valid, so that the driver's work list
+# stays small whatever the scene size (only cores on a nodata edge carry a mask).
+Work = tuple[Tile, np.ndarray | None]
+# The cores of ``todo`` that one window yields: one, or those of a block (--cores-per-window) still to do.
+WindowWork = list[Work]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB.
+
+    Linux's VmHWM belongs to the process image; getrusage's ru_maxrss survives exec, so a process started
+    from a large parent would report the parent's peak (a benchmark driver, say).
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemoryReporting:
+    """Actors report their own peak memory: the engine's report and the benchmark read it."""
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+
+class ModelWorker(MemoryReporting):
+    """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
+
+    def __init__(
+        self, checkpoint: str, device: str, threads: int | None, amp: bool, loaded: LoadedModel | None = None
+    ) -> None:
+        import torch
+
+        from models.checkpoint import load_checkpoint
+        from models.inference import pick_device
+        from models.optimize import for_inference
+
+        if threads:
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
+        self.device = pick_device(device)
+        self.loaded = loaded or load_checkpoint(Path(checkpoint), device=self.device)
+        # BatchNorm folded, channels last: 1.5-1.8x faster on CPU, the same outputs up to float rounding
+        self.model = for_inference(self.loaded.model)
+        self.amp = amp
+
+    def predict_for(self, windows: list[np.ndarray], spec: WorkSpec) -> list[np.ndarray]:
+        """``predict`` as ``spec`` says: probabilities when the CRF follows, else labels (and confidence)."""
+        return self.predict(
+            windows,
+            spec.scales,
+            spec.fuse,
+            spec.crf is not None,
+            spec.probabilities,
+            spec.context,
+            tta=spec.tta,
+        )
+
+    def predict(
+        self,
+        windows: list[np.ndarray],
+        scales: tuple[float, ...],
+        fuse: str,
+        as_probabilities: bool,
+        with_confidence: bool = False,
+        context: np.ndarray | None = None,
+        tta: str = "none",
+    ) -> list[np.ndarray]:
+        """Per window: float16 probabilities (classes, H, W) for the CRF, else ``labels_of`` them.
+        ``tta``: the test-time views averaged (``models.inference.TTA_VIEWS``).
+
+        ``context``: (branches, channels) scene-level pooled features for DeepLab-v3's image pooling."""
+        import torch
+
+        from models.context import fixed_context
+        from models.inference import normalise, predict_probabilities
+
+        batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
+        scope = (
+            nullcontext() if context is None else fixed_context(self.model, list(torch.from_numpy(context)))
+        )
+        with scope:
+            probabilities = predict_probabilities(
+                self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta
+            )
+        if as_probabilities:
+            return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
+        top, labels = probabilities.max(1)
+        planes = [labels.to(torch.uint8)]
+        if with_confidence:
+            planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
+        return list(torch.stack(planes, 1).cpu().numpy())
+
+    def context_sums(
+        self, windows: list[np.ndarray], cores: list[list[Tile]], threads: int | None = None
+    ) -> np.ndarray:
+        """(branches, channels + 1): the features each image-pooling branch averages, summed over the cells
+        of the cores of each window (``cores[i]``: those of window i; last column: the number of cells).
+        Summed over a scene's cores and divided, they give the scene's pooled vector. ``threads``: torch
+        threads for this call only."""
+        import torch
+
+        from models.context import cell_span, pooled_inputs
+        from models.inference import normalise, padded_size, predict_probabilities
+
+        batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with pooled_inputs(self.model) as seen:
+                predict_probabilities(self.model, batch, amp=self.amp)
+        finally:
+            torch.set_num_threads(before)
+        if not seen:
+            raise ValueError(f"{self.loaded.path}: the model has no image-pooling branch to give a context")
+        padded = [padded_size(side) for side in batch.shape[-2:]]
+        sums = np.zeros((len(seen), seen[0].shape[1] + 1))
+        for branch, features in enumerate(seen):
+            cells_h, cells_w = features.shape[-2:]
+            for index, tile in ((i, t) for i, tiles in enumerate(cores) for t in tiles):
+                top, left = tile.window[:2]
+                r0, r1 = cell_span(tile.core_top - top, tile.core_height, padded[0], cells_h)
+                c0, c1 = cell_span(tile.core_left - left, tile.core_width, padded[1], cells_w)
+                core = features[index, :, r0:r1, c0:c1].double()
+                sums[branch, :-1] += core.sum((1, 2)).cpu().numpy()
+                sums[branch, -1] += (r1 - r0) * (c1 - c0)
+        return sums
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+
+def crf_inputs(
+    tile: Tile, probabilities: np.ndarray, window: np.ndarray, params: CRFParams
+) -> tuple[Tile, np.ndarray, np.ndarray]:
+    """What a CRF job needs: the core with its kernels' reach of context, not the model's (often 4x the
+    pixels, and the CRF's time grows with them). Returns the narrowed tile and both arrays cut to it."""
+    inner = narrowed(tile, crf_reach(params.sigma_alpha, params.sigma_gamma))
+    cut = [np.ascontiguousarray(crop_window(a, tile, inner)) for a in (probabilities, window)]
+    return inner, cut[0], cut[1]
+
+
+class CRFWorker(MemoryReporting):
+    def refine_core(
+        self,
+        probabilities: np.ndarray,
+        window: np.ndarray,
+        params: CRFParams,
+        input_max: float,
+        tile: Tile,
+        with_confidence: bool = False,
+    ) -> np.ndarray:
+        """The core's ``labels_of`` the CRF's marginals, over the core and the CRF's reach (``crf_inputs``:
+        a no-op where the caller cut the arrays already)."""
+        from pipeline.engine.crf import refine
+
+        tile, probabilities, window = crf_inputs(tile, probabilities, window, params)
+        refined = refine(probabilities.astype(np.float32), window, params, input_max)
+        return labels_of(core_of(refined, tile), with_confidence)
+
+
+def context_of(sums: np.ndarray) -> np.ndarray:
+    """Summed ``context_sums`` of a scene's cores -> the scene's (branches, channels) pooled features."""
+    return sums[:, :-1] / np.maximum(sums[:, -1:], 1.0)
+
+
+def local_context_sums(worker: ModelWorker, image: Any, todo: list[Work], batch_size: int) -> np.ndarray:
+    """``context_sums`` over every core of ``todo``, in this process (the local engine, benchmarks, tests)."""
+    parts = [
+        worker.context_sums(read_windows(image, batch), tiles_of(batch))
+        for batch in window_batches(todo, batch_size)
+    ]
+    return np.sum(parts, axis=0)
+
+
+def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
+    """(classes, H, W) probabilities -> (1 or 2, H, W) uint8: class ids, then the top probability x 254."""
+    planes = [probabilities.argmax(0).astype(np.uint8)]
+    if with_confidence:
+        planes.append(np.round(probabilities.max(0) * CONFIDENCE_SCALE).astype(np.uint8))
+    return np.stack(planes)
+
+
+def window_batches(todo: list[Work], cores: int) -> list[list[WindowWork]]:
+    """The windows that ``todo``'s cores need, each once with its cores, in batches of one window shape
+    (edge windows are smaller) holding about ``cores`` cores (at least one window), in scan order."""
+    by_window: dict[tuple[int, int, int, int], WindowWork] = {}
+    for item in todo:
+        by_window.setdefault(item[0].window, []).append(item)
+    by_shape: dict[tuple[int, int], list[WindowWork]] = {}
+    for window, members in by_window.items():
+        by_shape.setdefault(window[2:], []).append(members)
+    batches: list[list[WindowWork]] = []
+    for windows in by_shape.values():
+        batch: list[WindowWork] = []
+        held = 0  # cores in ``batch``
+        for members in windows:
+            if batch and held + len(members) > cores:
+                batches.append(batch)
+                batch, held = [], 0
+            batch.append(members)
+            held += len(members)
+        batches.append(batch)
+    return batches
+
+
+def read_windows(image: Any, batch: list[WindowWork]) -> list[np.ndarray]:
+    """The pixels of each window of ``batch`` (the window its cores share)."""
+    return [read_window(image, members[0][0]) for members in batch]
+
+
+def tiles_of(batch: list[WindowWork]) -> list[list[Tile]]:
+    return [[tile for tile, _ in members] for members in batch]
+
+
+def cores_in(batch: list[WindowWork]) -> int:
+    return sum(len(members) for members in batch)
+
+
+def write_core(
+    ledger: Ledger, tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str | None = None
+) -> None:
+    """``planes`` (1 or 2, h, w): labels and optionally confidence; invalid pixels become nodata in both.
+
+    ``node``: where the core was computed (the Ray engine's node label), kept in the ledger's record."""
+    if valid is not None:
+        planes = np.where(valid, planes, NODATA_LABEL)
+    extra = {"node": node} if node else {}
+    ledger.write_core(tile.row, tile.col, planes.astype(np.uint8), **extra)

@@ -1,0 +1,1 @@
+"""Data in and out: scene readers (GeoTIFF, slides), discovery, publishers (COG, OME-TIFF/Zarr), polygons."""

@@ -1,0 +1,68 @@
+"""Which scenes a run covers: a folder, a glob, a URL, or a list of them, in a stable order."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from models.errors import DataError
+from pipeline.io.slides import SLIDE_SUFFIXES
+from pipeline.io.sources import Source, is_remote, source_id
+
+RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
+_GLOB_CHARS = frozenset("*?[")
+
+
+def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> list[Source]:
+    """Expand ``inputs`` into scene paths.
+
+    A folder contributes its raster files (by suffix, not recursive, hidden files left out); a glob its
+    matches (``**`` recurses); a file itself, whatever its suffix, so that a listed file that is not a
+    raster is reported by its preflight rather than silently dropped (so is a listed scene that is
+    missing). ``exclude`` (the output folder) is never searched. A folder that does not exist is an error.
+    URLs (``s3://``, ``https://``...) are scenes as given: listing a bucket is left to the caller.
+    """
+    entries = [inputs] if isinstance(inputs, str) else list(inputs)
+    found: list[Path] = []
+    remote: list[str] = []
+    excluded = exclude.resolve() if exclude else None
+    for entry in entries:
+        if is_remote(entry):
+            remote.append(entry)
+        elif _GLOB_CHARS & set(entry):
+            matches = [Path(p) for p in glob.glob(entry, recursive=True)]
+            found += [p for p in matches if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
+        elif (path := Path(entry)).is_dir():
+            found += [
+                p
+                for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES
+            ]
+        elif path.exists() or path.suffix.lower() in RASTER_SUFFIXES:
+            found.append(path)  # a listed scene that is missing fails alone, in its preflight
+        else:
+            raise DataError(f"{entry}: no such file or folder")
+    unique: dict[Source, None] = {p.resolve(): None for p in found if not _inside(p, excluded)}
+    unique |= dict.fromkeys(remote)
+    return sorted(unique, key=str)
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def duplicate_ids(scenes: list[Source]) -> dict[Source, str]:
+    """Every scene whose id (file stem) another scene has too: their outputs would overwrite each other, so
+    all of them are refused, each with the one line that names every scene of its clash."""
+    by_id: dict[str, list[Source]] = {}
+    for scene in scenes:
+        by_id.setdefault(source_id(scene), []).append(scene)
+    clashes: dict[Source, str] = {}
+    for name, group in by_id.items():
+        if len(group) > 1:
+            listed = " and ".join(str(scene) for scene in group)
+            line = (
+                f"{listed}: same scene id {name!r}, so their outputs would overwrite each other; rename one"
+            )
+            clashes |= dict.fromkeys(group, line)
+    return clashes

@@ -1,0 +1,208 @@
+"""Sources and the one Scene type that describes them; rasters through rasterio/GDAL, blocks on a grid.
+
+A scene is a local path or a URL GDAL reads (``s3://``, ``gs://``, ``az://``, ``http(s)://``, or a
+``/vsi...`` path); URLs stay strings throughout, since ``Path`` would fold their ``//``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+from urllib.parse import urlparse
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from models.checkpoint import file_sha256
+from models.data import ground_pixel_size
+from models.errors import DataError
+from pipeline.io.slides import SlideInfo
+
+Source = Path | str  # a local path, or a URL / GDAL virtual path (see is_remote)
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def is_remote(source: Source) -> bool:
+    """A URL (``scheme://``, ``file://`` included) or a GDAL ``/vsi...`` path: not opened as a local file."""
+    return isinstance(source, str) and (bool(_URL.match(source)) or source.startswith("/vsi"))
+
+
+def as_source(text: str | Path) -> Source:
+    """Local paths become ``Path``; URLs stay as given."""
+    return text if isinstance(text, str) and is_remote(text) else Path(text)
+
+
+def source_id(source: Source) -> str:
+    """The scene's id: its file name without the suffix (``s3://b/x/scene.tif`` -> ``scene``)."""
+    if is_remote(source):
+        return PurePosixPath(urlparse(str(source)).path).stem
+    return Path(source).stem
+
+
+def source_sha256(source: Source) -> str:
+    """The sha256 of the scene's bytes; URLs are streamed through fsspec (``s3://`` needs ``s3fs``...)."""
+    if not is_remote(source):
+        return file_sha256(Path(source))
+    text = str(source)
+    if text.startswith("/vsi"):
+        raise DataError(
+            f"{text}: GDAL virtual paths cannot be checksummed; give the URL (s3://, https://...)"
+        )
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(text, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except ImportError as exc:
+        raise DataError(f"{text}: reading it needs an fsspec filesystem package ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{text}: cannot be read ({exc})") from None
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Scene:
+    path: Source
+    height: int
+    width: int
+    bands: int
+    dtype: str
+    crs: CRS | None
+    transform: Affine
+    nodata: float | None
+    has_mask: bool  # alpha band or internal/external mask
+    bits: int | None = None  # significant bits per sample (GDAL NBITS), None for floats
+    slide: SlideInfo | None = None  # a whole-slide image: the grid is level 0, µm/px in here
+    format: str = "geotiff"  # the reader that described it (``pipeline.io.readers``)
+
+    @property
+    def full_scale(self) -> float | None:
+        """Largest value the samples can hold: from NBITS when set, else the dtype; None for floats."""
+        return float(2**self.bits - 1) if self.bits else None
+
+    @property
+    def scene_id(self) -> str:
+        return source_id(self.path)
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None and not self.transform.is_identity
+
+    def pixel_size_m(self) -> float | None:
+        """Ground sample distance in metres; geographic CRSs are converted at the scene's centre latitude.
+
+        For a slide, its level-0 µm/px in metres (None when the file does not say and no --mpp was given).
+        """
+        if self.slide is not None:
+            return self.slide.mpp * 1e-6 if self.slide.mpp else None
+        if not self.georeferenced:
+            return None
+        return ground_pixel_size(self.crs, self.transform, self.height, self.width)
+
+
+# GDAL's block cache defaults to 5% of RAM and fills up over a large scene; a fixed cache keeps the
+# driver's memory independent of the scene's size (reads and writes are streamed block by block anyway).
+GDAL_CACHE_MB = 256
+
+
+def gdal_env() -> rasterio.Env:
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
+@contextmanager
+def open_raster(path: Source) -> Iterator[DatasetReader]:
+    path = as_source(path)
+    if isinstance(path, Path) and not path.exists():
+        raise DataError(f"{path}: scene does not exist")
+    # a remote folder is not listed to look for sidecar files (a bucket listing can be huge and slow)
+    listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if isinstance(path, str) else {}
+    try:
+        with warnings.catch_warnings(), rasterio.Env(**listing):
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise DataError(f"{path}: not a readable raster ({exc})") from None
+    with gdal_env(), dataset:
+        yield dataset
+
+
+def sample_bits(dataset: DatasetReader) -> int | None:
+    dtype = np.dtype(dataset.dtypes[0])
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    declared = dataset.tags(1, ns="IMAGE_STRUCTURE").get("NBITS")  # a band-level item in GDAL
+    sign_bit = 1 if np.issubdtype(dtype, np.signedinteger) else 0
+    return int(declared) if declared else dtype.itemsize * 8 - sign_bit
+
+
+def read_block(
+    dataset: DatasetReader, top: int, left: int, height: int, width: int, scale: float = 1.0
+) -> np.ndarray:
+    """Image bands only (an alpha band is mask, not data), on a grid ``scale`` times finer than the source.
+
+    ``top, left, height, width`` are on that grid; with ``scale != 1`` GDAL resamples bilinearly.
+    """
+    indexes = [i + 1 for i, c in enumerate(dataset.colorinterp) if c.name != "alpha"] or None
+    if scale == 1.0:
+        return np.asarray(dataset.read(indexes=indexes, window=Window(left, top, width, height)))
+    bands = len(indexes) if indexes else dataset.count
+    return np.asarray(
+        dataset.read(
+            indexes=indexes,
+            window=_source_window(top, left, height, width, scale),
+            out_shape=(bands, height, width),
+            resampling=Resampling.bilinear,
+        )
+    )
+
+
+def read_valid(
+    dataset: DatasetReader, top: int, left: int, height: int, width: int, scale: float = 1.0
+) -> np.ndarray:
+    """True where the source has data: nodata value, alpha band and internal masks all honoured."""
+    if scale == 1.0:
+        return np.asarray(dataset.dataset_mask(window=Window(left, top, width, height))) > 0
+    window = _source_window(top, left, height, width, scale)
+    return np.asarray(dataset.dataset_mask(window=window, out_shape=(height, width))) > 0
+
+
+def _source_window(top: int, left: int, height: int, width: int, scale: float) -> Window:
+    return Window(left / scale, top / scale, width / scale, height / scale)
+
+
+def resampled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The grid a scene is staged on when resampled by ``scale`` (staged pixels per source pixel)."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class BlockReader(Protocol):
+    """Blocks of a scene on the grid it is staged on, and where they hold data."""
+
+    def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray: ...
+
+    def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray: ...
+
+
+class RasterBlocks:
+    def __init__(self, dataset: DatasetReader, scale: float) -> None:
+        self.dataset, self.scale = dataset, scale
+
+    def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return read_block(self.dataset, top, left, height, width, self.scale)
+
+    def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return read_valid(self.dataset, top, left, height, width, self.scale)

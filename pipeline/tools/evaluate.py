@@ -1,0 +1,142 @@
+"""Held-out evaluation of a checkpoint, with and without the dense CRF."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.checkpoint import LoadedModel
+from models.data import Pair, list_files, pair_by_stem, read_pair
+from models.errors import ConfigError
+from models.inference import check_image_fits, predict_image
+from models.metadata import CRFParams, InputScales, Tiling
+from models.metrics import SegmentationMetrics
+from pipeline.engine.crf import refine_labels
+from pipeline.engine.grid import core_of, model_halo, plan_tiles
+from pipeline.engine.workers import ModelWorker, read_windows, window_batches
+
+
+@dataclass
+class Prediction:
+    pair: Pair
+    image: np.ndarray
+    truth: np.ndarray
+    probabilities: np.ndarray
+
+
+def find_pairs(images: str, masks: str) -> list[Pair]:
+    return pair_by_stem(list_files(images, "image"), list_files(masks, "mask"))
+
+
+def predictions(
+    loaded: LoadedModel,
+    pairs: list[Pair],
+    multiscale: InputScales | None = None,
+    tiling: Tiling | None = None,
+    halo: int = 0,
+    tta: str | None = None,
+) -> Iterator[Prediction]:
+    """Read and check each pair, then run the model (at each of ``multiscale``'s scales; None: the
+    checkpoint's), prepared for inference as the engine runs it: on the whole image, or with ``tiling`` on
+    the engine's windows (``halo`` around cores); ``tta``: the test-time views (None: the checkpoint's)."""
+    metadata = loaded.metadata
+    tta = metadata.views(tta)
+    multiscale = multiscale or metadata.multiscale()
+    worker = ModelWorker(str(loaded.path), "cpu", None, amp=False, loaded=loaded)
+    for pair in pairs:
+        image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
+        check_image_fits(pair.image, image, metadata)
+        if tiling is None:
+            probabilities = predict_image(worker.model, metadata, image, multiscale, tta)
+        else:
+            probabilities = tiled_probabilities(worker, image, tiling, halo, multiscale, tta)
+        yield Prediction(pair, image, truth, probabilities)
+
+
+def tiled_probabilities(
+    worker: ModelWorker,
+    image: np.ndarray,
+    tiling: Tiling,
+    halo: int,
+    multiscale: InputScales,
+    tta: str = "none",
+) -> np.ndarray:
+    """(classes, H, W) probabilities of ``image`` as the engine computes them: the cores of its plan, each
+    from its block's window (the engine's own batching and worker), stitched."""
+    height, width = image.shape[-2:]
+    tiles = plan_tiles(height, width, tiling.tile, halo, tiling.cores_per_window)
+    stitched = np.empty((worker.loaded.metadata.num_classes, height, width), dtype=np.float32)
+    for batch in window_batches([(tile, None) for tile in tiles], 4):
+        windows = read_windows(image, batch)
+        results = worker.predict(windows, multiscale.scales, multiscale.fuse, True, tta=tta)
+        for members, result in zip(batch, results, strict=True):
+            for tile, _ in members:
+                rows = slice(tile.core_top, tile.core_top + tile.core_height)
+                cols = slice(tile.core_left, tile.core_left + tile.core_width)
+                stitched[:, rows, cols] = core_of(result, tile)
+    return stitched
+
+
+def evaluation_halo(
+    loaded: LoadedModel, tiling: Tiling, crf_params: CRFParams | None, multiscale: InputScales | None = None
+) -> int:
+    """The halo ``deeplab segment`` reads around ``tiling``'s cores (with the CRF on when it is evaluated,
+    at ``multiscale``'s scales; None: the checkpoint's)."""
+    sigma_alpha = crf_params.sigma_alpha if crf_params else None
+    min_scale = min((multiscale or loaded.metadata.multiscale()).scales)
+    return model_halo(loaded.metadata, sigma_alpha, tiling.tile, min_scale=min_scale)
+
+
+def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:
+    names = [c.name for c in loaded.metadata.classes]
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise ConfigError(f"{loaded.path}: no class named {unknown[0]!r} (classes: {', '.join(names)})")
+    return [name for name in names if name not in exclude]
+
+
+def evaluate(
+    loaded: LoadedModel,
+    pairs: list[Pair],
+    with_crf: bool,
+    crf_params: CRFParams | None = None,
+    exclude_classes: list[str] | None = None,
+    on_image: Callable[[str], None] | None = None,
+    multiscale: InputScales | None = None,
+    tiling: Tiling | None = None,
+    tta: str | None = None,
+) -> dict[str, Any]:
+    """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded.
+
+    ``tiling``: the model runs on the engine's windows, not on whole images. The CRF still refines the
+    whole image's stitched probabilities; the engine's CRF refines each core with its reach (3 σα) of
+    context, at most the halo, and agrees with that where the reach fits in the halo."""
+    metadata = loaded.metadata
+    names = [c.name for c in metadata.classes]
+    miou_classes = metric_classes(loaded, exclude_classes or [])
+    plain = SegmentationMetrics(names, metadata.ignore_index)
+    refined = SegmentationMetrics(names, metadata.ignore_index)
+    params = crf_params or metadata.crf
+    multiscale = multiscale or metadata.multiscale()
+    halo = evaluation_halo(loaded, tiling, params if with_crf else None, multiscale) if tiling else 0
+    tta = metadata.views(tta)
+    for prediction in predictions(loaded, pairs, multiscale, tiling, halo, tta):
+        plain.update(prediction.probabilities.argmax(0), prediction.truth)
+        if with_crf:
+            labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
+            refined.update(labels, prediction.truth)
+        if on_image:
+            on_image(prediction.pair.stem)
+    inference = {
+        "scales": list(multiscale.scales),
+        "fuse": multiscale.fuse,
+        "tta": tta,
+        "tiling": tiling.model_dump() | {"halo": halo} if tiling else "whole image",
+    }
+    report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | inference}
+    if with_crf:
+        report["crf"] = refined.summary(miou_classes) | {"crf_params": params.model_dump()}
+    return report
