@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import DEFAULT_WORK_DIR
-from pipeline.cli import commands as engine_cli
+from pipeline.cli import build_parser, console
+from pipeline.cli import main as engine_main
 from pipeline.cli.flags import add_option_flags, options_from_args
 from pipeline.engine.options import SegmentOptions
 
@@ -71,10 +72,8 @@ def _cmd_run_flow(args: argparse.Namespace) -> int:
     summary = json.loads((args.out / "manifest.json").read_text())["runs"][-1] if state.is_final() else {}
     for scene in summary.get("scenes", []):
         note = f": {scene['message']}" if scene["message"] else ""
-        engine_cli.console.print(
-            f"{scene['scene_id']}: {scene['outcome']}{note}", highlight=False, soft_wrap=True
-        )
-    engine_cli.console.print(f"flow run {state.name}: {state.message or ''}", highlight=False, soft_wrap=True)
+        console.print(f"{scene['scene_id']}: {scene['outcome']}{note}", highlight=False, soft_wrap=True)
+    console.print(f"flow run {state.name}: {state.message or ''}", highlight=False, soft_wrap=True)
     return 0 if state.is_completed() else 1
 
 
@@ -120,7 +119,7 @@ def add_flow_commands(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return engine_cli.main(argv, engine_cli.build_parser(add_flow_commands))
+    return engine_main(argv, build_parser(add_flow_commands))
 
 
 if __name__ == "__main__":

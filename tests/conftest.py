@@ -98,7 +98,7 @@ def copy_kampala_pairs(kampala: Path, target: Path, stems: tuple[str, ...]) -> t
 
 def kampala_card(model: Path, tmp_path: Path) -> str:
     """The model card ``deeplab card`` writes for ``model``, with the Kampala imagery's attribution."""
-    from pipeline.cli.commands import main
+    from pipeline.cli import main
 
     attribution = tmp_path / "attribution.md"
     attribution.write_text("Imagery © OpenAerialMap contributors, CC BY 4.0.")

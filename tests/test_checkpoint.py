@@ -12,7 +12,7 @@ from models.checkpoint import load_checkpoint, read_metadata, save_checkpoint, u
 from models.errors import CheckpointError
 from models.metadata import BandInfo, CheckpointMetadata, CRFParams, default_classes
 from models.registry import build_model
-from pipeline.cli.commands import main
+from pipeline.cli import main
 
 
 def _metadata() -> CheckpointMetadata:

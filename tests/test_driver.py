@@ -15,7 +15,7 @@ import rasterio.shutil
 import yaml
 from rasterio.windows import Window
 
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.engine.driver import failure_line
 from pipeline.ray.local_cluster import LocalRayCluster
 

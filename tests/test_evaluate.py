@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from models.checkpoint import load_checkpoint, read_metadata
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from tests.conftest import copy_kampala_pairs
 
 HELD_OUT = ("OAM-1238456-1046532-21", "OAM-1238457-1046533-21", "OAM-1238458-1046534-21")

@@ -13,7 +13,7 @@ import ray
 import yaml
 
 from flows.cli import add_flow_commands
-from pipeline.cli.commands import build_parser
+from pipeline.cli import build_parser
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 

@@ -11,7 +11,7 @@ import rasterio
 
 from models.checkpoint import read_metadata, update_metadata
 from models.metadata import InputScales
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.engine.grid import model_halo
 from pipeline.engine.manifest import config_hash
 from pipeline.engine.options import SegmentOptions

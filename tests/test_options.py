@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.cli import add_flow_commands, main
-from pipeline.cli.commands import build_parser
+from pipeline.cli import build_parser
 from pipeline.cli.flags import flag_of, options_from_args
 from pipeline.engine.manifest import config_hash
 from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_runtime

@@ -16,7 +16,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from models.metadata import ClassInfo
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.io.vectorize import vectorize_mask
 
 

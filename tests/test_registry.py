@@ -6,7 +6,7 @@ import torch
 from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet, pretrained_path
 from models.errors import ConfigError
 from models.registry import ARCHITECTURES, build_model
-from pipeline.cli.commands import main
+from pipeline.cli import main
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))

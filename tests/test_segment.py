@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.engine.grid import core_of, plan_tiles
 from pipeline.engine.segment import cores_to_compute
 from pipeline.engine.workers import window_batches

@@ -12,7 +12,7 @@ import pytest
 from models.checkpoint import load_checkpoint, read_metadata
 from models.inference import predict_image
 from models.metadata import InputScales, Tiling
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.engine.grid import DEFAULT_TILING, resolve_tiling
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.plan import plan_scene

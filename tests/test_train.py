@@ -13,7 +13,7 @@ from models.data import read_image, read_mask
 from models.inference import normalise
 from models.metadata import BandInfo
 from models.registry import build_model
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from tests.conftest import copy_kampala_pairs, kampala_card
 
 CHIPS = (

@@ -17,7 +17,7 @@ from models.errors import ConfigError
 from models.inference import TTA_VIEWS, _unview, _view, normalise, predict_image, predict_probabilities
 from models.metadata import InputScales, Tiling
 from models.registry import build_model
-from pipeline.cli.commands import main
+from pipeline.cli import main
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.plan import plan_scene
 from pipeline.engine.workers import ModelWorker

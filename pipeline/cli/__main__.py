@@ -2,6 +2,6 @@
 
 import sys
 
-from pipeline.cli.commands import main
+from pipeline.cli.parser import main
 
 sys.exit(main())

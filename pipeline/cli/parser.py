@@ -1,0 +1,63 @@
+"""`deeplab ...`: the parser of every engine command, and their errors as one line and an exit code (0 done,
+1 a scene failed, 2 a usage error)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.errors import DeepLabError
+from pipeline.cli.console import console
+from pipeline.cli.flags import flag_of
+from pipeline.cli.segment import add_segment_command
+from pipeline.cli.training import add_model_commands
+from pipeline.cli.tuning import add_tuning_commands
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The ``deeplab`` parser; ``extend`` adds commands of the layers above (``flows`` adds ``serve``)."""
+    parser = argparse.ArgumentParser(prog="deeplab", description="DeepLab segmentation of large images")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    add_model_commands(commands)
+    add_tuning_commands(commands)
+    add_segment_command(commands)
+    if extend is not None:
+        extend(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["deeplab", *argv])
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DeepLabError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except ValidationError as exc:  # an option out of range: one line per problem, named as typed
+        for problem in exc.errors():
+            option = flag_of(str(problem["loc"][0]))
+            console.print(f"[red]error:[/red] {option}: {problem['msg']}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

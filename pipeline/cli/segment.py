@@ -1,0 +1,86 @@
+"""`deeplab segment`: the batch driver over the scenes given, with the engine's options as flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pipeline.cli.console import console, table_console
+from pipeline.cli.flags import add_option_flags, options_from_args
+from pipeline.io.sources import as_source
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    """The batch driver on the scenes given: 0 when every scene is published or unchanged, 1 when any
+    failed (each failure is one line naming its file)."""
+    from pipeline.cli.progress import ConsoleProgress
+    from pipeline.engine.driver import run_batch
+
+    options = options_from_args(args)
+    if args.dry_run:
+        return _dry_run(args.scenes, args.model, args.out, options)
+    batch = run_batch(args.scenes, args.model, args.out, options, ConsoleProgress(console))
+    reported: set[str] = set()
+    for record in batch.records:
+        result = batch.results.get(record.source)
+        if record.outcome == "failed":
+            if record.message not in reported:  # one line for the scenes of one id clash
+                console.print(f"[red]failed:[/red] {record.message}", highlight=False, soft_wrap=True)
+            reported.add(record.message)
+        elif result is None:
+            console.print(f"{record.source}: {record.message}, skipped", highlight=False, soft_wrap=True)
+        else:
+            tiles, files = result.details.tiles, ", ".join(result.details.outputs.values())
+            console.print(
+                f"{record.source}: {result.mask.parent}/ {files} ({tiles.computed} tiles computed, "
+                f"{tiles.skipped} skipped, {tiles.resumed} resumed; {result.details.total_seconds:.1f} s)",
+                soft_wrap=True,
+                highlight=False,
+            )
+    return batch.exit_code
+
+
+def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
+    """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
+    from models.checkpoint import checkpoint_info
+    from pipeline.engine.driver import failure_line
+    from pipeline.engine.plan import count_nodata_cores, plan_scene
+    from pipeline.io.discover import discover_scenes, duplicate_ids
+    from pipeline.io.readers import describe
+
+    metadata = checkpoint_info(Path(model)).metadata
+    found = discover_scenes([str(scene) for scene in scenes], exclude=Path(out).resolve())
+    clashes = duplicate_ids(found)
+    for line in dict.fromkeys(clashes.values()):
+        console.print(f"[red]refused:[/red] {line}", highlight=False, soft_wrap=True)
+    failures = len(clashes)
+    for scene in (scene for scene in found if scene not in clashes):
+        try:
+            plan = plan_scene(describe(scene, options.mpp), metadata, options)
+            lines = plan.describe(count_nodata_cores(plan.check.scene, plan))
+        except Exception as error:
+            failures += 1
+            console.print(f"[red]refused:[/red] {failure_line(scene, 'preflight', error)}", soft_wrap=True)
+            continue
+        for line in lines:
+            table_console().print(line, highlight=False, soft_wrap=True)
+    return 1 if failures else 0
+
+
+def add_segment_command(commands: Any) -> None:
+    """`segment`: scenes, model, output folder, every SegmentOptions field as a flag, --dry-run."""
+    segment = commands.add_parser(
+        "segment", help="segment scenes and slides (files, folders, globs, URLs) into masks"
+    )
+    segment.add_argument(
+        "scenes",
+        nargs="+",
+        type=as_source,
+        help="scenes: files, folders, globs, or URLs GDAL reads (s3://, https://); slides too",
+    )
+    segment.add_argument("--model", type=Path, required=True)
+    segment.add_argument("--out", type=Path, required=True)
+    add_option_flags(segment)
+    segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
+    segment.set_defaults(handler=_cmd_segment)
