@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from models.checkpoint import CheckpointInfo, checkpoint_info
 from models.errors import DeepLabError
-from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash, now_iso
+from pipeline.engine.manifest import Manifest, Outcome, SceneKey, SceneRecord, config_hash, now_iso
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.plan import Progress, Silent, as_planned
 from pipeline.engine.publish import SegmentResult, publish_work
@@ -62,6 +62,19 @@ class SceneJob:
     @property
     def name(self) -> str:
         return self.prepared.name
+
+    def record(
+        self,
+        outcome: Outcome,
+        message: str,
+        outputs: dict[str, str] | None,
+        tiles: dict[str, int],
+        seconds: float,
+    ) -> SceneRecord:
+        """The scene's record in the manifest, under its key."""
+        return SceneRecord(
+            str(self.source), self.name, outcome, self.key, message, outputs, tiles, seconds, now_iso()
+        )
 
 
 class Cluster:
@@ -170,33 +183,15 @@ class Batch:
         """Publish a computed scene and record it in the manifest; an unchanged one keeps its outputs."""
         if job.previous is not None:
             previous = job.previous
-            skipped = SceneRecord(
-                str(job.source),
-                job.name,
-                "skipped",
-                job.key,
-                f"unchanged since {previous.finished}",
-                previous.outputs,
-                {"computed": 0, "skipped": 0, "resumed": 0},
-                0.0,
-                now_iso(),
-            )
-            return skipped, None
+            unchanged = f"unchanged since {previous.finished}"
+            no_work = {"computed": 0, "skipped": 0, "resumed": 0}
+            return job.record("skipped", unchanged, previous.outputs, no_work, 0.0), None
         assert job.work is not None, "publish follows stage and compute"
         result = publish_work(job.work, self.out_dir, self.options, progress or self.progress)
         folder = result.mask.parent.relative_to(self.out_dir)
         published = result.details
-        record = SceneRecord(
-            str(job.source),
-            job.name,
-            "done",
-            job.key,
-            "",
-            {name: str(folder / file) for name, file in published.outputs.items()},
-            published.tiles.model_dump(),
-            published.total_seconds,
-            now_iso(),
-        )
+        outputs = {name: str(folder / file) for name, file in published.outputs.items()}
+        record = job.record("done", "", outputs, published.tiles.model_dump(), published.total_seconds)
         self.manifest.record_scene(record)
         return record, result
 
