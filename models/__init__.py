@@ -1,0 +1,1 @@
+"""The DeepLab family: architectures, the safetensors checkpoint and its metadata, training, evaluation."""

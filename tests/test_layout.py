@@ -1,0 +1,86 @@
+"""The layout's rules, checked on the source: each module says its one job first, none grows past about
+400 lines, module-level imports form no cycle, pipeline never imports Prefect; flows -> pipeline -> models."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "flows", "models")
+MAX_LINES = 420
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """Project modules ``path`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name in MODULES}
+
+
+def test_every_module_says_its_job_first_and_stays_small() -> None:
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{name}: no docstring saying its job"
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_LINES, f"{name}: {lines} lines"
+
+
+def test_module_level_imports_have_no_cycle() -> None:
+    graph = {name: _imports(path, top_level_only=True) - {name} for name, path in MODULES.items()}
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for other in sorted(graph[name]):
+            if state.get(other) == 1:
+                cycle = [*path[path.index(other) :], other]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if other not in state:
+                visit(other, [*path, other])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_dependencies_point_one_way() -> None:
+    for name, path in MODULES.items():
+        imported = _imports(path, top_level_only=False)
+        if name.startswith("pipeline"):
+            assert not any(i.startswith("flows") for i in imported), f"{name} imports flows"
+            tree = ast.parse(path.read_text())
+            prefect = [
+                n
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Import | ast.ImportFrom)
+                and any(
+                    (getattr(n, "module", None) or alias.name).split(".")[0] == "prefect" for alias in n.names
+                )
+            ]
+            assert not prefect, f"{name} imports Prefect: the engine never does"
+        if name.startswith("models"):
+            assert not any(i.startswith(("pipeline", "flows")) for i in imported), f"{name} imports upward"
