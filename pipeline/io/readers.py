@@ -15,7 +15,9 @@ from typing import ClassVar
 
 from affine import Affine
 
+from models.metadata import CheckpointMetadata
 from pipeline.io.publishers import GeoTiffPublisher, Publisher, SlidePublisher
+from pipeline.io.resolution import GridCheck, check_raster, check_slide
 from pipeline.io.slides import SlideBlocks, describe_slide, is_slide, open_slide
 from pipeline.io.sources import (
     BlockReader,
@@ -51,6 +53,12 @@ class SceneReader(ABC):
     @abstractmethod
     def where(self, scene: Scene) -> str:
         """How a plan says where the scene lies (CRS and pixel size; a slide's levels and µm/px)."""
+
+    @abstractmethod
+    def check(
+        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
+    ) -> GridCheck:
+        """The grid the scene is segmented on for ``metadata``'s model, and what refuses the scene."""
 
 
 class GeoTiffReader(SceneReader):
@@ -90,6 +98,11 @@ class GeoTiffReader(SceneReader):
     def open_blocks(self, scene: Scene, scale: float) -> AbstractContextManager[BlockReader]:
         return self._blocks(scene, scale)
 
+    def check(
+        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
+    ) -> GridCheck:
+        return check_raster(scene, metadata, allow_ungeoreferenced, match_resolution)
+
     def where(self, scene: Scene) -> str:
         size = scene.pixel_size_m()
         pixel = f"{size:.3g} m" if size else "unknown"
@@ -123,6 +136,11 @@ class SlideReader(SceneReader):
 
     def open_blocks(self, scene: Scene, scale: float) -> AbstractContextManager[BlockReader]:
         return self._blocks(scene, scale)
+
+    def check(
+        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
+    ) -> GridCheck:
+        return check_slide(scene, metadata)  # always at the model's µm/px; no CRS to have
 
     def where(self, scene: Scene) -> str:
         assert scene.slide is not None, "described by this reader"

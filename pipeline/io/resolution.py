@@ -1,0 +1,117 @@
+"""How a scene's grid meets a model's: the pixel size or µm/px it is segmented at, and what refuses it.
+
+Each reader checks its own kind of scene here (``SceneReader.check``): rasters by ground pixel size (warned,
+or resampled with --match-resolution), their georeferencing and sample range; slides by µm/px, read at the
+pyramid level nearest the model's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from models.metadata import CheckpointMetadata
+from pipeline.io.slides import level_for_scale, working_scale
+from pipeline.io.sources import Scene
+
+# Beyond this ratio between the scene's and the model's pixel size, objects look too small or too large
+# for the model (DeepLab is trained at one scale); closer than 1% counts as the same resolution.
+PIXEL_SIZE_TOLERANCE = 1.25
+SAME_RESOLUTION = 1.01
+# --match-resolution refuses factors past this: a model trained at 0.1 m does not see 30 m pixels usefully,
+# and the resampled grid would be enormous.
+MAX_RESAMPLE = 8.0
+# Slides are pyramids read at the model's µm/px; past this the model sees a thumbnail (e.g. an aerial model).
+MAX_SLIDE_DOWNSAMPLE = 64.0
+
+
+@dataclass
+class GridCheck:
+    """What a reader found: problems refuse the scene, warnings are reported, ``scale`` is the grid."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    scale: float = 1.0  # staged pixels per source pixel along each axis
+
+
+def check_raster(
+    scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
+) -> GridCheck:
+    """A georeferenced raster at its own pixel size, or resampled to the model's (--match-resolution)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not scene.georeferenced and not allow_ungeoreferenced:
+        problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
+    problems += sample_range_problems(scene, metadata)
+    if not scene.has_mask and scene.nodata is None:
+        warnings.append("declares no nodata value, alpha band or mask: every pixel is segmented")
+    scale = 1.0
+    scene_size, model_size = scene.pixel_size_m(), metadata.pixel_size_m
+    if scene_size and model_size:
+        ratio = scene_size / model_size
+        if match_resolution and max(ratio, 1 / ratio) > MAX_RESAMPLE:
+            problems.append(
+                f"pixel size {scene_size:.3g} m is {ratio:.3g}x the model's {model_size:.3g} m: "
+                f"--match-resolution resamples by at most {MAX_RESAMPLE:g}x; use a model trained nearer it"
+            )
+        elif match_resolution and max(ratio, 1 / ratio) > SAME_RESOLUTION:
+            scale = ratio
+            warnings.append(
+                f"resampled from {scene_size:.3g} m to the model's {model_size:.3g} m pixels "
+                "(--match-resolution)"
+            )
+        elif not match_resolution and max(ratio, 1 / ratio) > PIXEL_SIZE_TOLERANCE:
+            warnings.append(
+                f"pixel size {scene_size:.3g} m differs from the model's training pixel size "
+                f"{model_size:.3g} m by a factor {ratio:.2f}; results may suffer "
+                "(--match-resolution resamples)"
+            )
+    elif match_resolution:
+        missing = "the scene has no ground pixel size" if not scene_size else "the model has no pixel size"
+        problems.append(f"--match-resolution needs both pixel sizes, but {missing}")
+    return GridCheck(problems, warnings, scale)
+
+
+def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
+    """Slides always work at the model's µm/px: the pyramid level nearest it, the rest resampled."""
+    assert scene.slide is not None, "a slide"
+    problems: list[str] = []
+    warnings: list[str] = []
+    scale = 1.0
+    model_mpp = metadata.pixel_size_m * 1e6 if metadata.pixel_size_m else None
+    if scene.slide.mpp is None:
+        problems.append("no µm/px in the slide's metadata; pass --mpp (the scanner's level-0 µm per pixel)")
+    elif model_mpp is None:
+        warnings.append("the model has no training µm/px: the slide is segmented at its level 0")
+    elif model_mpp / scene.slide.level_mpp(0) > MAX_SLIDE_DOWNSAMPLE:
+        problems.append(
+            f"the model was trained at {model_mpp:.3g} µm/px, over {MAX_SLIDE_DOWNSAMPLE:g}x coarser than "
+            f"the slide's {scene.slide.level_mpp(0):.3g} µm/px: not a model for slides"
+        )
+    else:
+        scale = working_scale(scene.slide, model_mpp)
+        if 1 / scale > SAME_RESOLUTION:
+            level, _ = level_for_scale(scene.slide, scale)
+            warnings.append(
+                f"segmented at the model's {model_mpp:.3g} µm/px (level {level}, "
+                f"{scene.slide.level_mpp(0):.3g} µm/px at level 0)"
+            )
+        elif scene.slide.level_mpp(0) > model_mpp * PIXEL_SIZE_TOLERANCE:
+            warnings.append(
+                f"level 0 is {scene.slide.level_mpp(0):.3g} µm/px, coarser than the model's {model_mpp:.3g}: "
+                "results may suffer"
+            )
+    return GridCheck(problems, warnings, scale)
+
+
+def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[str]:
+    """The model's normalisation assumes the value range it was trained on (e.g. 0-255 for 8-bit imagery)."""
+    full_scale = scene.full_scale
+    if full_scale is None:
+        return []  # float imagery: taken to be on the model's scale; its range is unknown before reading
+    if math.isclose(full_scale, metadata.input_max):
+        return []
+    return [
+        f"has {scene.bits}-bit {scene.dtype} samples (0-{full_scale:g}) but the model was trained on "
+        f"{metadata.input_dtype} input (0-{metadata.input_max:g}); convert or rescale the scene first"
+    ]
