@@ -32,7 +32,7 @@ from pipeline.engine.segment import compute_work, prepare_scene, stage_work, sta
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.io.discover import discover_scenes, duplicate_ids
 from pipeline.io.sources import Source, source_id
-from pipeline.ray.session import KeptActors
+from pipeline.ray.session import KeptActors, kept_actors, ray_session
 
 Stage = Literal["discover", "preflight", "stage", "segment", "publish"]
 
@@ -114,8 +114,6 @@ def cluster_for(
         if not needed or options.engine == "local":
             yield Cluster(None, options)
             return
-        from pipeline.ray.session import kept_actors, ray_session
-
         ray = stack.enter_context(
             ray_session(Path(out_dir) / ".work", options.ray_address, worker_env=worker_env)
         )

@@ -1,7 +1,9 @@
 """A scene's stages: prepare (preflight, plan, checksum) -> stage into zarr -> compute every core still to
 do -> publish (``pipeline.engine.publish``).
 
-The cores are computed on Ray actors or, with the local engine, by the same workers in this process. Each
+The cores are computed on Ray actors or, with the local engine, by the same workers in this process. The Ray
+modules are imported with this one, before any cluster starts: a job's driver must not import from its
+working directory while nodes that share it on one host unpack it again for their actors. Each
 finished core is written into ``labels.zarr`` and recorded in the scene's ledger; running again computes only
 the missing cores, and the published mask is identical to an uninterrupted run.
 """
@@ -42,7 +44,9 @@ from pipeline.engine.workers import (
 )
 from pipeline.io.readers import describe
 from pipeline.io.sources import Source, source_sha256
-from pipeline.ray.session import KeptActors, RunStats
+from pipeline.ray.scheduler import run_tiles, scene_context_sums
+from pipeline.ray.session import KeptActors, RunStats, actor_pools
+from pipeline.ray.storage import StorageCheck
 
 
 def prepare_scene(
@@ -262,10 +266,6 @@ def _compute_on_ray(
 ) -> int:
     """Both passes (scene context when asked, then the cores) on one set of actors: one model load each,
     for the whole batch when the session keeps its actors."""
-    from pipeline.ray.scheduler import run_tiles, scene_context_sums
-    from pipeline.ray.session import actor_pools
-    from pipeline.ray.storage import StorageCheck
-
     if not work.todo:
         return 0
     checkpoint = work.prepared.checkpoint

@@ -156,7 +156,7 @@ class ActorPools:
         ray: Any,
         checkpoint: str,
         spec: WorkSpec,
-        gpus_per_model_actor: float,
+        gpus_per_model_actor: float = WHOLE_GPU,
         stats: PoolStats | None = None,
         max_restarts: int = 1,
         keep_warm_s: float = 0.0,

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, ParamSpec, TypeVar
 
+from pipeline.engine.workers import peak_rss_mb
+
 NAMESPACE = "deeplab-warm"
 _PREFIX = "deeplab-"
 _WATCH_S = 1.0  # how often an actor left warm looks at its idle time
@@ -62,8 +64,6 @@ class Warmable:
     def stay_warm(self, idle_limit_s: float) -> float:
         """End this actor after ``idle_limit_s`` without work (a later call sets a new limit); returns its
         peak RSS in MB, as a run's first call to an actor it reuses."""
-        from pipeline.engine.workers import peak_rss_mb
-
         self._last_use = time.monotonic()
         self._idle_limit_s = idle_limit_s
         if self._watchdog is None:
