@@ -3,8 +3,8 @@
 A restructuring must leave every mask byte-identical. `--record` writes the pins
 (`bench/reports/demo-pins.json`); without it the scenes are run again and compared with them, and any
 difference exits 1 naming the file. The scenes run through `deeplab segment` with the options `make demo`
-gives them; the engine is the in-process one by default (the Ray engine writes the same bytes:
-`--engine ray`).
+gives them, on the in-process engine by default or on Ray (`--engine ray`), each against its own pins: the
+masks are the same on both, the confidence raster differs in a few roundings.
 
     python bench/pins.py --record      # before a change
     python bench/pins.py               # after it: exit 0 when every pinned file is byte-identical
@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PINS = ROOT / "bench" / "reports" / "demo-pins.json"
+PINS = {  # per engine: the masks agree, but the Ray actors' thread counts round a few confidences otherwise
+    "local": ROOT / "bench" / "reports" / "demo-pins.json",
+    "ray": ROOT / "bench" / "reports" / "demo-pins-ray.json",
+}
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--engine", choices=["local", "ray"], default="local")
     parser.add_argument("--record", action="store_true", help="write the pins instead of checking them")
-    parser.add_argument("--pins", type=Path, default=PINS)
+    parser.add_argument("--pins", type=Path, help="default: bench/reports/demo-pins[-ray].json by engine")
     parser.add_argument("--only", nargs="+", metavar="SCENE_ID", help="these demo scenes alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="deeplab-pins-") as folder:
         found = run_demo_scenes(args.data, Path(folder), args.engine, args.only)
+    args.pins = args.pins or PINS[args.engine]
     pinned = json.loads(args.pins.read_text()) if args.pins.exists() else {}
     if args.only:
         pinned = {name: digest for name, digest in pinned.items() if name.split("/")[0] in args.only}
