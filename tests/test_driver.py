@@ -94,6 +94,40 @@ def test_two_scenes_with_one_id_are_refused_before_any_work(
     assert (out / "y" / "mask.tif").is_file(), "the other scene went on"
 
 
+@pytest.mark.slow
+def test_scene_ids_that_would_write_outside_the_output_folder_are_refused(
+    data_dir: Path, buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`...tif` has the id `..` and `..tif` the id `.`: their outputs would go above `--out` or into it."""
+    scene = _kampala_scene(data_dir)
+    above = _crop(scene, tmp_path / "in" / "...tif", 0, 0)
+    itself = _crop(scene, tmp_path / "in" / "..tif", 0, 256)
+    good = _crop(scene, tmp_path / "in" / "good.tif", 256, 0)
+    out = tmp_path / "runs" / "out"
+    argv = [str(above), str(itself), str(good), "--model", str(buildings_model), "--out", str(out), *FAST]
+    assert _segment(*argv) == 1
+    failures = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed:")]
+    assert len(failures) == 2 and all("would write outside the output folder" in f for f in failures)
+    assert str(above) in failures[0] + failures[1] and str(itself) in failures[0] + failures[1]
+    assert (out / "good" / "mask.tif").is_file(), "the other scene went on"
+    written = {p.name for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    assert not (tmp_path / "runs" / "mask.tif").exists() and not (out / "mask.tif").exists()
+    assert "report.json" in written
+
+
+def test_scene_id_problems() -> None:
+    from pipeline.io.sources import scene_id_problem, source_id
+
+    assert scene_id_problem(Path("/data/x.tif")) is None
+    assert (
+        scene_id_problem("s3://bucket/a/scene.tif") is None
+        and source_id("s3://bucket/a/scene.tif") == "scene"
+    )
+    for bad in (Path("/data/...tif"), Path("/data/..tif"), "https://host/", "s3://bucket/x/..tif"):
+        assert scene_id_problem(bad), bad
+    assert scene_id_problem(Path("/data/a\x01b.tif")), "control characters"
+
+
 def _corrupt_tiles(scene: Path, out: Path) -> Path:
     """A COG of ``scene`` whose header (IFDs first, as a COG has them) is intact and whose tile data is cut
     off half-way: it opens and describes itself, then fails when its pixels are read."""

@@ -46,12 +46,12 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     from models.checkpoint import checkpoint_info
     from pipeline.engine.driver import failure_line
     from pipeline.engine.plan import count_nodata_cores, plan_scene
-    from pipeline.io.discover import discover_scenes, duplicate_ids
+    from pipeline.io.discover import discover_scenes, refused_scenes
     from pipeline.io.readers import describe
 
     metadata = checkpoint_info(Path(model)).metadata
     found = discover_scenes([str(scene) for scene in scenes], exclude=Path(out).resolve())
-    clashes = duplicate_ids(found)
+    clashes = refused_scenes(found)
     for line in dict.fromkeys(clashes.values()):
         console.print(f"[red]refused:[/red] {line}", highlight=False, soft_wrap=True)
     failures = len(clashes)

@@ -5,7 +5,8 @@ and the RayJob / `ray job submit` entrypoint all run scenes through here, so the
 protections:
 
 - folders, globs, lists and GDAL URLs are discovered (``pipeline.io.discover``);
-- scenes with one id are refused before any work, each with one line naming all of them;
+- scenes whose ids cannot name an output folder (``..``, empty) or clash are refused before any work, a
+  clash with one line naming all of its scenes;
 - a scene whose result key matches its last published result, with every output in place, is skipped;
 - every scene is preflighted before a cluster starts, and a run with nothing to compute starts none;
 - any exception while one scene runs becomes that scene's one-line failure naming the file, and the other
@@ -30,7 +31,7 @@ from pipeline.engine.plan import Progress, Silent, as_planned
 from pipeline.engine.publish import SegmentResult, publish_work
 from pipeline.engine.segment import compute_work, prepare_scene, stage_work, start_actors
 from pipeline.engine.work import PreparedScene, StagedWork
-from pipeline.io.discover import discover_scenes, duplicate_ids
+from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.sources import Source, source_id
 from pipeline.ray.session import KeptActors, kept_actors, ray_session
 
@@ -141,11 +142,11 @@ class Batch:
         self.manifest = Manifest(self.out_dir)
 
     def discover(self, inputs: str | Path | Sequence[str | Path]) -> tuple[list[Source], dict[Source, str]]:
-        """The scenes to run, and the ones refused before any work (id clashes) with their one line."""
+        """The scenes to run, and those refused before any work (unsafe or clashing ids) with their line."""
         entries = [inputs] if isinstance(inputs, str | Path) else list(inputs)
         scenes = discover_scenes([str(entry) for entry in entries], exclude=self.out_dir)
-        clashes = duplicate_ids(scenes)
-        return [scene for scene in scenes if scene not in clashes], clashes
+        refused = refused_scenes(scenes)
+        return [scene for scene in scenes if scene not in refused], refused
 
     def preflight(self, source: Source, progress: Progress | None = None) -> SceneJob:
         """Check the scene against the checkpoint (raises on problems), plan it, and decide whether it is

@@ -22,6 +22,7 @@ import numpy as np
 
 from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info
+from models.errors import DataError
 from models.metadata import CheckpointMetadata
 from pipeline.engine.grid import PLAN_VERSION, Tile, core_of, fit_blocks, has_image_pooling
 from pipeline.engine.ledger import Ledger, result_key
@@ -43,7 +44,7 @@ from pipeline.engine.workers import (
     write_core,
 )
 from pipeline.io.readers import describe
-from pipeline.io.sources import Source, source_sha256
+from pipeline.io.sources import Source, scene_id_problem, source_sha256
 from pipeline.ray.scheduler import run_tiles, scene_context_sums
 from pipeline.ray.session import KeptActors, RunStats, actor_pools
 from pipeline.ray.storage import StorageCheck
@@ -59,6 +60,8 @@ def prepare_scene(
     """Preflight (raises on problems), the tile plan and the input's checksum (computed unless given)."""
     clock = time.perf_counter()
     # the weights are loaded where the model runs (actors or _compute), never here
+    if problem := scene_id_problem(scene_path):  # the driver refuses these before any work; callers of the
+        raise DataError(f"{scene_path}: {problem}")  # stages themselves are refused here
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else checkpoint_info(checkpoint)
     scene = describe(scene_path, options.mpp)
     plan = plan_scene(scene, info.metadata, options)

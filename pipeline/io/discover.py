@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.errors import DataError
 from pipeline.io.slides import SLIDE_SUFFIXES
-from pipeline.io.sources import Source, is_remote, source_id
+from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
 _GLOB_CHARS = frozenset("*?[")
@@ -66,3 +66,10 @@ def duplicate_ids(scenes: list[Source]) -> dict[Source, str]:
             )
             clashes |= dict.fromkeys(group, line)
     return clashes
+
+
+def refused_scenes(scenes: list[Source]) -> dict[Source, str]:
+    """The scenes refused before any work, each with its line: ids that cannot name an output folder, then
+    ids that clash."""
+    unsafe = {scene: f"{scene}: {problem}" for scene in scenes if (problem := scene_id_problem(scene))}
+    return unsafe | duplicate_ids([scene for scene in scenes if scene not in unsafe])

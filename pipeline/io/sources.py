@@ -51,6 +51,23 @@ def source_id(source: Source) -> str:
     return Path(source).stem
 
 
+_UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def scene_id_problem(source: Source) -> str | None:
+    """Why the scene's id cannot name its output folder under ``--out`` (None when it can): an empty id, ``.``
+    or ``..`` (``...tif``, ``..tif``: the outputs would land beside or above ``--out``), a path separator or
+    a control character."""
+    name = source_id(source)
+    if not name:
+        return "has an empty scene id (its file name without the suffix): rename it"
+    if name in {".", ".."}:
+        return f"has the scene id {name!r}, which would write outside the output folder: rename it"
+    if _UNSAFE_ID.search(name):
+        return f"has the scene id {name!r}, with a path separator or control character: rename it"
+    return None
+
+
 def source_sha256(source: Source) -> str:
     """The sha256 of the scene's bytes; URLs are streamed through fsspec (``s3://`` needs ``s3fs``...)."""
     if not is_remote(source):
