@@ -94,7 +94,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> LoadedMod
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot read tensors: {exc}") from None
-    model = build_model(metadata.architecture, **metadata.arch_args)
+    # the weights come from this file: a "pretrained" recorded at training is never fetched again here
+    model = build_model(metadata.architecture, **(metadata.arch_args | {"pretrained": "none"}))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -99,6 +99,19 @@ TTA_PHRASES: dict[str, str] = {
 }
 
 
+# The keyword arguments of models.registry.build_model a checkpoint may carry, and their bounds: class ids are
+# published as uint8 with 255 kept for nodata, and no imagery the engine stages has more bands than this.
+ARCH_ARG_NAMES = frozenset({"num_classes", "in_channels", "output_stride", "pretrained"})
+MAX_CLASSES = 255
+MAX_BANDS = 64
+
+
+def _count(args: dict[str, Any], name: str, default: int | None, most: int) -> None:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be a whole number from 1 to {most}, not {value!r}")
+
+
 class CheckpointMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     format: str = FORMAT_NAME
@@ -125,6 +138,20 @@ class CheckpointMetadata(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""
     weights_dtype: str = "float32"
+
+    @field_validator("arch_args")
+    @classmethod
+    def _build_model_arguments(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Only build_model's arguments, within bounds: a checkpoint is a user's file, and its arguments
+        size the model that is built before its weights are read."""
+        unknown = sorted(set(args) - ARCH_ARG_NAMES)
+        if unknown:
+            raise ValueError(f"unknown argument(s) {unknown}; build_model takes {sorted(ARCH_ARG_NAMES)}")
+        _count(args, "num_classes", None, MAX_CLASSES)
+        _count(args, "in_channels", 3, MAX_BANDS)
+        if args.get("output_stride") not in (None, 8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, not {args['output_stride']!r}")
+        return args
 
     @property
     def num_classes(self) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 
 from tests.conftest import kampala_chip
@@ -159,3 +161,35 @@ def test_band_count_that_does_not_match_the_checkpoint(
         cwd=tmp_path,
     )
     _one_line_error(result, str(four_band), "4 band(s)", "expects 3")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"dilation": 2}, "unknown argument(s) ['dilation']"),
+        ({"num_classes": 10**9}, "num_classes must be a whole number from 1 to 255"),
+        ({"in_channels": 0}, "in_channels must be a whole number from 1 to 64"),
+        ({"output_stride": 4}, "output_stride must be 8 or 16"),
+    ],
+)
+def test_a_checkpoint_whose_arch_args_build_model_cannot_take(
+    kampala: Path, buildings_model: Path, tmp_path: Path, change: dict[str, int], needle: str
+) -> None:
+    """A checkpoint is a user's file: its arch_args are checked before a model is built, even in a dry run."""
+    from safetensors.numpy import load_file, save_file
+
+    from models.checkpoint import METADATA_KEY, _read_header
+
+    header = _read_header(buildings_model)["__metadata__"]
+    metadata = json.loads(header[METADATA_KEY])
+    metadata["arch_args"] |= change
+    bad = tmp_path / "bad.safetensors"
+    save_file(
+        load_file(str(buildings_model)), str(bad), metadata=header | {METADATA_KEY: json.dumps(metadata)}
+    )
+    image, _ = kampala_chip(kampala)
+    result = _run(
+        "segment", str(image), "--model", str(bad), "--out", str(tmp_path / "out"), "--dry-run", cwd=tmp_path
+    )
+    _one_line_error(result, str(bad), "arch_args", needle)
+    assert result.returncode == 2, "a usage error: nothing can run with this checkpoint"
