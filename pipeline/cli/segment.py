@@ -44,18 +44,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
     from models.checkpoint import checkpoint_info
-    from pipeline.engine.driver import failure_line
+    from pipeline.engine.driver import Batch, failure_line
     from pipeline.engine.plan import count_nodata_cores, plan_scene
-    from pipeline.io.discover import discover_scenes, refused_scenes
     from pipeline.io.readers import describe
 
-    metadata = checkpoint_info(Path(model)).metadata
-    found = discover_scenes([str(scene) for scene in scenes], exclude=Path(out).resolve())
-    clashes = refused_scenes(found)
-    for line in dict.fromkeys(clashes.values()):
+    info = checkpoint_info(Path(model))
+    metadata = info.metadata
+    found, refused = Batch(out, info, options).discover(scenes)  # the run's own discovery and refusals
+    for line in dict.fromkeys(refused.values()):
         console.print(f"[red]refused:[/red] {line}", highlight=False, soft_wrap=True)
-    failures = len(clashes)
-    for scene in (scene for scene in found if scene not in clashes):
+    failures = len(refused)
+    for scene in found:
         try:
             plan = plan_scene(describe(scene, options.mpp), metadata, options)
             lines = plan.describe(count_nodata_cores(plan.check.scene, plan))

@@ -91,12 +91,9 @@ class GeoTiffReader(SceneReader):
             )
 
     @contextmanager
-    def _blocks(self, scene: Scene, scale: float) -> Iterator[BlockReader]:
+    def open_blocks(self, scene: Scene, scale: float) -> Iterator[BlockReader]:
         with open_raster(scene.path) as dataset:
             yield RasterBlocks(dataset, scale)
-
-    def open_blocks(self, scene: Scene, scale: float) -> AbstractContextManager[BlockReader]:
-        return self._blocks(scene, scale)
 
     def check(
         self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
@@ -129,13 +126,10 @@ class SlideReader(SceneReader):
         )
 
     @contextmanager
-    def _blocks(self, scene: Scene, scale: float) -> Iterator[BlockReader]:
+    def open_blocks(self, scene: Scene, scale: float) -> Iterator[BlockReader]:
         assert scene.slide is not None, "described by this reader"
         with open_slide(scene.path) as slide:
             yield SlideBlocks(slide, scene.slide, scale)
-
-    def open_blocks(self, scene: Scene, scale: float) -> AbstractContextManager[BlockReader]:
-        return self._blocks(scene, scale)
 
     def check(
         self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
