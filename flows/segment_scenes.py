@@ -161,6 +161,13 @@ def segment_scenes(
     started, clock = now_iso(), time.perf_counter()
     info = checkpoint_info(Path(model).resolve())  # a bad checkpoint fails the run at once, naming it
     batch = Batch(Path(output), info, options)
+    with batch.hold():  # one writer per output folder: a second run waits here (or is refused, --no-wait)
+        return _segment_held(batch, input, options, started, clock)
+
+
+def _segment_held(
+    batch: Batch, input: str | list[str], options: SegmentOptions, started: str, clock: float
+) -> dict[str, Any] | State:
     scenes, clashes = discover(batch, input)
     checks: dict[Source, Any] = {source: preflight.submit(batch, source) for source in scenes}
     wait(list(checks.values()))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class DeepLabError(Exception):
-    """Base class: the CLI prints these as one line and exits non-zero."""
+    """Base class: the CLI prints these as one line and exits with ``exit_code``."""
+
+    exit_code = 2  # a usage error: nothing ran
+
+
+class OutputBusy(DeepLabError):
+    """Another run is writing into the output folder, and this one was told not to wait (``--no-wait``)."""
+
+    exit_code = 3
 
 
 class CheckpointError(DeepLabError):

@@ -16,7 +16,7 @@ import yaml
 from rasterio.windows import Window
 
 from pipeline.cli import main
-from pipeline.engine.driver import failure_line
+from pipeline.engine.failures import failure_line
 from pipeline.ray.local_cluster import LocalRayCluster
 
 ROOT = Path(__file__).resolve().parents[1]

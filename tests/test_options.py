@@ -86,6 +86,8 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "device",
         "gpus_per_model_actor",
         "keep_warm_s",
+        "max_pixels",
+        "wait",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing

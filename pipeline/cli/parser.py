@@ -1,5 +1,5 @@
 """`deeplab ...`: the parser of every engine command, and their errors as one line and an exit code (0 done,
-1 a scene failed, 2 a usage error)."""
+1 a scene failed, 2 a usage error, 3 the output folder is busy and --no-wait was given)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         return handler(args)
     except DeepLabError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        return 2
+        return exc.exit_code
     except ValidationError as exc:  # an option out of range: one line per problem, named as typed
         for problem in exc.errors():
             option = flag_of(str(problem["loc"][0]))

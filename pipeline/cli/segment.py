@@ -44,7 +44,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
     from models.checkpoint import checkpoint_info
-    from pipeline.engine.driver import Batch, failure_line
+    from pipeline.engine.driver import Batch
+    from pipeline.engine.failures import failure_line
     from pipeline.engine.plan import count_nodata_cores, plan_scene
     from pipeline.io.readers import describe
 

@@ -42,7 +42,9 @@ def refine(
         crf = dcrf.DenseCRF2D(width, height, classes)
         crf.setUnaryEnergy(unary)
         crf.addPairwiseGaussian(sxy=params.sigma_gamma, compat=params.w2)
-        rgb = np.ascontiguousarray(np.moveaxis(image, 0, -1))
+        # pydensecrf takes a writable buffer; a window from Ray's object store is read-only, and for a
+        # 1-pixel-wide window moveaxis returns that same buffer (already contiguous) instead of a copy
+        rgb = np.require(np.moveaxis(image, 0, -1), requirements=["C_CONTIGUOUS", "WRITEABLE"])
         crf.addPairwiseBilateral(sxy=params.sigma_alpha, srgb=params.sigma_beta, rgbim=rgb, compat=params.w1)
     else:
         crf = dcrf.DenseCRF(height * width, classes)

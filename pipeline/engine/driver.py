@@ -9,8 +9,8 @@ protections:
   clash with one line naming all of its scenes;
 - a scene whose result key matches its last published result, with every output in place, is skipped;
 - every scene is preflighted before a cluster starts, and a run with nothing to compute starts none;
-- any exception while one scene runs becomes that scene's one-line failure naming the file, and the other
-  scenes go on.
+- any exception while one scene runs becomes that scene's one-line failure naming the file (its traceback
+  goes to the scene's log under ``--out/.logs``), and the other scenes go on.
 """
 
 from __future__ import annotations
@@ -24,30 +24,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.checkpoint import CheckpointInfo, checkpoint_info
-from models.errors import DeepLabError
+from pipeline.engine.failures import failure_line, log_failure
 from pipeline.engine.manifest import Manifest, Outcome, SceneKey, SceneRecord, config_hash, now_iso
 from pipeline.engine.options import SegmentOptions
+from pipeline.engine.outdir import clean_debris, output_folder, output_lock
 from pipeline.engine.plan import Progress, Silent, as_planned
 from pipeline.engine.publish import SegmentResult, publish_work
 from pipeline.engine.segment import compute_work, prepare_scene, stage_work, start_actors
+from pipeline.engine.space import check_space
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.sources import Source, source_id
 from pipeline.ray.session import KeptActors, kept_actors, ray_session
 
 Stage = Literal["discover", "preflight", "stage", "segment", "publish"]
-
-
-def failure_line(source: Source, stage: str, error: BaseException) -> str:
-    """What a failed scene prints instead of a traceback: the project's errors name the file and each
-    problem already; any other exception (a library's, a lost node's) becomes one line naming the scene, the
-    stage it broke in and the exception's first line."""
-    text = str(error).strip()
-    if isinstance(error, DeepLabError) and str(source) in text:
-        return text  # a preflight that finds several problems gives a line each, each naming the file
-    first = text.splitlines()[0] if text else "(no message)"
-    cause = first if isinstance(error, DeepLabError) else f"{type(error).__name__}: {first}"
-    return f"{source}: {stage} failed: {cause}"
 
 
 @dataclass
@@ -135,11 +125,24 @@ class Batch:
         options: SegmentOptions,
         progress: Progress | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir).resolve()
+        self.out_dir = output_folder(out_dir)  # a file named as --out is a usage error, said at once
         self.checkpoint = checkpoint
         self.options = options
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir)
+
+    @contextmanager
+    def hold(self) -> Iterator[Batch]:
+        """The run's hold on its output folder: waits for (or, with ``--no-wait``, refuses) another run
+        writing there, then removes what dead runs left behind. Stages run inside it."""
+        folder = self.out_dir.name or str(self.out_dir)
+        with output_lock(
+            self.out_dir, self.options.wait, lambda line: self.progress.stage(folder, "waiting", line)
+        ):
+            removed = clean_debris(self.out_dir)
+            if removed:
+                self.progress.stage(folder, "cleaned", f"{len(removed)} leftover(s) of an interrupted run")
+            yield self
 
     def discover(self, inputs: str | Path | Sequence[str | Path]) -> tuple[list[Source], dict[Source, str]]:
         """The scenes to run, and those refused before any work (unsafe or clashing ids) with their line."""
@@ -155,6 +158,7 @@ class Batch:
         local_file = isinstance(source, Path) and source.is_file()
         checksum = self.manifest.checksum(source) if local_file else None  # else prepare_scene reads it
         prepared = prepare_scene(source, self.checkpoint, self.options, checksum, progress)
+        check_space(prepared, self.out_dir, self.options.probabilities)  # before a cluster starts
         key = SceneKey(
             prepared.checksum, self.checkpoint.sha256, config_hash(as_planned(self.options, prepared.plan))
         )
@@ -195,8 +199,10 @@ class Batch:
         return record, result
 
     def failed(self, source: Source, stage: str, error: BaseException) -> SceneRecord:
-        """A scene that broke while it ran: its record, with its one line."""
-        return self.refused(source, failure_line(source, stage, error))
+        """A scene that broke while it ran: its record, with its one line; the traceback goes to its log."""
+        line = failure_line(source, stage, error)
+        log = log_failure(self.out_dir, source, stage, error)
+        return self.refused(source, line if log is None else f"{line} (details: {log})")
 
     def refused(self, source: Source, line: str) -> SceneRecord:
         """A scene that did not run (or broke), with the line that says why."""
@@ -253,6 +259,18 @@ def run_batch(
     started, clock = now_iso(), time.perf_counter()
     info = model if isinstance(model, CheckpointInfo) else checkpoint_info(Path(model).resolve())
     batch = Batch(out_dir, info, options, progress)
+    with batch.hold():
+        return _run_held(batch, inputs, options, started, clock, worker_env)
+
+
+def _run_held(
+    batch: Batch,
+    inputs: str | Path | Sequence[str | Path],
+    options: SegmentOptions,
+    started: str,
+    clock: float,
+    worker_env: dict[str, str] | None,
+) -> BatchResult:
     scenes, clashes = batch.discover(inputs)
     records = {source: batch.refused(source, line) for source, line in clashes.items()}
     jobs: list[SceneJob] = []

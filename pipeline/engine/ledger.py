@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from models.atomic import write_text_atomically
+from models.atomic import fsync_path, write_text_atomically
 
 NODATA_LABEL = 255
 
@@ -86,14 +86,17 @@ class Ledger:
         return len(self._done)
 
     def write_core(self, row: int, col: int, planes: np.ndarray, **stats: Any) -> None:
-        """Write one core's labels (and confidence, as a second plane), then record it (fsync'd)."""
+        """Write one core's labels (and confidence, as a second plane), flush its chunks to the disk, then
+        record it (fsync'd): after a power loss, a core on record is a core on the disk."""
         planes = planes[None] if planes.ndim == 2 else planes
         top, left = row * self.tile, col * self.tile
         height, width = planes.shape[-2:]
         if planes.shape[0] != len(self._stores):
             raise ValueError(f"expected {len(self._stores)} plane(s) per core, got {planes.shape[0]}")
         for path, plane in zip(self._stores, planes, strict=True):
-            zarr.open_array(path, mode="r+")[top : top + height, left : left + width] = plane
+            store = zarr.open_array(path, mode="r+")
+            store[top : top + height, left : left + width] = plane
+            _flush_chunk(path, store, (row, col))
         with open(self.log_path, "a") as handle:
             # "at": when, for throughput from the ledger alone (the cluster benchmark reads it)
             handle.write(json.dumps({"row": row, "col": col, "at": round(time.time(), 3), **stats}) + "\n")
@@ -108,3 +111,12 @@ class Ledger:
         if self.confidence_path is None:
             raise ValueError("this ledger keeps no confidence")
         return zarr.open_array(self.confidence_path, mode="r")
+
+
+def _flush_chunk(path: Path, store: Any, chunk: tuple[int, int]) -> None:
+    """fsync the file holding one chunk of a local zarr store (none when the chunk is all fill value: zarr
+    writes no file for it) and its folder, whose entry a new chunk file adds."""
+    chunk_file = path / store.metadata.encode_chunk_key(chunk)
+    if chunk_file.exists():
+        fsync_path(chunk_file)
+        fsync_path(chunk_file.parent)

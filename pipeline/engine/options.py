@@ -80,6 +80,17 @@ class SegmentOptions(BaseModel):
         description="on a running cluster (--ray-address): leave the model and CRF actors up, loaded, "
         "until idle this many seconds, for the next run of the same model and options (0: stop them)",
     )
+    max_pixels: int | None = runtime_field(
+        None,
+        ge=1,
+        description="refuse, in preflight, any scene with more pixels than this on its staged grid (a cap on "
+        "what a nightly run accepts: a sparse file can claim any size)",
+    )
+    wait: bool = runtime_field(
+        True,
+        description="when another run is writing into --out, wait for it to finish (--no-wait: refuse at "
+        "once, exit code 3)",
+    )
     amp: bool = Field(True, description="mixed precision on CUDA")
     match_resolution: bool = Field(False, description="resample scenes to the model's training pixel size")
     mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")

@@ -85,9 +85,14 @@ class ScenePlan:
 def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> ScenePlan:
     """Preflight (raises on problems) and the tile plan; reads no pixels."""
     check = preflight(scene, metadata, options.allow_ungeoreferenced, options.match_resolution)
+    shape = resampled_shape(scene.height, scene.width, check.scale)
+    if options.max_pixels is not None and shape[0] * shape[1] > options.max_pixels:
+        check.problems.append(
+            f"has {shape[1]}x{shape[0]} = {shape[0] * shape[1]} pixels, "
+            f"over --max-pixels {options.max_pixels}"
+        )
     check.raise_if_refused()
     crf = (options.crf_params or metadata.crf) if options.crf else None
-    shape = resampled_shape(scene.height, scene.width, check.scale)
     tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
     multiscale = metadata.multiscale(options.scales, options.fuse)
     halo = options.halo

@@ -92,6 +92,11 @@ def publish_work(
     details = _report(
         publisher, publication, loaded, labels, options, plan, prepared.checksum, timings, total, tiles
     )
+    if work.staged.nonfinite:
+        details.nonfinite_pixels = work.staged.nonfinite
+        details.warnings.append(
+            f"{scene.path}: {work.staged.nonfinite} pixel(s) with NaN or infinite samples were left as nodata"
+        )
     if tiles.skipped == tiles.total:  # an empty, valid mask: said so rather than silently published
         details.warnings.append(f"{scene.path}: {reader.nothing_valid}; the mask is empty (all nodata)")
     details.outputs = {k: v.name for k, v in outputs.items()}

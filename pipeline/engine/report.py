@@ -75,6 +75,7 @@ class SceneReport(BaseModel):
     peak_rss_mb: dict[str, float | list[float]] = {}
     cluster: dict[str, Any] | None = None
     polygons: dict[str, int] | None = None
+    nonfinite_pixels: int | None = None  # set when NaN or infinite samples were staged as nodata
 
     @property
     def total_seconds(self) -> float:

@@ -29,6 +29,7 @@ from pipeline.engine.ledger import Ledger, result_key
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.plan import Progress, Silent, plan_scene
 from pipeline.engine.publish import SegmentResult, publish_work
+from pipeline.engine.space import check_space
 from pipeline.engine.stage import stage_scene
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.engine.workers import (
@@ -79,6 +80,7 @@ def stage_work(
     progress = progress or Silent()
     clock = time.perf_counter()
     plan, name = prepared.plan, prepared.name
+    check_space(prepared, Path(out_dir), options.probabilities)  # again: earlier scenes took their share
     progress.stage(name, "stage")
     staged = stage_scene(
         prepared.scene, Path(out_dir) / ".work", plan.tiling.tile, prepared.checksum, plan.check.scale

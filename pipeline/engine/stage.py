@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from models.atomic import write_text_atomically
+from models.atomic import PARTIAL_PREFIX, replace_durably, write_text_atomically
 from pipeline.io.readers import describe, open_blocks
 from pipeline.io.sources import (
     Scene,
@@ -36,6 +36,7 @@ class StagedScene:
     tile: int
     checksum: str
     scale: float = 1.0  # staged pixels per source pixel (--match-resolution)
+    nonfinite: int = 0  # pixels with a NaN or infinite sample, staged as nodata
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,9 +79,10 @@ def stage_scene(
     staged = StagedScene(scene, folder, tile, checksum, scale)
     height_px, width_px = staged.shape
     attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile, "scale": scale}
-    if _is_current(folder, attributes):
-        return staged
-    partial = folder / ".staging"
+    recorded = _current_marker(folder, attributes)
+    if recorded is not None:
+        return replace(staged, nonfinite=int(recorded.get("nonfinite", 0)))
+    partial = folder / f"{PARTIAL_PREFIX}staging"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     image = zarr.create_array(
@@ -97,32 +99,51 @@ def stage_scene(
         dtype="bool",
         attributes=attributes,
     )
+    nonfinite = 0
     with open_blocks(scene, scale) as blocks:
         for top in range(0, height_px, tile):
             for left in range(0, width_px, tile):
                 height, width = min(tile, height_px - top), min(tile, width_px - left)
-                image[:, top : top + height, left : left + width] = blocks.read_block(
-                    top, left, height, width
-                )
-                valid[top : top + height, left : left + width] = blocks.read_valid(top, left, height, width)
-    for name in ("image.zarr", "valid.zarr"):
-        shutil.rmtree(folder / name, ignore_errors=True)
-        (partial / name).rename(folder / name)
+                block = blocks.read_block(top, left, height, width)
+                block_valid = blocks.read_valid(top, left, height, width)
+                nonfinite += finite_only(block, block_valid)
+                image[:, top : top + height, left : left + width] = block
+                valid[top : top + height, left : left + width] = block_valid
+    for name in ("image.zarr", "valid.zarr"):  # flushed before the marker that vouches for them
+        replace_durably(partial / name, folder / name)
     shutil.rmtree(partial, ignore_errors=True)
-    write_text_atomically(folder / MARKER, json.dumps(attributes | {"shape": [height_px, width_px]}))
-    return staged
+    marker = attributes | {"shape": [height_px, width_px], "nonfinite": nonfinite}
+    write_text_atomically(folder / MARKER, json.dumps(marker))
+    return replace(staged, nonfinite=nonfinite)
 
 
-def _is_current(folder: Path, attributes: dict[str, Any]) -> bool:
+def finite_only(block: np.ndarray, valid: np.ndarray) -> int:
+    """Make pixels with a NaN or infinite sample nodata, in place (their samples become 0, which the model
+    and the CRF can take, and ``valid`` False); returns how many valid pixels that took away. A model fed
+    one NaN returns NaN for its whole window, so such pixels cannot be computed, only left out."""
+    if not np.issubdtype(block.dtype, np.floating):
+        return 0
+    bad = ~np.isfinite(block).all(axis=0)
+    if not bad.any():
+        return 0
+    taken = int(np.count_nonzero(bad & valid))
+    block[:, bad] = 0
+    valid[bad] = False
+    return taken
+
+
+def _current_marker(folder: Path, attributes: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker of a complete staging of the same input on the same grid, else None."""
     marker = folder / MARKER
     if not marker.exists():
-        return False
+        return None
     try:
         recorded = json.loads(marker.read_text())
     except json.JSONDecodeError:
-        return False
+        return None
     complete = (folder / "image.zarr").exists() and (folder / "valid.zarr").exists()
-    return complete and all(recorded.get(k) == v for k, v in attributes.items() if k != "source")
+    same = all(recorded.get(k) == v for k, v in attributes.items() if k != "source")
+    return recorded if complete and same else None
 
 
 def count_valid(staged: StagedScene) -> int:

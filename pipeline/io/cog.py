@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from models.atomic import atomic_output
+from models.atomic import PARTIAL_PREFIX, atomic_output
 from models.metadata import ClassInfo
 from pipeline.engine.ledger import NODATA_LABEL
 from pipeline.engine.workers import CONFIDENCE_SCALE
@@ -66,7 +66,7 @@ def write_cog(
     with (
         gdal_env(),
         atomic_output(out) as published,
-        tempfile.TemporaryDirectory(prefix=".stage-", dir=out.parent) as stage,
+        tempfile.TemporaryDirectory(prefix=f"{PARTIAL_PREFIX}stage-", dir=out.parent) as stage,
     ):
         staged = Path(stage) / "raster.tif"
         with warnings.catch_warnings():

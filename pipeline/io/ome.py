@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from models.atomic import atomic_output
+from models.atomic import atomic_output, partial_name, replace_durably
 from pipeline.engine.ledger import NODATA_LABEL
 
 OME_TILE = 512
@@ -114,7 +114,7 @@ def write_ome_zarr(
     labels: Any, mpp: float, out: Path, name: str, tile: int = OME_TILE
 ) -> list[tuple[int, int]]:
     """``labels`` -> an OME-Zarr (NGFF 0.5) multiscale group at ``out``; built beside it, then renamed in."""
-    partial = out.with_name(f".{out.name}.partial")
+    partial = partial_name(out)
     shutil.rmtree(partial, ignore_errors=True)
     group = zarr.create_group(store=partial, zarr_format=3)
     level = zarr.create_array(
@@ -132,6 +132,5 @@ def write_ome_zarr(
     axes = [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
     multiscale: dict[str, Any] = {"name": name, "axes": axes, "datasets": datasets}
     group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    replace_durably(partial, out)
     return [(int(level.shape[0]), int(level.shape[1])) for level in levels]

@@ -1,23 +1,30 @@
-"""The run's Ray session: start a local cluster (temp dir under the work dir, dashboard and usage stats off)
-or join one; the actors a run keeps for all its scenes; what a run saw on the cluster, for the report."""
+"""The run's Ray session: start a local cluster (loopback only, token auth, its own temp dir, dashboard and
+usage stats off) or join one; the actors a run keeps for all its scenes; what a run saw on the cluster."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
+import secrets
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models.errors import DeepLabError
+from pipeline.engine.outdir import RAY_OWNER, RAY_PREFIX
 from pipeline.engine.workers import (
     WorkSpec,
 )
 from pipeline.ray.actor_pools import ActorPools, PoolStats
+
+LOOPBACK = "127.0.0.1"
+AUTH_MODE, TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"
+_CLUSTERS_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read once, at import, as ENABLE_RAY_CLUSTER
 
 # Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
 
@@ -45,15 +52,85 @@ class RunStats:
 
 
 def ray_temp_dir(work_dir: Path) -> str:
-    """Under the work dir when the path is short enough for Ray's sockets, else a stable /tmp path."""
-    preferred = (Path(work_dir) / "ray").resolve()
-    if len(str(preferred)) <= _MAX_SOCKET_PATH:
-        preferred.mkdir(parents=True, exist_ok=True)
-        return str(preferred)
-    digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:10]
-    fallback = Path(tempfile.gettempdir()) / f"deeplab-ray-{digest}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return str(fallback)
+    """A fresh folder for this run's Ray session: under the work dir when its path is short enough for
+    Ray's sockets, else in the system's temp dir with its owner recorded, so that a later run into the same
+    output folder removes it if this run dies (``pipeline.engine.outdir.clean_debris``)."""
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if len(str(work)) + len(f"/{RAY_PREFIX}") + 8 <= _MAX_SOCKET_PATH:  # mkdtemp adds 8 characters
+        return tempfile.mkdtemp(prefix=RAY_PREFIX, dir=work)
+    folder = tempfile.mkdtemp(prefix="deeplab-ray-")
+    (Path(folder) / RAY_OWNER).write_text(f"{work.parent}\n{os.getpid()}\n")
+    return folder
+
+
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """Start a local cluster whose every server listens on loopback alone.
+
+    Ray 2.60 binds a node's gRPC servers, agents and metrics exporters to loopback when the node's IP is
+    exactly 127.0.0.1, yet ``ray.init`` swaps 127.0.0.1 for the machine's routable address
+    (``services.resolve_ip_for_localhost``) unless multi-machine clusters are off, as they are by default on
+    macOS and Windows (``ray_constants.ENABLE_RAY_CLUSTER``). They are off while this cluster starts: in this
+    process, and in the cluster's processes through the variable they inherit. A driver joining a remote
+    cluster later in this process is untouched. ``tests/test_exposure.py`` fails if a Ray upgrade changes it.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved = os.environ.get(_CLUSTERS_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTERS_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(_CLUSTERS_VAR, None)
+        else:
+            os.environ[_CLUSTERS_VAR] = saved_env
+
+
+@contextmanager
+def token_auth(temp_dir: str) -> Iterator[None]:
+    """Token authentication (Ray >= 2.52) for the cluster this run starts, with a fresh token of its own in
+    its temp dir (0600), whatever the environment says: a user's RAY_AUTH_MODE=disabled would open every
+    port of the cluster to any local user, so it is overridden, loudly. A token the user set in
+    RAY_AUTH_TOKEN is used as it is."""
+    mode = os.environ.get(AUTH_MODE)
+    if mode is not None and mode.strip().lower() != "token":
+        warnings.warn(
+            f"{AUTH_MODE}={mode} is ignored for the Ray cluster this run starts: it uses token "
+            "authentication. To run without it, start a cluster yourself and pass --ray-address.",
+            stacklevel=4,
+        )
+        del os.environ[AUTH_MODE]  # unset, ray.init turns token auth on for the cluster it starts
+    token = Path(temp_dir) / "auth_token"
+    handle = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "w") as sink:
+        sink.write(secrets.token_hex(32))
+    saved = os.environ.get(TOKEN_PATH)
+    os.environ[TOKEN_PATH] = str(token)
+    _forget_cached_token()
+    # ray.init says on the terminal that it turned token auth on, which is this function's job, not news
+    announcer = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = announcer.level
+    announcer.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        announcer.setLevel(level)
+        if saved is None:
+            os.environ.pop(TOKEN_PATH, None)
+        else:
+            os.environ[TOKEN_PATH] = saved
+        _forget_cached_token()
+
+
+def _forget_cached_token() -> None:
+    """Ray's token loader caches the first token it reads for the process: a later session's is another."""
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @contextmanager
@@ -65,6 +142,8 @@ def ray_session(
 ) -> Iterator[Any]:
     """Join a cluster or start a local one; a local one is shut down again on exit.
 
+    A local cluster binds to loopback only (every Ray server listens on the node IP, 127.0.0.1) and uses
+    token authentication; its temp dir is this run's own and is removed at the end.
     ``worker_env`` is set in every worker and actor of this job (a cluster's workers do not inherit the
     driver's environment).
     """
@@ -76,6 +155,7 @@ def ray_session(
         yield ray
         return
     temp_dir = None
+    stack = ExitStack()
     runtime_env = {"env_vars": dict(worker_env)} if worker_env else None
     if address:
         try:
@@ -88,20 +168,24 @@ def ray_session(
             ) from exc
     else:
         temp_dir = ray_temp_dir(work_dir)
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            _temp_dir=temp_dir,
-            runtime_env=runtime_env,
-        )
+        stack.enter_context(token_auth(temp_dir))
+        with loopback_node():
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                _temp_dir=temp_dir,
+                _node_ip_address=LOOPBACK,
+                runtime_env=runtime_env,
+            )
     try:
         yield ray
     finally:
         ray.shutdown()
-        if temp_dir is not None and not temp_dir.startswith(str(Path(work_dir).resolve())):
-            shutil.rmtree(temp_dir, ignore_errors=True)  # the /tmp fallback is ours alone: leave nothing
+        stack.close()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)  # this run's alone: leave nothing
 
 
 class KeptActors:

@@ -1,0 +1,71 @@
+"""What a scene needs on the disk under ``--out`` (staging, resume state, outputs), checked against what is
+free before it is staged: a full disk found mid-run fails the scene late and can starve the others.
+
+The estimate is an upper bound: the uncompressed bytes of the staged bands, the valid mask, the label (and
+confidence) planes and the published rasters with their overviews. Compression usually leaves much of it
+unused; a sparse file that claims a huge grid is exactly what it must catch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import DataError
+from pipeline.engine.outdir import WORK_NAME
+from pipeline.engine.work import PreparedScene
+
+OVERVIEW_SHARE = 4 / 3  # a raster with its 2x overviews holds at most 4/3 of its pixels
+
+
+def bytes_needed(prepared: PreparedScene, probabilities: bool) -> int:
+    """Upper bound of what staging, computing and publishing the scene writes."""
+    height, width = prepared.plan.shape
+    pixels = height * width
+    planes = 2 if probabilities else 1  # labels, and the top-class confidence when kept
+    staged = pixels * prepared.scene.bands * np.dtype(prepared.scene.dtype).itemsize + pixels  # + valid
+    return int(staged + pixels * planes * (1 + OVERVIEW_SHARE))
+
+
+def bytes_free(folder: Path) -> int:
+    """Free bytes (for this user) on the file system that holds ``folder`` or, before it exists, its
+    nearest existing parent."""
+    place = Path(folder)
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    return int(shutil.disk_usage(place).free)
+
+
+def bytes_used(folder: Path) -> int:
+    """What an earlier, interrupted run already wrote for the scene (counted as available again)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def check_space(prepared: PreparedScene, out_dir: Path, probabilities: bool) -> None:
+    """Raise, naming the file and both sizes, when the scene cannot fit under ``out_dir``."""
+    needed = bytes_needed(prepared, probabilities) - bytes_used(Path(out_dir) / WORK_NAME / prepared.name)
+    free = bytes_free(out_dir)
+    if needed > free:
+        height, width = prepared.plan.shape
+        raise DataError(
+            f"{prepared.source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
+            f"{width}x{height} pixels, but {_size(free)} is free: refused before staging"
+        )
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError("unreachable")
