@@ -85,7 +85,12 @@ def add_flow_commands(commands: Any) -> None:
     serve.add_argument(
         "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="PREFECT_HOME and logs go here"
     )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the Prefect server's address (default: loopback only); any other needs "
+        "PREFECT_SERVER_API_AUTH_STRING=user:password set, the server then requires it",
+    )
     serve.add_argument("--port", type=int, default=4200)
     serve.add_argument("--api-url", help="use this Prefect server (e.g. http://prefect:4200/api); start none")
     serve.add_argument("--pool", default="deeplab", help="the process work pool")

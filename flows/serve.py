@@ -10,6 +10,7 @@ stopped by its PID on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import yaml
 
-from flows.settings import PROJECT_DIR, prefect_environment, prefect_home
+from flows.settings import CLIENT_AUTH, PROJECT_DIR, SERVER_AUTH, prefect_environment, prefect_home
 from models.errors import ConfigError
 
 PREFECT_FILE = PROJECT_DIR / "prefect.yaml"
@@ -154,6 +155,28 @@ def deploy(config: ServeConfig, env: dict[str, str]) -> Path:
     return rendered
 
 
+def check_exposure(config: ServeConfig, environ: Mapping[str, str] | None = None) -> None:
+    """A server reachable beyond this machine must ask for credentials: its API runs flows, that is any
+    code a deployment names, on the worker. Loopback needs none (the default)."""
+    environ = os.environ if environ is None else environ
+    if config.api_url is not None or _is_loopback(config.host) or environ.get(SERVER_AUTH):
+        return
+    raise ConfigError(
+        f"--host {config.host} opens the Prefect API, which runs flows on this worker, beyond this machine: "
+        f"set {SERVER_AUTH}=user:password (the server then requires it; clients send {CLIENT_AUTH}), "
+        "or keep the default 127.0.0.1 and reach it by SSH tunnel"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 @contextmanager
 def local_server(config: ServeConfig, services: Services, env: dict[str, str]) -> Iterator[None]:
     """The embedded default: ``prefect server start`` on SQLite under the work folder, until exit.
@@ -170,6 +193,7 @@ def local_server(config: ServeConfig, services: Services, env: dict[str, str]) -
 
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     """Start everything, write ``<work>/prefect/serve.json`` (URL, PIDs), then wait for a stop signal."""
+    check_exposure(config)
     home = prefect_home(config.work_dir)
     home.mkdir(parents=True, exist_ok=True)
     env = prefect_environment(config.work_dir, config.url, ray_address=config.ray_address)

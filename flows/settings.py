@@ -32,6 +32,10 @@ def prefect_home(work_dir: Path) -> Path:
     return Path(work_dir).resolve() / "prefect"
 
 
+# Prefect 3's basic auth: the server requires SERVER_AUTH ("user:password"); its clients send CLIENT_AUTH
+SERVER_AUTH, CLIENT_AUTH = "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"
+
+
 def prefect_environment(
     work_dir: Path, api_url: str, base: Mapping[str, str] | None = None, ray_address: str | None = None
 ) -> dict[str, str]:
@@ -48,10 +52,13 @@ def prefect_environment(
     env["DEEPLAB_PROJECT_DIR"] = str(PROJECT_DIR)  # prefect.yaml's pull step: where the flows live
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
+    if env.get(SERVER_AUTH) and not env.get(CLIENT_AUTH):
+        env[CLIENT_AUTH] = env[SERVER_AUTH]  # the worker, the CLI and flow runs answer the server's challenge
     return env
 
 
 def worker_environment() -> dict[str, str]:
-    """What a flow run passes on to its Ray workers: the Prefect server and the telemetry choices."""
-    names = ("PREFECT_API_URL", *TELEMETRY_OFF)
+    """What a flow run passes on to its Ray workers: the Prefect server (with its credentials, when it asks
+    for them) and the telemetry choices."""
+    names = ("PREFECT_API_URL", CLIENT_AUTH, *TELEMETRY_OFF)
     return {name: os.environ[name] for name in names if name in os.environ}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.atomic import atomic_output
+from models.digest import file_sha256
 from models.errors import CheckpointError
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
@@ -43,14 +43,6 @@ class LoadedModel:
     metadata: CheckpointMetadata
     path: Path
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, model: nn.Module, metadata: CheckpointMetadata, half: bool = False) -> Path:

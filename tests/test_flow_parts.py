@@ -178,3 +178,20 @@ def test_task_log_progress_reports_tenths(caplog: pytest.LogCaptureFixture) -> N
     assert lines[0] == "s: segment (20 cores to compute)"
     counts = [line.split(": ")[1].split(" ")[0] for line in lines[1:]]
     assert counts == [f"{n}/20" for n in range(2, 21, 2)], "one line per tenth, the last one included"
+
+
+def test_serve_beyond_loopback_requires_prefect_auth(tmp_path: Path) -> None:
+    """The Prefect API runs flows on the worker: opened beyond this machine only behind credentials."""
+    from flows.serve import ServeConfig, check_exposure
+    from flows.settings import prefect_environment
+    from models.errors import ConfigError
+
+    check_exposure(ServeConfig(work_dir=tmp_path), {})  # loopback, the default: nothing needed
+    check_exposure(ServeConfig(work_dir=tmp_path, host="::1"), {})
+    with pytest.raises(ConfigError, match="PREFECT_SERVER_API_AUTH_STRING"):
+        check_exposure(ServeConfig(work_dir=tmp_path, host="0.0.0.0"), {})
+    with pytest.raises(ConfigError, match=r"--host prefect\.internal"):
+        check_exposure(ServeConfig(work_dir=tmp_path, host="prefect.internal"), {})
+    check_exposure(ServeConfig(work_dir=tmp_path, host="0.0.0.0"), {"PREFECT_SERVER_API_AUTH_STRING": "u:p"})
+    env = prefect_environment(tmp_path, "http://127.0.0.1:1/api", {"PREFECT_SERVER_API_AUTH_STRING": "u:p"})
+    assert env["PREFECT_API_AUTH_STRING"] == "u:p", "the project's own clients answer the server"

@@ -222,3 +222,43 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
     assert report["tiles"]["resumed"] >= done_before > 0
     assert report["tiles"]["computed"] == total - report["tiles"]["resumed"]
     assert (lost_driver / SCENE_ID / "mask.tif").read_bytes() == (clean / SCENE_ID / "mask.tif").read_bytes()
+
+
+def _actor_pids(cluster: LocalRayCluster, kind: str) -> list[int]:
+    """Live actor processes of one class (Ray names them ``ray::<Class>`` or ``ray::<Class>.<method>``)."""
+    found = []
+    for pid in cluster.pids():
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(f"ray::{kind}"):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_a_model_actor_and_a_crf_actor_killed_mid_run_change_nothing(
+    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+) -> None:
+    env = cluster.client_env()
+    clean = tmp_path / "clean"
+    run = subprocess.run(
+        _submit(cluster, landsat, landcover_model, clean), env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    total = _report(clean)["tiles"]["computed"]
+
+    killed = tmp_path / "killed-actors"
+    job = _start(_submit(cluster, landsat, landcover_model, killed), env)
+    assert _wait_for_cores(job, killed, 4) < total, "killed mid-run"
+    victims = [_actor_pids(cluster, "ModelActor")[:1], _actor_pids(cluster, "CRFActor")[:1]]
+    assert all(victims), f"a model actor and a CRF actor are running: {victims}"
+    for (pid,) in victims:
+        os.kill(pid, signal.SIGKILL)
+    output = job.communicate(timeout=600)[0].decode(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    report = _report(killed)
+    assert report["cluster"]["actors_lost"] >= 2, report["cluster"]
+    assert report["tiles"]["computed"] + report["tiles"]["resumed"] == total
+    assert (killed / SCENE_ID / "mask.tif").read_bytes() == (clean / SCENE_ID / "mask.tif").read_bytes()

@@ -57,7 +57,7 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     failures = len(refused)
     for scene in found:
         try:
-            plan = plan_scene(describe(scene, options.mpp), metadata, options)
+            plan = plan_scene(describe(scene, options.mpp), metadata, options, Path(out))
             lines = plan.describe(count_nodata_cores(plan.check.scene, plan))
         except Exception as error:
             failures += 1

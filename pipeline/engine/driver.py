@@ -31,7 +31,6 @@ from pipeline.engine.outdir import clean_debris, output_folder, output_lock
 from pipeline.engine.plan import Progress, Silent, as_planned
 from pipeline.engine.publish import SegmentResult, publish_work
 from pipeline.engine.segment import compute_work, prepare_scene, stage_work, start_actors
-from pipeline.engine.space import check_space
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.sources import Source, source_id
@@ -157,8 +156,7 @@ class Batch:
         progress = progress or self.progress
         local_file = isinstance(source, Path) and source.is_file()
         checksum = self.manifest.checksum(source) if local_file else None  # else prepare_scene reads it
-        prepared = prepare_scene(source, self.checkpoint, self.options, checksum, progress)
-        check_space(prepared, self.out_dir, self.options.probabilities)  # before a cluster starts
+        prepared = prepare_scene(source, self.checkpoint, self.options, checksum, progress, self.out_dir)
         key = SceneKey(
             prepared.checksum, self.checkpoint.sha256, config_hash(as_planned(self.options, prepared.plan))
         )

@@ -65,8 +65,8 @@ def log_failure(out_dir: Path, source: Source, stage: str, error: BaseException)
     returns the log's path, or None where it could not be written (the line alone must still reach the
     user: a full disk is one of the failures this records)."""
     path = log_path(out_dir, source)
-    if path is None:
-        return None
+    if path is None or not path.parent.resolve().is_relative_to(Path(out_dir).resolve()):
+        return None  # no id to name a log by, or a .logs link pointing out of --out: the line alone
     when = datetime.now(UTC).isoformat(timespec="seconds")
     details = "".join(traceback.format_exception(error))
     entry = f"== {when} {stage} failed\n{failure_line(source, stage, error)}\n{plain(details)}\n"

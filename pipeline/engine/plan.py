@@ -4,6 +4,7 @@ scales resolved from the options and the checkpoint (``--dry-run`` prints it); a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from models.metadata import TTA_PHRASES, CheckpointMetadata, CRFParams, InputScales, Tiling
@@ -17,6 +18,7 @@ from pipeline.engine.grid import (
 )
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.preflight import PreflightResult, preflight
+from pipeline.engine.space import check_fits
 from pipeline.engine.workers import CoreDone
 from pipeline.io.readers import open_blocks, reader_of
 from pipeline.io.sources import Scene, resampled_shape
@@ -82,8 +84,11 @@ class ScenePlan:
         return lines
 
 
-def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions) -> ScenePlan:
-    """Preflight (raises on problems) and the tile plan; reads no pixels."""
+def plan_scene(
+    scene: Scene, metadata: CheckpointMetadata, options: SegmentOptions, out_dir: Path | None = None
+) -> ScenePlan:
+    """Preflight (raises on problems) and the tile plan; reads no pixels. With ``out_dir``, a scene that
+    cannot fit the free space there is refused too."""
     check = preflight(scene, metadata, options.allow_ungeoreferenced, options.match_resolution)
     shape = resampled_shape(scene.height, scene.width, check.scale)
     if options.max_pixels is not None and shape[0] * shape[1] > options.max_pixels:
@@ -92,6 +97,8 @@ def plan_scene(scene: Scene, metadata: CheckpointMetadata, options: SegmentOptio
             f"over --max-pixels {options.max_pixels}"
         )
     check.raise_if_refused()
+    if out_dir is not None:  # before tiling: a claimed 10^10-pixel grid is refused, not tiled
+        check_fits(scene.path, shape, scene.bands, scene.dtype, out_dir, options.probabilities)
     crf = (options.crf_params or metadata.crf) if options.crf else None
     tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
     multiscale = metadata.multiscale(options.scales, options.fuse)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
 from pipeline.io.readers import reader_of
@@ -38,5 +40,7 @@ def preflight(
     problems: list[str] = []
     if scene.bands != metadata.num_bands:
         problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
+    if np.dtype(scene.dtype).kind == "c":
+        problems.append(f"has complex ({scene.dtype}) samples: convert them to real values first")
     grid = reader_of(scene).check(scene, metadata, allow_ungeoreferenced, match_resolution)
     return PreflightResult(scene, problems + grid.problems, grid.warnings, grid.scale)

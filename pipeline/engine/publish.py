@@ -4,18 +4,21 @@ and the typed report, each written atomically."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.atomic import partial_name, replace_durably
 from models.checkpoint import CheckpointInfo
 from models.metadata import CRFParams
 from models.version import software_version
 from pipeline.engine.grid import has_image_pooling
 from pipeline.engine.options import SegmentOptions
+from pipeline.engine.outdir import inside
 from pipeline.engine.plan import Progress, ScenePlan, Silent
 from pipeline.engine.report import SceneReport, TileCounts
 from pipeline.engine.work import StagedWork
@@ -40,8 +43,32 @@ class SegmentResult:
 def publish_work(
     work: StagedWork, out_dir: Path, options: SegmentOptions, progress: Progress | None = None
 ) -> SegmentResult:
-    """Write the mask (and the optional confidence and polygons), the quicklook and the report."""
-    progress = progress or Silent()
+    """Write the mask (and the optional confidence and polygons), the quicklook and the report.
+
+    All of them are built in a partial folder beside the scene's and moved into it only once every one is
+    written: a scene whose publishing fails (or is killed) shows its previous outputs or none, never a new
+    mask without its report. The partial folder of a killed run is removed by the next one."""
+    folder = inside(out_dir, Path(out_dir) / work.prepared.scene.scene_id)
+    building = partial_name(folder)
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        result = _publish_into(building, work, options, progress or Silent())
+        folder.mkdir(parents=True, exist_ok=True)
+        for built in sorted(building.iterdir()):
+            replace_durably(built, inside(out_dir, folder / built.name))
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return replace(
+        result,
+        mask=folder / result.mask.name,
+        report=folder / result.report.name,
+        quicklook=folder / result.quicklook.name,
+    )
+
+
+def _publish_into(
+    folder: Path, work: StagedWork, options: SegmentOptions, progress: Progress
+) -> SegmentResult:
     prepared = work.prepared
     scene, plan, loaded, timings = prepared.scene, prepared.plan, prepared.checkpoint, prepared.timings
     name = prepared.name
@@ -49,9 +76,7 @@ def publish_work(
     progress.stage(name, "publish")
     reader = reader_of(scene)
     publisher = reader.publisher
-    outputs = publisher.outputs(
-        Path(out_dir) / scene.scene_id, options.probabilities, options.vectorize, options.ome_zarr
-    )
+    outputs = publisher.outputs(folder, options.probabilities, options.vectorize, options.ome_zarr)
     publication = Publication(
         scene,
         plan.shape,

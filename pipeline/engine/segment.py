@@ -27,6 +27,7 @@ from models.metadata import CheckpointMetadata
 from pipeline.engine.grid import PLAN_VERSION, Tile, core_of, fit_blocks, has_image_pooling
 from pipeline.engine.ledger import Ledger, result_key
 from pipeline.engine.options import SegmentOptions
+from pipeline.engine.outdir import WORK_NAME, inside
 from pipeline.engine.plan import Progress, Silent, plan_scene
 from pipeline.engine.publish import SegmentResult, publish_work
 from pipeline.engine.space import check_space
@@ -57,15 +58,17 @@ def prepare_scene(
     options: SegmentOptions,
     checksum: str | None = None,
     progress: Progress | None = None,
+    out_dir: Path | None = None,
 ) -> PreparedScene:
-    """Preflight (raises on problems), the tile plan and the input's checksum (computed unless given)."""
+    """Preflight (raises on problems), the tile plan and the input's checksum (computed unless given); with
+    ``out_dir``, the scene must fit the free space there."""
     clock = time.perf_counter()
     # the weights are loaded where the model runs (actors or _compute), never here
     if problem := scene_id_problem(scene_path):  # the driver refuses these before any work; callers of the
         raise DataError(f"{scene_path}: {problem}")  # stages themselves are refused here
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else checkpoint_info(checkpoint)
     scene = describe(scene_path, options.mpp)
-    plan = plan_scene(scene, info.metadata, options)
+    plan = plan_scene(scene, info.metadata, options, out_dir)
     (progress or Silent()).stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
     checksum = checksum or source_sha256(scene.path)
     prepared = PreparedScene(scene.path, scene, info, plan, checksum)
@@ -81,9 +84,10 @@ def stage_work(
     clock = time.perf_counter()
     plan, name = prepared.plan, prepared.name
     check_space(prepared, Path(out_dir), options.probabilities)  # again: earlier scenes took their share
+    inside(out_dir, Path(out_dir) / WORK_NAME / name)  # a symlinked work folder must not carry writes away
     progress.stage(name, "stage")
     staged = stage_scene(
-        prepared.scene, Path(out_dir) / ".work", plan.tiling.tile, prepared.checksum, plan.check.scale
+        prepared.scene, Path(out_dir) / WORK_NAME, plan.tiling.tile, prepared.checksum, plan.check.scale
     )
     prepared.timings["stage"] = time.perf_counter() - clock
     key = result_key(

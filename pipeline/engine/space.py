@@ -11,22 +11,26 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.errors import DataError
 from pipeline.engine.outdir import WORK_NAME
-from pipeline.engine.work import PreparedScene
+from pipeline.io.sources import Source, source_id
+
+if TYPE_CHECKING:
+    from pipeline.engine.work import PreparedScene
 
 OVERVIEW_SHARE = 4 / 3  # a raster with its 2x overviews holds at most 4/3 of its pixels
 
 
-def bytes_needed(prepared: PreparedScene, probabilities: bool) -> int:
-    """Upper bound of what staging, computing and publishing the scene writes."""
-    height, width = prepared.plan.shape
+def bytes_needed(shape: tuple[int, int], bands: int, dtype: str, probabilities: bool) -> int:
+    """Upper bound of what staging, computing and publishing a scene of ``shape`` writes."""
+    height, width = shape
     pixels = height * width
     planes = 2 if probabilities else 1  # labels, and the top-class confidence when kept
-    staged = pixels * prepared.scene.bands * np.dtype(prepared.scene.dtype).itemsize + pixels  # + valid
+    staged = pixels * bands * np.dtype(dtype).itemsize + pixels  # + the valid mask
     return int(staged + pixels * planes * (1 + OVERVIEW_SHARE))
 
 
@@ -51,16 +55,27 @@ def bytes_used(folder: Path) -> int:
     return total
 
 
-def check_space(prepared: PreparedScene, out_dir: Path, probabilities: bool) -> None:
-    """Raise, naming the file and both sizes, when the scene cannot fit under ``out_dir``."""
-    needed = bytes_needed(prepared, probabilities) - bytes_used(Path(out_dir) / WORK_NAME / prepared.name)
+def check_fits(
+    source: Source, shape: tuple[int, int], bands: int, dtype: str, out_dir: Path, probabilities: bool
+) -> None:
+    """Raise, naming the file and both sizes, when a scene of ``shape`` cannot fit under ``out_dir``. Called
+    in preflight as soon as the grid is known (a grid of 10^10 pixels is refused before it is tiled) and
+    again right before staging."""
+    work = Path(out_dir) / WORK_NAME / source_id(source)
+    needed = bytes_needed(shape, bands, dtype, probabilities) - bytes_used(work)
     free = bytes_free(out_dir)
     if needed > free:
-        height, width = prepared.plan.shape
+        height, width = shape
         raise DataError(
-            f"{prepared.source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
+            f"{source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
             f"{width}x{height} pixels, but {_size(free)} is free: refused before staging"
         )
+
+
+def check_space(prepared: PreparedScene, out_dir: Path, probabilities: bool) -> None:
+    """``check_fits`` for a prepared scene."""
+    scene = prepared.scene
+    check_fits(prepared.source, prepared.plan.shape, scene.bands, scene.dtype, out_dir, probabilities)
 
 
 def _size(count: float) -> str:

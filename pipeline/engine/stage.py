@@ -99,6 +99,23 @@ def stage_scene(
         dtype="bool",
         attributes=attributes,
     )
+    try:
+        nonfinite = _copy_blocks(scene, scale, tile, image, valid)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-staged is left behind
+        raise
+    for name in ("image.zarr", "valid.zarr"):  # flushed before the marker that vouches for them
+        replace_durably(partial / name, folder / name)
+    shutil.rmtree(partial, ignore_errors=True)
+    marker = attributes | {"shape": [height_px, width_px], "nonfinite": nonfinite}
+    write_text_atomically(folder / MARKER, json.dumps(marker))
+    return replace(staged, nonfinite=nonfinite)
+
+
+def _copy_blocks(scene: Scene, scale: float, tile: int, image: Any, valid: Any) -> int:
+    """The scene's bands and valid mask into the stores, a core at a time; returns how many pixels were
+    made nodata for NaN or infinite samples."""
+    height_px, width_px = valid.shape
     nonfinite = 0
     with open_blocks(scene, scale) as blocks:
         for top in range(0, height_px, tile):
@@ -109,12 +126,7 @@ def stage_scene(
                 nonfinite += finite_only(block, block_valid)
                 image[:, top : top + height, left : left + width] = block
                 valid[top : top + height, left : left + width] = block_valid
-    for name in ("image.zarr", "valid.zarr"):  # flushed before the marker that vouches for them
-        replace_durably(partial / name, folder / name)
-    shutil.rmtree(partial, ignore_errors=True)
-    marker = attributes | {"shape": [height_px, width_px], "nonfinite": nonfinite}
-    write_text_atomically(folder / MARKER, json.dumps(marker))
-    return replace(staged, nonfinite=nonfinite)
+    return nonfinite
 
 
 def finite_only(block: np.ndarray, valid: np.ndarray) -> int:

@@ -17,7 +17,7 @@ def row_pixel_areas_m2(crs: CRS | None, transform: Affine, height: int) -> np.nd
         return None
     if crs.is_geographic:
         if transform.b != 0 or transform.d != 0:
-            raise ValueError("rotated geographic rasters are not supported for areas")
+            return None  # a pixel's area then varies along rows and columns: not given, not guessed
         width_rad = math.radians(abs(transform.a))
         edges = np.radians(transform.f + transform.e * np.arange(height + 1))
         band = np.abs(np.sin(edges[:-1]) - np.sin(edges[1:]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from models.errors import DataError
@@ -33,22 +34,24 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
             matches = [Path(p) for p in glob.glob(entry, recursive=True)]
             found += [p for p in matches if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
         elif (path := Path(entry)).is_dir():
+            # named as a raster but not a file (a folder, a broken link, a link loop): listed, so that its
+            # preflight says what it is instead of the run dropping it in silence
             found += [
                 p
                 for p in path.iterdir()
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES
+                if not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES
             ]
         elif path.exists() or path.suffix.lower() in RASTER_SUFFIXES:
             found.append(path)  # a listed scene that is missing fails alone, in its preflight
         else:
             raise DataError(f"{entry}: no such file or folder")
-    unique: dict[Source, None] = {p.resolve(): None for p in found if not _inside(p, excluded)}
+    unique: dict[Source, None] = {_absolute(p): None for p in found if not _inside(p, excluded)}
     unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
-    return folder is not None and path.resolve().is_relative_to(folder)
+    return folder is not None and _absolute(path).is_relative_to(folder)
 
 
 def duplicate_ids(scenes: list[Source]) -> dict[Source, str]:
@@ -73,3 +76,13 @@ def refused_scenes(scenes: list[Source]) -> dict[Source, str]:
     ids that clash."""
     unsafe = {scene: f"{scene}: {problem}" for scene in scenes if (problem := scene_id_problem(scene))}
     return unsafe | duplicate_ids([scene for scene in scenes if scene not in unsafe])
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` with its links resolved; a link loop as it is (its preflight says so)."""
+    if path.is_symlink() and not path.exists():
+        return Path(os.path.abspath(path))  # a broken link: named as given, its preflight says where to
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a loop
+        return Path(os.path.abspath(path))

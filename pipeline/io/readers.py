@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from affine import Affine
 
+from models.errors import DataError
 from models.metadata import CheckpointMetadata
 from pipeline.io.publishers import GeoTiffPublisher, Publisher, SlidePublisher
 from pipeline.io.resolution import GridCheck, check_raster, check_slide
@@ -26,6 +27,7 @@ from pipeline.io.sources import (
     Source,
     as_source,
     is_remote,
+    local_file_problem,
     open_raster,
     sample_bits,
 )
@@ -160,7 +162,10 @@ def reader_of(scene: Scene) -> SceneReader:
 
 
 def describe(source: Source, mpp: float | None = None) -> Scene:
-    """What a scene is; ``mpp`` overrides a slide's µm/px."""
+    """What a scene is; ``mpp`` overrides a slide's µm/px. A local path that cannot be a file of any kind is
+    refused here, one plain line, before a reader tries it."""
+    if isinstance(source, Path) and (problem := local_file_problem(source)):
+        raise DataError(f"{source}: {problem}")
     return reader_for(source).describe(source, mpp)
 
 

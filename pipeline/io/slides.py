@@ -8,6 +8,7 @@ working grid maps to them by ``level_0_per_working_px``.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ import numpy as np
 from models.errors import DataError
 
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})
+# tifffile logs what it finds wrong in a file (a bad page offset) before raising, straight to the terminal;
+# the run says it once, in the scene's failure line, and keeps the details in the scene's log
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 # Probe size when checking that a reader decodes a slide's tiles (JPEG 2000 needs a codec tiffslide may lack).
 _PROBE_PX = 16
 

@@ -6,8 +6,11 @@ A scene is a local path or a URL GDAL reads (``s3://``, ``gs://``, ``az://``, ``
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +28,8 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from models.checkpoint import file_sha256
 from models.data import ground_pixel_size
+from models.digest import file_sha256
 from models.errors import DataError
 from pipeline.io.slides import SlideInfo
 
@@ -140,11 +143,35 @@ def gdal_env() -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
+def local_file_problem(path: Path) -> str | None:
+    """Why a local scene path cannot be a raster file at all (None when it can be): what GDAL would
+    otherwise report as an unreadable file, said plainly."""
+    try:
+        info = path.stat()
+    except RuntimeError:
+        return "is a symbolic link loop"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if error.errno == errno.ENOENT:
+            return "scene does not exist"
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not a raster file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_size == 0:
+        return "is empty (0 bytes)"
+    return None
+
+
 @contextmanager
 def open_raster(path: Source) -> Iterator[DatasetReader]:
     path = as_source(path)
-    if isinstance(path, Path) and not path.exists():
-        raise DataError(f"{path}: scene does not exist")
+    if isinstance(path, Path) and (problem := local_file_problem(path)):
+        raise DataError(f"{path}: {problem}")
     # a remote folder is not listed to look for sidecar files (a bucket listing can be huge and slow)
     listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if isinstance(path, str) else {}
     try:
@@ -215,11 +242,26 @@ class BlockReader(Protocol):
 
 
 class RasterBlocks:
+    """A GeoTIFF's (or any GDAL raster's) blocks; a block GDAL cannot decode is the file's problem, said
+    with the file and where (a truncated file passes the header checks and fails here)."""
+
     def __init__(self, dataset: DatasetReader, scale: float) -> None:
         self.dataset, self.scale = dataset, scale
 
     def read_block(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        return read_block(self.dataset, top, left, height, width, self.scale)
+        try:
+            return read_block(self.dataset, top, left, height, width, self.scale)
+        except RasterioIOError as error:
+            raise self._unreadable(top, left, error) from error
 
     def read_valid(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        return read_valid(self.dataset, top, left, height, width, self.scale)
+        try:
+            return read_valid(self.dataset, top, left, height, width, self.scale)
+        except RasterioIOError as error:
+            raise self._unreadable(top, left, error) from error
+
+    def _unreadable(self, top: int, left: int, error: Exception) -> DataError:
+        return DataError(
+            f"{self.dataset.name}: its pixels near row {top}, column {left} cannot be decoded: the file is "
+            f"truncated or corrupt (GDAL: {str(error).splitlines()[0]})"
+        )
