@@ -379,10 +379,11 @@ def results(folder: Path, out: Path) -> list[Result]:
     return found
 
 
-def table(found: list[Result], folder: Path) -> str:
+def table(found: list[Result], folder: Path, out: Path) -> str:
     rows = ["| file | what | outcome | the line a user sees (or the report's warning) |", "|---|---|---|---|"]
     for result in found:
-        line = result.line.replace(str(folder / result.case.model) + "/", "").replace("|", "\\|")
+        line = result.line.replace(str(folder / result.case.model) + "/", "").replace(str(out), "OUT")
+        line = line.replace("|", "\\|").replace("\n", "<br>")
         line = line.split(" (details: ")[0]
         rows.append(f"| `{result.case.name}` | {result.case.what} | {result.outcome} | {line or '—'} |")
     return "\n".join(rows)
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [r for r in found if r.outcome != r.case.expect or r.case.needle not in r.line]
         text = args.doc.read_text()
         start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-        args.doc.write_text(text[:start] + "\n" + table(found, folder) + "\n" + text[end:])
+        args.doc.write_text(text[:start] + "\n" + table(found, folder, out) + "\n" + text[end:])
     for result in wrong:
         print(f"unexpected: {result.case.name}: {result.outcome}: {result.line}", file=sys.stderr)
     return 1 if wrong else 0

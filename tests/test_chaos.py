@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import rasterio
 from rasterio.windows import Window
+
+from pipeline.engine.outdir import RAY_OWNER
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPLAB = str(Path(sys.executable).parent / "deeplab")
@@ -91,8 +94,20 @@ def _segment(scene: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return [DEEPLAB, "segment", str(scene), "--model", str(model), "--out", str(out), *FAST, *extra]
 
 
+def _ray_dirs(out: Path) -> list[Path]:
+    """The Ray temp dirs of runs into ``out``: under its work folder, or (a path too long for Ray's
+    sockets) in the system's temp dir, naming ``out`` as their owner."""
+    owned = [
+        folder
+        for folder in Path(tempfile.gettempdir()).glob("deeplab-ray-*")
+        if (folder / RAY_OWNER).is_file()
+        and (folder / RAY_OWNER).read_text().splitlines()[0] == str(out.resolve())
+    ]
+    return [*(out / ".work").glob("ray-*"), *owned]
+
+
 def _debris(out: Path) -> list[Path]:
-    return [*out.rglob(".partial-*"), *(out / ".work").glob("ray-*")]
+    return [*out.rglob(".partial-*"), *_ray_dirs(out)]
 
 
 @pytest.mark.slow
@@ -152,3 +167,32 @@ def test_two_runs_into_one_folder_take_turns_and_no_wait_refuses(
     for name in ("first", "second"):
         assert (out / name / "mask.tif").is_file() and (out / name / "report.json").is_file()
     assert not _debris(out)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_alone_takes_its_ray_cluster_with_it(
+    data_dir: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to the driver alone (not its process group): the engine's own Ray processes exit with it,
+    and the next run removes its Ray temp dir and resumes the cores it recorded."""
+    from pipeline.ray.local_cluster import processes_mentioning
+
+    scene = _scene(data_dir, tmp_path / "in" / "scene.tif")
+    out = tmp_path / "o"
+    on_ray = [arg if arg != "local" else "ray" for arg in _segment(scene, buildings_model, out)]
+    run = Watched.start(on_ray)
+    run.wait_for("cores (")
+    os.kill(run.process.pid, signal.SIGKILL)
+    run.process.wait()
+    deadline = time.monotonic() + 60
+    while processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_mentioning(str(out)), "no Ray process outlives its driver"
+    assert _ray_dirs(out), "its Ray temp dir is left for the next run"
+    resumed = subprocess.run(_segment(scene, buildings_model, out), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "leftover(s) of an interrupted run" in resumed.stdout + resumed.stderr
+    assert not _debris(out)
+    reference = subprocess.run(_segment(scene, buildings_model, tmp_path / "ref"), capture_output=True)
+    assert reference.returncode == 0
+    assert (out / "scene" / "mask.tif").read_bytes() == (tmp_path / "ref" / "scene" / "mask.tif").read_bytes()
