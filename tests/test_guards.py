@@ -162,3 +162,17 @@ def test_atomic_output_is_all_or_nothing_and_keeps_the_umask(tmp_path: Path) -> 
         assert _read_umask() == 0o027, "read from /proc, not set and reset"
     finally:
         os.umask(mask)
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(
+    landsat: Path, landcover_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    taken = tmp_path / "out.tif"
+    taken.write_text("a file, not a folder")
+    assert main(["segment", str(landsat), "--model", str(landcover_model), "--out", str(taken)]) == 2
+    printed = capsys.readouterr()
+    assert "is a file, not a folder" in printed.out + printed.err
+    assert "Traceback" not in printed.out + printed.err
+    assert taken.read_text() == "a file, not a folder"

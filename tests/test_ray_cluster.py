@@ -171,16 +171,28 @@ def test_actor_pools_follow_nodes_that_join_and_leave(
     assert probe.returncode == 0
 
 
-@pytest.mark.slow
-def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
-) -> None:
-    env = cluster.client_env()
-    clean = tmp_path / "clean"
+@pytest.fixture(scope="module")
+def clean_run(
+    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The job run once without harm: the output folder every harmed run is compared with."""
+    clean = tmp_path_factory.mktemp("clean")
     run = subprocess.run(
-        _submit(cluster, landsat, landcover_model, clean), env=env, capture_output=True, text=True
+        _submit(cluster, landsat, landcover_model, clean),
+        env=cluster.client_env(),
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return clean
+
+
+@pytest.mark.slow
+def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
+    cluster: LocalRayCluster, clean_run: Path, landsat: Path, landcover_model: Path, tmp_path: Path
+) -> None:
+    env = cluster.client_env()
+    clean = clean_run
     report = _report(clean)
     nodes = report["cluster"]["nodes"]
     workers_used = [label for label, done in nodes.items() if done.get("model_cores", 0) > 0]
@@ -242,14 +254,10 @@ def _actor_pids(cluster: LocalRayCluster, kind: str) -> list[int]:
 
 @pytest.mark.slow
 def test_a_model_actor_and_a_crf_actor_killed_mid_run_change_nothing(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, clean_run: Path, landsat: Path, landcover_model: Path, tmp_path: Path
 ) -> None:
     env = cluster.client_env()
-    clean = tmp_path / "clean"
-    run = subprocess.run(
-        _submit(cluster, landsat, landcover_model, clean), env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    clean = clean_run
     total = _report(clean)["tiles"]["computed"]
     deadline = time.monotonic() + 60  # the clean job's actors gone: any actor from now on is the next job's
     while (

@@ -1,8 +1,11 @@
 """A multi-node Ray cluster on this machine: a head and worker nodes, each its own `ray start --block`.
 
 What the cluster tests and the scaling benchmark run on: every node has its own raylet, object store and
-resources, as on separate machines; all bind to loopback and use token authentication (Ray's shared-secret
-mode, a fresh token per cluster). Each node runs in its own process group, so a node is killed (its raylet
+resources, as on separate machines, and token authentication (Ray's shared-secret mode, a fresh token per
+cluster). Not loopback-only: `ray start` swaps the node IP 127.0.0.1 for the machine's address, and Ray 2.60
+cannot start worker nodes with that swap turned off, so their servers listen on every interface, each
+requiring the token (docs/robustness.md). The engine's own local cluster does listen on loopback only.
+Each node runs in its own process group, so a node is killed (its raylet
 alone, SIGKILL) or stopped (the whole group) by PID, never with `ray stop`, which would kill every Ray process
 on the machine.
 """
