@@ -45,16 +45,18 @@ def publish_work(
 ) -> SegmentResult:
     """Write the mask (and the optional confidence and polygons), the quicklook and the report.
 
-    All of them are built in a partial folder beside the scene's and moved into it only once every one is
-    written: a scene whose publishing fails (or is killed) shows its previous outputs or none, never a new
-    mask without its report. The partial folder of a killed run is removed by the next one."""
+    All of them are built in a partial folder beside the scene's and moved into it (one rename each, the
+    report last) only once every one is written: a scene whose publishing fails shows its previous outputs
+    or none, not a new mask without its report. The partial folder of a killed run is removed by the next
+    one, and the manifest records the scene only after the renames."""
     folder = inside(out_dir, Path(out_dir) / work.prepared.scene.scene_id)
     building = partial_name(folder)
     shutil.rmtree(building, ignore_errors=True)
     try:
         result = _publish_into(building, work, options, progress or Silent())
         folder.mkdir(parents=True, exist_ok=True)
-        for built in sorted(building.iterdir()):
+        report_last = sorted(building.iterdir(), key=lambda built: (built.name == "report.json", built.name))
+        for built in report_last:
             replace_durably(built, inside(out_dir, folder / built.name))
     finally:
         shutil.rmtree(building, ignore_errors=True)
