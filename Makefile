@@ -38,7 +38,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 zoo: $(STAMP)
 	DEEPLAB=$(BIN)/deeplab models/zoo/train_zoo.sh all

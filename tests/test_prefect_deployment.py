@@ -39,11 +39,12 @@ def _tmp_entries() -> set[str]:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    """Every published file (not the work folder, not the manifest, which records each run)."""
+    """Every published file (not the work folder, not the failed scenes' logs, not the manifest: each run
+    adds to those)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and ".work" not in p.parts and not p.name.startswith((".", "manifest"))
+        if p.is_file() and not {".work", ".logs"} & set(p.parts) and not p.name.startswith((".", "manifest"))
     }
 
 
