@@ -11,7 +11,8 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.errors import DeepLabError
+from models.errors import DataError, DeepLabError
+from pipeline.engine.outdir import inside
 from pipeline.io.sources import Source, scene_id_problem, source_id
 
 LOG_FOLDER = ".logs"  # under --out: one append-only log per scene id
@@ -65,8 +66,12 @@ def log_failure(out_dir: Path, source: Source, stage: str, error: BaseException)
     returns the log's path, or None where it could not be written (the line alone must still reach the
     user: a full disk is one of the failures this records)."""
     path = log_path(out_dir, source)
-    if path is None or not path.parent.resolve().is_relative_to(Path(out_dir).resolve()):
-        return None  # no id to name a log by, or a .logs link pointing out of --out: the line alone
+    if path is None:
+        return None  # no id to name a log by: the line alone
+    try:
+        inside(out_dir, path)  # a .logs link pointing out of --out gets no write either
+    except DataError:
+        return None
     when = datetime.now(UTC).isoformat(timespec="seconds")
     details = "".join(traceback.format_exception(error))
     entry = f"== {when} {stage} failed\n{failure_line(source, stage, error)}\n{plain(details)}\n"
