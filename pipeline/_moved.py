@@ -24,7 +24,7 @@ MOVED = {
     "pipeline.stage": "pipeline.engine.stage",
     "pipeline.ledger": "pipeline.engine.ledger",
     "pipeline.manifest": "pipeline.engine.manifest",
-    "pipeline.crf": "pipeline.engine.crf",
+    "pipeline.engine.crf": "pipeline.crf",
     "pipeline.workers": "pipeline.engine.workers",
     "pipeline.segment": "pipeline.engine.segment",
     "pipeline.ray_engine": "pipeline.ray.scheduler",

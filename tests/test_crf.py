@@ -10,7 +10,7 @@ from scipy import ndimage
 from models.data import read_image, read_mask
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
-from pipeline.engine.crf import CRFError, refine, refine_labels
+from pipeline.crf import CRFError, refine, refine_labels
 from pipeline.engine.grid import Tile, core_of
 from pipeline.engine.workers import CRFWorker, crf_inputs
 from tests.conftest import kampala_chip

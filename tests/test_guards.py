@@ -13,7 +13,7 @@ import pytest
 
 from models.atomic import PARTIAL_PREFIX, _read_umask, atomic_output
 from models.errors import ConfigError, DataError, OutputBusy
-from pipeline.engine.crf import refine
+from pipeline.crf import refine
 from pipeline.engine.failures import failure_line, log_failure, root_cause
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import LOCK_NAME, clean_debris, inside, output_folder, output_lock

@@ -196,7 +196,7 @@ class CRFWorker(MemoryReporting):
     ) -> np.ndarray:
         """The core's ``labels_of`` the CRF's marginals, over the core and the CRF's reach (``crf_inputs``:
         a no-op where the caller cut the arrays already)."""
-        from pipeline.engine.crf import refine
+        from pipeline.crf import refine
 
         tile, probabilities, window = crf_inputs(tile, probabilities, window, params)
         refined = refine(probabilities.astype(np.float32), window, params, input_max)

@@ -14,7 +14,7 @@ from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
 from models.metadata import CRFParams, InputScales, Tiling
 from models.metrics import SegmentationMetrics
-from pipeline.engine.crf import refine_labels
+from pipeline.crf import refine_labels
 from pipeline.engine.grid import core_of, model_halo, plan_tiles
 from pipeline.engine.workers import ModelWorker, read_windows, window_batches
 

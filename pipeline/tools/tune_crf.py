@@ -19,7 +19,7 @@ from models.checkpoint import LoadedModel
 from models.data import Pair
 from models.metadata import CRFParams
 from models.metrics import SegmentationMetrics
-from pipeline.engine.crf import refine_labels
+from pipeline.crf import refine_labels
 from pipeline.tools.evaluate import evaluation_halo, predictions
 
 Objective = Literal["miou", "boundary_f1"]
