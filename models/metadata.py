@@ -44,6 +44,34 @@ class CRFParams(BaseModel):
     sigma_gamma: float = Field(3.0, gt=0, description="smoothness spatial std, pixels")
 
 
+class CRFVerdict(BaseModel):
+    """Whether the tuned CRF helped on held-out images (``deeplab tune-crf``): the scores with and without
+    it. Where it did not help on both mIoU and boundary F1, the engine runs the model without the CRF
+    unless told otherwise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    miou_without: float
+    miou_with: float
+    boundary_f1_without: float
+    boundary_f1_with: float
+    images: int = Field(ge=1, description="held-out images the verdict was measured on")
+    source: str = Field("", description="which images, e.g. the globs and the held-out share")
+
+    @property
+    def helps(self) -> bool:
+        """The CRF helps unless it lowers mIoU without raising boundary F1, or lowers boundary F1 without
+        raising mIoU (a trade is the user's to make: the CRF stays on, as DeepLab runs it)."""
+        miou = self.miou_with - self.miou_without
+        boundary = self.boundary_f1_with - self.boundary_f1_without
+        return not ((miou < 0 and boundary <= 0) or (boundary < 0 and miou <= 0))
+
+    def describe(self) -> str:
+        return (
+            f"with the tuned CRF mIoU {self.miou_without:.3f} -> {self.miou_with:.3f}, boundary F1 "
+            f"{self.boundary_f1_without:.3f} -> {self.boundary_f1_with:.3f} on {self.images} held-out images"
+        )
+
+
 class Tiling(BaseModel):
     """How the engine cuts scenes for this model unless told otherwise: the tiling its held-out evaluation
     was measured with (``deeplab evaluate --tile N --save-tiling``). Models with image pooling depend on
@@ -126,6 +154,9 @@ class CheckpointMetadata(BaseModel):
     ignore_index: int | None = 255
     crf: CRFParams = Field(default_factory=CRFParams)
     crf_tuning: dict[str, Any] | None = None
+    crf_verdict: CRFVerdict | None = Field(
+        None, description="whether the tuned CRF helped on held-out images (None: never measured; CRF on)"
+    )
     tiling: Tiling | None = Field(None, description="the engine's default tiling for it (None: the engine's)")
     tiling_tuning: dict[str, Any] | None = None
     tta: TTA | None = Field(
@@ -160,6 +191,14 @@ class CheckpointMetadata(BaseModel):
     @property
     def num_bands(self) -> int:
         return len(self.bands)
+
+    def crf_advice(self) -> tuple[bool, str]:
+        """Whether to run the CRF unless told, and why (the report and the model card say it)."""
+        if self.crf_verdict is None:
+            return True, "on by default (the checkpoint records no held-out verdict on the CRF)"
+        if self.crf_verdict.helps:
+            return True, f"on as the checkpoint advises: {self.crf_verdict.describe()}"
+        return False, f"off as the checkpoint advises: {self.crf_verdict.describe()}"
 
     def views(self, asked: str | None = None) -> str:
         """The test-time views to run: those asked for, else the stored ones, else none."""

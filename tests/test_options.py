@@ -88,11 +88,23 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "keep_warm_s",
         "max_pixels",
         "wait",
+        "crf_device",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
-    # the manifests written before the options moved keep their key: the nightly run redoes nothing
-    assert config_hash(SegmentOptions()) == "0f9582525522fcf7"
-    assert config_hash(SegmentOptions(scales=(1.0,), fuse="max")) == "a31411298a38e503"
+    # the manifests written before the options moved keep their key: the nightly run redoes nothing (the
+    # driver hashes options as planned: the CRF decided, its backend resolved)
+    assert config_hash(SegmentOptions(crf=True)) == "0f9582525522fcf7"
+    assert config_hash(SegmentOptions(crf=True, scales=(1.0,), fuse="max")) == "a31411298a38e503"
+    # a field added later is hashed only away from what every earlier run did
+    planned = SegmentOptions(crf=True, crf_backend="pydensecrf", scales=(1.0,), fuse="max")
+    assert config_hash(planned) == "a31411298a38e503"
+    assert config_hash(planned.model_copy(update={"crf_backend": "torch"})) != "a31411298a38e503"
+
+
+def test_the_crf_backend_must_run_where_the_crf_is_asked_to() -> None:
+    with pytest.raises(ValueError, match="--crf-device gpu needs --crf-backend torch"):
+        SegmentOptions(crf_device="gpu", crf_backend="pydensecrf")
+    assert SegmentOptions(crf_device="gpu").crf_backend is None  # resolved to torch by the plan
 
 
 def test_a_bad_value_names_its_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

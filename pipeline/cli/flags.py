@@ -54,8 +54,9 @@ def _arguments(name: str, field: FieldInfo) -> dict[str, Any]:
         "help": (field.description or "") + _default_text(field),
     }
     if kind is bool:
-        # a flag that is on by default is turned off with --no-NAME (--no-crf), the others turned on
-        keywords["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        # a flag that is on by default, or decided later when unset, takes --NAME and --no-NAME (--no-crf);
+        # one that is off by default is turned on
+        keywords["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
     elif get_origin(kind) is Literal:
         keywords["choices"] = list(get_args(kind))
     elif get_origin(kind) is tuple:

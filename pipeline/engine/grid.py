@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from models.metadata import CheckpointMetadata, Tiling
+
+
+class _Indexable(Protocol):
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+# a NumPy array or a torch tensor (the model actor cuts its device tensors with the same functions)
+Sliceable = TypeVar("Sliceable", bound=_Indexable)
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,7 @@ def narrowed(tile: Tile, halo: int) -> Tile:
     return replace(tile, halo=min(halo, tile.halo), block=None)
 
 
-def crop_window(window_array: np.ndarray, tile: Tile, inner: Tile) -> np.ndarray:
+def crop_window(window_array: Sliceable, tile: Tile, inner: Tile) -> Sliceable:
     """Crop an array the size of ``tile``'s window (…, H, W) to the window of ``inner`` (same core)."""
     top, left = tile.window[:2]
     inner_top, inner_left, height, width = inner.window
@@ -210,7 +219,7 @@ def crop_window(window_array: np.ndarray, tile: Tile, inner: Tile) -> np.ndarray
     return window_array[..., rows : rows + height, cols : cols + width]
 
 
-def core_of(window_array: np.ndarray, tile: Tile) -> np.ndarray:
+def core_of(window_array: Sliceable, tile: Tile) -> Sliceable:
     """Crop a window-sized array (…, H, W) back to the tile's core."""
     top, left = tile.window[:2]
     rows = tile.core_top - top

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from models.atomic import write_text_atomically
 from models.errors import DataError
-from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions
+from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, neutral_value
 from pipeline.io.sources import Source, source_sha256
 
 MANIFEST_NAME = "manifest.json"
@@ -31,8 +31,13 @@ Outcome = Literal["done", "skipped", "failed"]
 
 
 def config_hash(options: SegmentOptions) -> str:
-    """A hash of the options that determine a result: every field not marked ``runtime``."""
-    fields = options.model_dump(mode="json", exclude=set(RUNTIME_ONLY_OPTIONS))
+    """A hash of the options that determine a result: every field not marked ``runtime``, less the
+    ``added_field`` ones while unset or at their neutral value."""
+    fields = {
+        name: value
+        for name, value in options.model_dump(mode="json", exclude=set(RUNTIME_ONLY_OPTIONS)).items()
+        if (neutral := neutral_value(name)) is None or value not in (None, neutral)
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

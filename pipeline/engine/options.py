@@ -10,17 +10,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.metadata import TTA, CRFParams, Fuse
 
 _RUNTIME = "runtime"
+_NEUTRAL = "neutral"
 WHOLE_GPU = 1.0  # the GPU share a model actor requests unless told otherwise
 
 
 def runtime_field(default: Any, **kwargs: Any) -> Any:
     """A field outside the result key: the same inputs give the same masks whatever its value."""
     return Field(default, json_schema_extra={_RUNTIME: True}, **kwargs)
+
+
+def added_field(default: Any, neutral: Any, **kwargs: Any) -> Any:
+    """A field added after results were keyed: left out of the config hash while unset or ``neutral`` (what
+    every run did before the field existed), so the manifests written before it keep their keys."""
+    return Field(default, json_schema_extra={_NEUTRAL: neutral}, **kwargs)
 
 
 class SegmentOptions(BaseModel):
@@ -42,7 +49,23 @@ class SegmentOptions(BaseModel):
         "(1: a window per core; larger: less halo work, more memory per window; default: the checkpoint's "
         "evaluated tiling, else 2)",
     )
-    crf: bool = Field(True, description="refine each window with the dense CRF")
+    crf: bool | None = Field(
+        None,
+        description="refine each window with the dense CRF (default: as the checkpoint advises: on, unless "
+        "its tune-crf found that the CRF did not help on held-out images)",
+    )
+    crf_backend: Literal["pydensecrf", "torch"] | None = added_field(
+        None,
+        neutral="pydensecrf",
+        description="the dense CRF's implementation: pydensecrf (C++, CPU) or torch (a permutohedral "
+        "lattice in torch, CPU or GPU; its labels agree with pydensecrf's on at least 995 pixels in 1000) "
+        "(default: torch with --crf-device gpu, else pydensecrf)",
+    )
+    crf_device: Literal["cpu", "gpu"] = runtime_field(
+        "cpu",
+        description="where the CRF runs: cpu (CRF actors beside the model actors) or gpu (inside each model "
+        "actor right after inference, on its device, so probabilities never leave it; torch backend)",
+    )
     crf_params: CRFParams | None = Field(
         None,
         description='the CRF\'s parameters as JSON, e.g. \'{"w1": 5, "sigma_alpha": 80}\' '
@@ -106,6 +129,18 @@ class SegmentOptions(BaseModel):
         description="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more "
         "model pass; tiles then agree where they meet)",
     )
+
+    @model_validator(mode="after")
+    def _crf_runs_where_its_backend_can(self) -> SegmentOptions:
+        if self.crf_device == "gpu" and self.crf_backend == "pydensecrf":
+            raise ValueError("--crf-device gpu needs --crf-backend torch: pydensecrf runs on the CPU only")
+        return self
+
+
+def neutral_value(name: str) -> Any:
+    """The value of an ``added_field`` that every earlier run had; None for the other fields."""
+    extra = SegmentOptions.model_fields[name].json_schema_extra
+    return extra.get(_NEUTRAL) if isinstance(extra, dict) else None
 
 
 def is_runtime(name: str) -> bool:

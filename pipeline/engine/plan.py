@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from models.metadata import TTA_PHRASES, CheckpointMetadata, CRFParams, InputScales, Tiling
+from pipeline.crf import CPU_DEFAULT
 from pipeline.engine.grid import (
     Tile,
     count_windows,
@@ -52,6 +53,16 @@ class ScenePlan:
     crf: CRFParams | None
     tta: str  # the options' test-time views, else the checkpoint's, else none
     multiscale: InputScales  # the options' input scales and fusion, else the checkpoint's, else 1 alone
+    crf_backend: str | None = None  # None when the CRF is off
+    crf_reason: str = ""  # why the CRF is on or off: the options, else the checkpoint's verdict
+
+    def crf_key(self) -> dict[str, Any] | None:
+        """The CRF's part of the ledger key: its parameters, and its backend where not pydensecrf (the one
+        every core was computed with before there was a choice: their keys stay valid)."""
+        if self.crf is None:
+            return None
+        backend = {} if self.crf_backend == "pydensecrf" else {"backend": self.crf_backend}
+        return self.crf.model_dump() | backend
 
     @property
     def window(self) -> int:
@@ -79,7 +90,8 @@ class ScenePlan:
             lines.append(f"  multi-scale inputs: {self.multiscale.describe()}")
         if self.tta != "none":
             lines.append(f"  test-time views ({self.tta}): logits averaged over {TTA_PHRASES[self.tta]}")
-        lines.append(f"  CRF: {self.crf.model_dump() if self.crf else 'off'}")
+        crf = f"{self.crf.model_dump()}, {self.crf_backend} backend" if self.crf else "off"
+        lines.append(f"  CRF: {crf} ({self.crf_reason})")
         lines += [f"  warning: {w}" for w in self.check.warnings]
         return lines
 
@@ -99,7 +111,8 @@ def plan_scene(
     check.raise_if_refused()
     if out_dir is not None:  # before tiling: a claimed 10^10-pixel grid is refused, not tiled
         check_fits(scene.path, shape, scene.bands, scene.dtype, out_dir, options.probabilities)
-    crf = (options.crf_params or metadata.crf) if options.crf else None
+    use_crf, crf_reason = crf_choice(options, metadata)
+    crf = (options.crf_params or metadata.crf) if use_crf else None
     tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
     multiscale = metadata.multiscale(options.scales, options.fuse)
     halo = options.halo
@@ -109,17 +122,52 @@ def plan_scene(
             metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context, min(multiscale.scales)
         )
     tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
-    plan = ScenePlan(check, shape, tiling, halo, tiles, crf, metadata.views(options.tta), multiscale)
+    plan = ScenePlan(
+        check,
+        shape,
+        tiling,
+        halo,
+        tiles,
+        crf,
+        metadata.views(options.tta),
+        multiscale,
+        crf_backend(options) if crf else None,
+        crf_reason,
+    )
     if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
         check.warnings.append(warning)
     return plan
+
+
+def crf_choice(options: SegmentOptions, metadata: CheckpointMetadata) -> tuple[bool, str]:
+    """Whether the CRF runs, and why: ``--crf``/``--no-crf``, else the checkpoint's advice."""
+    if options.crf is not None:
+        return (
+            options.crf,
+            f"{'on' if options.crf else 'off'} as asked ({'--crf' if options.crf else '--no-crf'})",
+        )
+    return metadata.crf_advice()
+
+
+def crf_backend(options: SegmentOptions) -> str:
+    """The CRF implementation a run uses: the one asked for, else torch on the GPU, else the CPU default."""
+    if options.crf_backend is not None:
+        return options.crf_backend  # never pydensecrf with --crf-device gpu: the options refuse that
+    return "torch" if options.crf_device == "gpu" else CPU_DEFAULT
 
 
 def as_planned(options: SegmentOptions, plan: ScenePlan) -> SegmentOptions:
     """``options`` with what ``plan`` resolved from the checkpoint filled in (the input scales and fusion),
     as the manifest hashes them: an unset option and the value it stands for give one key, and keys from
     before these options could be unset stay valid."""
-    return options.model_copy(update={"scales": plan.multiscale.scales, "fuse": plan.multiscale.fuse})
+    return options.model_copy(
+        update={
+            "scales": plan.multiscale.scales,
+            "fuse": plan.multiscale.fuse,
+            "crf": plan.crf is not None,
+            "crf_backend": plan.crf_backend,
+        }
+    )
 
 
 def count_nodata_cores(scene: Scene, plan: ScenePlan) -> int:

@@ -183,6 +183,7 @@ def _report(
         checkpoint_sha256=loaded.sha256,
         # every field marked as set, so that the report always lists all of the CRF's parameters
         crf=CRFParams.model_validate(plan.crf.model_dump()) if plan.crf else None,
+        crf_reason=plan.crf_reason,
         scales=list(plan.multiscale.scales),
         fuse=plan.multiscale.fuse,
         tta=plan.tta,
@@ -190,6 +191,9 @@ def _report(
         megapixels_per_second=round(scene.height * scene.width / 1e6 / max(total, 1e-9), 4),
         software_version=software_version(),
     )
+    if plan.crf is not None:
+        report.crf_backend = plan.crf_backend
+        report.crf_device = options.crf_device
     skipped_share = round(tiles.skipped / max(tiles.total, 1), 4)
     section = publisher.report_section(publication, [int(n) for n in class_pixels], skipped_share)
     for name, value in section.items():
@@ -207,6 +211,7 @@ def _provenance(
         "DEEPLAB_CHECKPOINT_SHA256": loaded.sha256,
         "DEEPLAB_CLASSES": json.dumps([c.name for c in metadata.classes]),
         "DEEPLAB_CRF": json.dumps(plan.crf.model_dump()) if plan.crf else "off",
+        **({"DEEPLAB_CRF_BACKEND": plan.crf_backend or ""} if plan.crf else {}),
         "DEEPLAB_TILE": str(plan.tiling.tile),
         "DEEPLAB_HALO": str(plan.halo),
         "DEEPLAB_MODEL_GRID_SCALE": f"{plan.check.scale:.6g}",

@@ -61,6 +61,9 @@ class SceneReport(BaseModel):
     checkpoint: str
     checkpoint_sha256: str
     crf: CRFParams | None
+    crf_reason: str | None = None  # why the CRF ran or not: the options, else the checkpoint's verdict
+    crf_backend: str | None = None  # set when the CRF ran
+    crf_device: str | None = None  # cpu: CRF actors; gpu: inside the model actors, on their device
     scales: list[float]
     fuse: str
     tta: str

@@ -24,7 +24,8 @@ from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
-from pipeline.engine.grid import PLAN_VERSION, Tile, core_of, fit_blocks, has_image_pooling
+from pipeline.crf import CPU_DEFAULT
+from pipeline.engine.grid import PLAN_VERSION, Tile, fit_blocks, has_image_pooling
 from pipeline.engine.ledger import Ledger, result_key
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import WORK_NAME, inside
@@ -42,6 +43,7 @@ from pipeline.engine.workers import (
     context_of,
     local_context_sums,
     read_windows,
+    tiles_of,
     window_batches,
     write_core,
 )
@@ -96,7 +98,7 @@ def stage_work(
         tile=plan.tiling.tile,
         halo=plan.halo,
         cores_per_window=plan.tiling.cores_per_window,
-        crf=plan.crf.model_dump() if plan.crf else None,
+        crf=plan.crf_key(),
         scales=plan.multiscale.scales,
         fuse=plan.multiscale.fuse,
         tta=plan.tta,
@@ -145,6 +147,8 @@ def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
     """What each window of the scene goes through (before any scene context)."""
     return WorkSpec(
         crf=prepared.plan.crf,
+        crf_backend=prepared.plan.crf_backend or CPU_DEFAULT,
+        crf_device=options.crf_device,
         input_max=prepared.checkpoint.metadata.input_max,
         scales=prepared.plan.multiscale.scales,
         fuse=prepared.plan.multiscale.fuse,
@@ -226,15 +230,21 @@ def _compute_in_process(
     crf = CRFWorker()
     for batch in window_batches(work.todo, spec.batch_size):
         windows = read_windows(image, batch)
-        results = model.predict_for(windows, spec)
-        for members, window, result in zip(batch, windows, results, strict=True):
-            for tile, valid in members:
-                if spec.crf is not None:
-                    planes = crf.refine_core(
-                        result, window, spec.crf, spec.input_max, tile, spec.probabilities
+        if spec.crf_on_actors and (params := spec.crf) is not None:
+            results = model.predict_for(windows, spec)
+            cores = [
+                [
+                    crf.refine_core(
+                        result, window, params, spec.input_max, tile, spec.probabilities, spec.crf_backend
                     )
-                else:
-                    planes = core_of(result, tile)
+                    for tile, _ in members
+                ]
+                for members, window, result in zip(batch, windows, results, strict=True)
+            ]
+        else:
+            cores = model.segment_cores(windows, tiles_of(batch), spec)
+        for members, planes_of_window in zip(batch, cores, strict=True):
+            for (tile, valid), planes in zip(members, planes_of_window, strict=True):
                 write_core(work.ledger, tile, valid, planes)
                 on_core()
     return len(work.todo)

@@ -28,6 +28,8 @@ class WorkSpec:
 
     crf: CRFParams | None
     input_max: float
+    crf_backend: str = "pydensecrf"
+    crf_device: str = "cpu"  # gpu: refined inside the model actor, on its device (``segment_cores``)
     scales: tuple[float, ...] = (1.0,)
     fuse: str = "max"
     tta: str = "none"
@@ -36,6 +38,11 @@ class WorkSpec:
     amp: bool = True
     probabilities: bool = False
     context: np.ndarray | None = None  # --context scene: (branches, channels) pooled features of the scene
+
+    @property
+    def crf_on_actors(self) -> bool:
+        """Whether windows go on to CRF actors (else the model actor finishes each core itself)."""
+        return self.crf is not None and self.crf_device == "cpu"
 
 
 CoreDone = Callable[[], None]  # progress callback, once per finished core
@@ -115,6 +122,57 @@ class ModelWorker(MemoryReporting):
         ``context``: (branches, channels) scene-level pooled features for DeepLab-v3's image pooling."""
         import torch
 
+        probabilities = self._probabilities(windows, scales, fuse, context, tta)
+        if as_probabilities:
+            return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
+        top, labels = probabilities.max(1)
+        planes = [labels.to(torch.uint8)]
+        if with_confidence:
+            planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
+        return list(torch.stack(planes, 1).cpu().numpy())
+
+    def segment_cores(
+        self, windows: list[np.ndarray], cores: list[list[Tile]], spec: WorkSpec
+    ) -> list[list[np.ndarray]]:
+        """Each core's ``labels_of`` planes (``cores[i]``: those of window i), finished here: without the CRF,
+        or with it on this actor's device (``--crf-device gpu``): the windows' probabilities stay on the
+        device, every core is cut to its CRF reach and the whole batch is refined in one lattice; only the
+        cores' labels leave. The same arithmetic as a CRF actor's, on the same float16-rounded input."""
+        import torch
+
+        if spec.crf is None:
+            results = self.predict_for(windows, spec)
+            return [[core_of(r, t) for t in tiles] for r, tiles in zip(results, cores, strict=True)]
+        from pipeline.crf.mean_field import TorchCRF  # the one backend that runs on any device
+
+        crf = TorchCRF(self.device)
+        probabilities = self._probabilities(windows, spec.scales, spec.fuse, spec.context, spec.tta)
+        probabilities = probabilities.half().float()  # what a CRF actor receives: equal results anywhere
+        inner, cut_probabilities, cut_windows = [], [], []
+        for index, tiles in enumerate(cores):
+            image = torch.from_numpy(np.ascontiguousarray(windows[index])).to(self.device)
+            for tile in tiles:
+                inner.append(crf_tile(tile, spec.crf))
+                cut_probabilities.append(crop_window(probabilities[index], tile, inner[-1]))
+                cut_windows.append(crop_window(image, tile, inner[-1]))
+        refined = crf.refine_tensors(cut_probabilities, cut_windows, spec.crf, spec.input_max)
+        planes = iter(
+            labels_of(core_of(marginals, tile).cpu().numpy(), spec.probabilities)
+            for marginals, tile in zip(refined, inner, strict=True)
+        )
+        return [[next(planes) for _ in tiles] for tiles in cores]
+
+    def _probabilities(
+        self,
+        windows: list[np.ndarray],
+        scales: tuple[float, ...],
+        fuse: str,
+        context: np.ndarray | None,
+        tta: str,
+    ) -> Any:
+        """Softmax probabilities (N, classes, H, W) of the windows, a tensor on this actor's device."""
+        import torch
+
         from models.context import fixed_context
         from models.inference import normalise, predict_probabilities
 
@@ -123,16 +181,7 @@ class ModelWorker(MemoryReporting):
             nullcontext() if context is None else fixed_context(self.model, list(torch.from_numpy(context)))
         )
         with scope:
-            probabilities = predict_probabilities(
-                self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta
-            )
-        if as_probabilities:
-            return list(probabilities.cpu().numpy().astype(np.float16))  # halves the object-store traffic
-        top, labels = probabilities.max(1)
-        planes = [labels.to(torch.uint8)]
-        if with_confidence:
-            planes.append(torch.round(top.float() * CONFIDENCE_SCALE).to(torch.uint8))
-        return list(torch.stack(planes, 1).cpu().numpy())
+            return predict_probabilities(self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta)
 
     def context_sums(
         self, windows: list[np.ndarray], cores: list[list[Tile]], threads: int | None = None
@@ -179,9 +228,14 @@ def crf_inputs(
 ) -> tuple[Tile, np.ndarray, np.ndarray]:
     """What a CRF job needs: the core with its kernels' reach of context, not the model's (often 4x the
     pixels, and the CRF's time grows with them). Returns the narrowed tile and both arrays cut to it."""
-    inner = narrowed(tile, crf_reach(params.sigma_alpha, params.sigma_gamma))
+    inner = crf_tile(tile, params)
     cut = [np.ascontiguousarray(crop_window(a, tile, inner)) for a in (probabilities, window)]
     return inner, cut[0], cut[1]
+
+
+def crf_tile(tile: Tile, params: CRFParams) -> Tile:
+    """``tile`` with only the context the CRF's kernels reach (3 σ of the widest)."""
+    return narrowed(tile, crf_reach(params.sigma_alpha, params.sigma_gamma))
 
 
 class CRFWorker(MemoryReporting):
@@ -193,13 +247,14 @@ class CRFWorker(MemoryReporting):
         input_max: float,
         tile: Tile,
         with_confidence: bool = False,
+        backend: str = "pydensecrf",
     ) -> np.ndarray:
         """The core's ``labels_of`` the CRF's marginals, over the core and the CRF's reach (``crf_inputs``:
-        a no-op where the caller cut the arrays already)."""
+        a no-op where the caller cut the arrays already), by the CRF ``backend`` on this CPU."""
         from pipeline.crf import refine
 
         tile, probabilities, window = crf_inputs(tile, probabilities, window, params)
-        refined = refine(probabilities.astype(np.float32), window, params, input_max)
+        refined = refine(probabilities.astype(np.float32), window, params, input_max, backend_name=backend)
         return labels_of(core_of(refined, tile), with_confidence)
 
 

@@ -19,7 +19,9 @@ from pipeline.engine.workers import CRFWorker, ModelWorker, WorkSpec
 from pipeline.ray import warm_actors
 
 # the engine's plain workers as actor classes that keep an idle clock (for warm actors)
-ModelActor = warm_actors.warmable(ModelWorker, "ModelActor", __name__, ("predict", "context_sums"))
+ModelActor = warm_actors.warmable(
+    ModelWorker, "ModelActor", __name__, ("predict", "segment_cores", "context_sums")
+)
 CRFActor = warm_actors.warmable(CRFWorker, "CRFActor", __name__, ("refine_core",))
 
 _MAX_REPLACEMENTS_PER_NODE = 2
@@ -198,14 +200,14 @@ class ActorPools:
             if node.node_id in self.placed:
                 continue
             plan = ActorPlan.for_resources(
-                node.cpus, node.gpus, self.spec.crf is not None, cluster_has_gpus, self.gpus_per_model_actor
+                node.cpus, node.gpus, self.spec.crf_on_actors, cluster_has_gpus, self.gpus_per_model_actor
             )
             if plan.model_actors + plan.crf_actors == 0:
                 continue  # nothing fits (yet: a joining node may not have reported its resources)
             self.placed[node.node_id] = node
             self.plans[node.node_id] = plan
             self._place(node, "model", plan.model_actors)
-            self._place(node, "crf", plan.crf_actors if self.spec.crf is not None else 0)
+            self._place(node, "crf", plan.crf_actors if self.spec.crf_on_actors else 0)
         # An actor lost on a node that is still alive (its process died twice, it became unreachable) is
         # replaced there, a bounded number of times: a node whose actors keep dying stops getting new ones.
         for node, kind in replacements:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import DeepLabError
-from pipeline.engine.grid import Tile, core_of
+from pipeline.engine.grid import Tile
 from pipeline.engine.ledger import Ledger
 from pipeline.engine.options import WHOLE_GPU
 from pipeline.engine.workers import (
@@ -163,7 +163,10 @@ def run_tiles(
         while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
             index = queue.popleft()
             windows = read_windows(image, batches[index])
-            ref = member.handle.predict_for.remote(windows, spec)
+            if spec.crf_on_actors:
+                ref = member.handle.predict_for.remote(windows, spec)
+            else:  # the model actor finishes the cores: without the CRF, or with it on its device
+                ref = member.handle.segment_cores.remote(windows, tiles_of(batches[index]), spec)
             cores = cores_in(batches[index])
             member.load += cores
             model_jobs[ref] = _ModelJob(member, index, windows, cores)
@@ -172,7 +175,13 @@ def run_tiles(
             job.member = member
             member.load += 1
             ref = member.handle.refine_core.remote(
-                job.probabilities, job.window, spec.crf, spec.input_max, job.tile, spec.probabilities
+                job.probabilities,
+                job.window,
+                spec.crf,
+                spec.input_max,
+                job.tile,
+                spec.probabilities,
+                spec.crf_backend,
             )
             crf_jobs[ref] = job
         if not model_jobs and not crf_jobs:
@@ -199,15 +208,15 @@ def run_tiles(
                 stats.pools.cores[(label, "model")] += model_job.cores
                 batch = batches[model_job.batch]
                 for members, window, result in zip(batch, model_job.windows, results, strict=True):
-                    for tile, valid in members:
-                        if spec.crf is not None:
+                    for index, (tile, valid) in enumerate(members):
+                        if spec.crf_on_actors and spec.crf is not None:
                             # cut here, not in the CRF actor: only the CRF's reach travels to it
                             crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, spec.crf)
                             crf_waiting.append(
                                 _CRFJob(crf_tile, valid, probabilities, crf_window, model_job.member.node)
                             )
                         else:
-                            done(tile, valid, core_of(result, tile), label)
+                            done(tile, valid, result[index], label)
             else:
                 crf_job = crf_jobs.pop(ref)
                 assert crf_job.member is not None

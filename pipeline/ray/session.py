@@ -217,7 +217,7 @@ class KeptActors:
     def _key(
         checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float
     ) -> tuple[str, bool, str, bool, float]:
-        return (checkpoint_sha256, spec.crf is not None, spec.device, spec.amp, gpus_per_model_actor)
+        return (checkpoint_sha256, spec.crf_on_actors, spec.device, spec.amp, gpus_per_model_actor)
 
     def pools(
         self,
