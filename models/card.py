@@ -209,9 +209,22 @@ def _crf_lines(metadata: CheckpointMetadata) -> list[str]:
         f"σβ = {crf.sigma_beta:g}, w2 = {crf.w2:g}, σγ = {crf.sigma_gamma:g}, {crf.iterations} iterations."
     )
     tuning = metadata.crf_tuning
+    run, why = metadata.crf_advice()
+    advice = [
+        "",
+        f"`deeplab segment` runs this model {'with' if run else 'without'} the CRF unless told otherwise "
+        f"(`--crf` / `--no-crf`): {why}"
+        + (
+            f" ({metadata.crf_verdict.source})."
+            if metadata.crf_verdict and metadata.crf_verdict.source
+            else "."
+        ),
+    ]
     if not tuning:
-        return [line, "", "Not tuned: the paper's defaults."]
+        return [line, "", "Not tuned: the paper's defaults.", *advice]
     return [
+        *advice[1:],
+        "",
         line,
         "",
         f"Tuned by `deeplab tune-crf` ({tuning['trials']} settings, coarse-to-fine, objective "

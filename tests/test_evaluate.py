@@ -119,3 +119,32 @@ def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
     assert best >= tuning["paper_defaults"]["miou"]  # the search includes the paper's setting
     after = load_checkpoint(model)
     assert after.metadata.classes == before.metadata.classes
+    # the verdict: the chosen setting against no CRF on the images the search did not see
+    verdict = metadata.crf_verdict
+    assert (
+        verdict is not None and verdict.images == len(HELD_OUT) // 3 and tuning["images"] == len(HELD_OUT) - 1
+    )
+    assert "held out of the search" in verdict.source
+    assert metadata.crf_advice()[0] is verdict.helps
+    # --verdict-only: the stored CRF measured on other held-out images, no search
+    stored = metadata.crf
+    assert (
+        main(
+            [
+                "tune-crf",
+                "--model",
+                str(model),
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--crop",
+                "96",
+                "--verdict-only",
+            ]
+        )
+        == 0
+    )
+    again = read_metadata(model)
+    assert again.crf == stored and again.crf_tuning == tuning
+    assert again.crf_verdict is not None and again.crf_verdict.images == len(HELD_OUT)

@@ -36,7 +36,8 @@ kampala() {  # $1: the model's name (buildings-kampala, the reference; buildings
   tune_set="$chips/OAM-12384[5][68]-104653[2-5]-21.tif"     # 8 of the 16 held-out zoom-21 chips
   rest_set="$chips/OAM-12384[5][79]-104653[2-5]-21.tif"     # the other 8
   all_set="$chips/OAM-12384[5][6-9]-104653[2-5]-21.tif"
-  "$deeplab" tune-crf --model "$model" --images "$tune_set" --masks "$masks" --crop 256 --workers 2
+  "$deeplab" tune-crf --model "$model" --images "$tune_set" --masks "$masks" --crop 256 --workers 2 \
+    --verdict-images "$rest_set" --verdict-masks "$masks"
   "$deeplab" evaluate --model "$model" --images "$all_set" --masks "$masks" --crf \
     --report "$here/reports/$1.held-out.json" --record-as held_out
   "$deeplab" evaluate --model "$model" --images "$rest_set" --masks "$masks" --crf \
@@ -64,7 +65,8 @@ dubai() {  # $1: the model's name; landcover-dubai-lite0 keeps the engine's defa
       --tta none d4
   fi
   "$deeplab" tune-crf --model "$model" --images "$images/tile7_image_part_00[1-3].jpg" --masks "$masks" \
-    --crop 512 --workers 2 --exclude-classes unlabeled
+    --crop 512 --workers 2 --exclude-classes unlabeled \
+    --verdict-images "$images/tile7_image_part_00[4-9].jpg" --verdict-masks "$masks"
   "$deeplab" evaluate --model "$model" --images "$images/tile7_*.jpg" --masks "$masks" --crf \
     --exclude-classes unlabeled --report "$here/reports/$1.held-out.json" --record-as held_out
   "$deeplab" evaluate --model "$model" --images "$images/tile7_image_part_00[4-9].jpg" --masks "$masks" --crf \
@@ -74,3 +76,21 @@ dubai() {  # $1: the model's name; landcover-dubai-lite0 keeps the engine's defa
 }
 if [[ "$which" == dubai || "$which" == all ]]; then dubai landcover-dubai; fi
 if [[ "$which" == dubai-lite0 || "$which" == all ]]; then dubai landcover-dubai-lite0; fi
+
+# The CRF's verdict alone (no new search): each tuned model's stored CRF against none on the held-out images
+# its search did not see; `segment` runs a model without the CRF where it did not help there.
+if [[ "$which" == verdicts ]]; then
+  chips="$data/kampala-buildings/chips"; kmasks="$data/kampala-buildings/masks"
+  for name in buildings-kampala buildings-kampala-lite0; do
+    "$deeplab" tune-crf --model "$here/$name.safetensors" --verdict-only --crop 256 \
+      --images "$chips/OAM-12384[5][79]-104653[2-5]-21.tif" --masks "$kmasks"
+  done
+  for name in landcover-dubai landcover-dubai-lite0; do
+    "$deeplab" tune-crf --model "$here/$name.safetensors" --verdict-only --crop 512 --exclude-classes unlabeled \
+      --images "$data/dubai-landcover/images/tile7_image_part_00[4-9].jpg" --masks "$data/dubai-landcover/masks"
+  done
+  for name in buildings-kampala buildings-kampala-lite0 landcover-dubai landcover-dubai-lite0; do
+    attribution="$here/attribution/kampala.md"; [[ "$name" == landcover-* ]] && attribution="$here/attribution/dubai.md"
+    "$deeplab" card "$here/$name.safetensors" --attribution "$attribution" --out "$here/$name.md"
+  done
+fi

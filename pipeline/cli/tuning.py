@@ -99,12 +99,28 @@ def _evaluation_tiling(args: argparse.Namespace, metadata: Any) -> Any:
 
 def _cmd_tune_crf(args: argparse.Namespace) -> int:
     from models.checkpoint import load_checkpoint, update_metadata
+    from models.errors import ConfigError
     from models.metadata import CRFParams
     from pipeline.tools.evaluate import find_pairs, metric_classes
-    from pipeline.tools.tune_crf import Trial, tune
+    from pipeline.tools.tune_crf import HOLD_OUT_EVERY, Trial, crf_verdict, hold_out, tune
 
     loaded = load_checkpoint(args.model)
     pairs = find_pairs(args.images, args.masks)
+    if args.verdict_only:
+        return _crf_verdict_only(args, loaded, pairs)
+    if bool(args.verdict_images) != bool(args.verdict_masks):
+        raise ConfigError("--verdict-images and --verdict-masks go together")
+    if args.verdict_images:
+        search, held = pairs, find_pairs(args.verdict_images, args.verdict_masks)
+        source = f"{args.verdict_images} (not used in the search)"
+    else:
+        if len(pairs) < HOLD_OUT_EVERY:
+            raise ConfigError(
+                f"{args.images}: {len(pairs)} image(s); the verdict holds out every {HOLD_OUT_EVERY}rd "
+                f"image, so give at least {HOLD_OUT_EVERY}, or --verdict-images and --verdict-masks"
+            )
+        search, held = hold_out(pairs)
+        source = f"every {HOLD_OUT_EVERY}rd image of {args.images}, held out of the search"
     exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     miou_classes = metric_classes(loaded, exclude)
 
@@ -117,7 +133,7 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
     result = tune(
         loaded,
-        pairs,
+        search,
         objective=args.objective,
         crop=args.crop,
         iterations=args.iterations,
@@ -130,12 +146,40 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
         f"best: {best.model_dump()} -> {result['best_score']} (no CRF {result['no_crf']}, "
         f"paper defaults {result['paper_defaults']})"
     )
+    verdict = crf_verdict(loaded, held, best, args.crop, miou_classes, source)
+    _say_verdict(verdict)
     if not args.dry_run:
         update_metadata(
-            args.model, crf=best, crf_tuning=result | {"image_glob": args.images, "mask_glob": args.masks}
+            args.model,
+            crf=best,
+            crf_tuning=result | {"image_glob": args.images, "mask_glob": args.masks},
+            crf_verdict=verdict,
         )
-        console.print(f"wrote the tuned CRF parameters into {args.model}")
+        console.print(f"wrote the tuned CRF parameters and the verdict into {args.model}")
     return 0
+
+
+def _crf_verdict_only(args: argparse.Namespace, loaded: Any, pairs: list[Any]) -> int:
+    """--verdict-only: the checkpoint's CRF against none on the given (held-out) images; no search."""
+    from models.checkpoint import update_metadata
+    from pipeline.tools.evaluate import metric_classes
+    from pipeline.tools.tune_crf import crf_verdict
+
+    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    source = f"{args.images} (held out: --verdict-only)"
+    verdict = crf_verdict(
+        loaded, pairs, loaded.metadata.crf, args.crop, metric_classes(loaded, exclude), source
+    )
+    _say_verdict(verdict)
+    if not args.dry_run:
+        update_metadata(args.model, crf_verdict=verdict)
+        console.print(f"wrote the verdict into {args.model}")
+    return 0
+
+
+def _say_verdict(verdict: Any) -> None:
+    outcome = "helps: segment runs it" if verdict.helps else "does not help: segment runs without it"
+    console.print(f"verdict: {verdict.describe()}; the CRF {outcome} unless told otherwise")
 
 
 def _cmd_tune_tiling(args: argparse.Namespace) -> int:
@@ -275,6 +319,17 @@ def add_tuning_commands(commands: Any) -> None:
     tune_crf.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     tune_crf.add_argument("--workers", type=int, help="CRF processes (default: CPU count, at most 4)")
     tune_crf.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
+    tune_crf.add_argument(
+        "--verdict-images",
+        help="held-out images for the verdict on whether the tuned CRF helps (default: every third image of "
+        "--images, kept out of the search)",
+    )
+    tune_crf.add_argument("--verdict-masks", help="their masks")
+    tune_crf.add_argument(
+        "--verdict-only",
+        action="store_true",
+        help="no search: measure the checkpoint's CRF against none on --images (held out) and record that",
+    )
     tune_crf.add_argument("--dry-run", action="store_true", help="report, but leave the checkpoint unchanged")
     tune_crf.set_defaults(handler=_cmd_tune_crf)
 

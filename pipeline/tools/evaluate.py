@@ -38,10 +38,12 @@ def predictions(
     tiling: Tiling | None = None,
     halo: int = 0,
     tta: str | None = None,
+    cut: int | None = None,
 ) -> Iterator[Prediction]:
     """Read and check each pair, then run the model (at each of ``multiscale``'s scales; None: the
     checkpoint's), prepared for inference as the engine runs it: on the whole image, or with ``tiling`` on
-    the engine's windows (``halo`` around cores); ``tta``: the test-time views (None: the checkpoint's)."""
+    the engine's windows (``halo`` around cores); ``tta``: the test-time views (None: the checkpoint's).
+    ``cut``: only a centre crop of this size of each image (and its mask) is predicted."""
     metadata = loaded.metadata
     tta = metadata.views(tta)
     multiscale = multiscale or metadata.multiscale()
@@ -49,11 +51,19 @@ def predictions(
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)
+        if cut is not None:
+            image, truth = centre_crop(image, cut), centre_crop(truth, cut)
         if tiling is None:
             probabilities = predict_image(worker.model, metadata, image, multiscale, tta)
         else:
             probabilities = tiled_probabilities(worker, image, tiling, halo, multiscale, tta)
         yield Prediction(pair, image, truth, probabilities)
+
+
+def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
+    height, width = array.shape[-2:]
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    return array[..., top : top + size, left : left + size]
 
 
 def tiled_probabilities(

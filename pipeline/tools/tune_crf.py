@@ -2,6 +2,10 @@
 
 The network runs once per image; every candidate setting then re-runs only the CRF, on fixed crops, in a
 process pool. The smoothness kernel stays at the paper's w2 = 3, σγ = 3.
+
+Then the verdict (``crf_verdict``): the chosen setting against no CRF on images the search never saw (every
+third image held out, or images given for it). It is recorded in the checkpoint; where the CRF did not help
+there, ``segment`` runs the model without it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ import numpy as np
 
 from models.checkpoint import LoadedModel
 from models.data import Pair
-from models.metadata import CRFParams
+from models.metadata import CRFParams, CRFVerdict
 from models.metrics import SegmentationMetrics
 from pipeline.crf import refine_labels
-from pipeline.tools.evaluate import evaluation_halo, predictions
+from pipeline.tools.evaluate import centre_crop, evaluation_halo, predictions
+
+# context kept around a crop for a model run on whole images: the crop's pixels see what they would in the
+# whole image, up to this far (the engine's halo does the same for tiled models)
+WHOLE_IMAGE_CONTEXT = 128
 
 Objective = Literal["miou", "boundary_f1"]
 COARSE_W1 = (3.0, 5.0, 7.0)
 COARSE_SIGMA_ALPHA = (20.0, 50.0, 80.0, 120.0)
 COARSE_SIGMA_BETA = (3.0, 5.0, 8.0, 13.0, 20.0)
+HOLD_OUT_EVERY = 3  # every third image (in name order) is kept from the search for the verdict
 
 
 @dataclass(frozen=True)
@@ -43,22 +52,18 @@ class Trial:
     boundary_f1: float
 
 
-def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
-    height, width = array.shape[-2:]
-    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
-    return array[..., top : top + size, left : left + size]
-
-
 def collect_samples(loaded: LoadedModel, pairs: list[Pair], crop: int) -> list[Sample]:
     """Model probabilities once per image (on the checkpoint's tiling and test-time views where it records
-    them, as the engine runs it), cut to a centre crop to bound the CRF's cost."""
+    them, as the engine runs it), cut to a centre crop to bound the CRF's cost. The model runs only on the
+    crop and its context (the halo, or ``WHOLE_IMAGE_CONTEXT``), not on the whole image."""
     tiling = loaded.metadata.tiling
     halo = evaluation_halo(loaded, tiling, loaded.metadata.crf) if tiling else 0
+    cut = crop + 2 * (halo or WHOLE_IMAGE_CONTEXT)
     return [
         Sample(
             centre_crop(p.image, crop), centre_crop(p.truth, crop), centre_crop(p.probabilities, crop).copy()
         )
-        for p in predictions(loaded, pairs, tiling=tiling, halo=halo)
+        for p in predictions(loaded, pairs, tiling=tiling, halo=halo, cut=cut)
     ]
 
 
@@ -162,3 +167,38 @@ def tune(
         "trials": len(trials),
         "coarse_grid": {"w1": COARSE_W1, "sigma_alpha": COARSE_SIGMA_ALPHA, "sigma_beta": COARSE_SIGMA_BETA},
     }
+
+
+def hold_out(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """(search images, verdict images): every ``HOLD_OUT_EVERY``-th image in name order is held out."""
+    ordered = sorted(pairs, key=lambda p: p.stem)
+    held = ordered[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
+    return [p for p in ordered if p not in held], held
+
+
+def crf_verdict(
+    loaded: LoadedModel,
+    pairs: list[Pair],
+    params: CRFParams,
+    crop: int,
+    miou_classes: list[str] | None,
+    source: str,
+) -> CRFVerdict:
+    """``params`` against no CRF on ``pairs`` (images the search did not see), the model run as the engine
+    runs it."""
+    metadata = loaded.metadata
+    names = [c.name for c in metadata.classes]
+    chosen = miou_classes or names
+    samples = collect_samples(loaded, pairs, crop)
+    plain = SegmentationMetrics(names, metadata.ignore_index)
+    for sample in samples:
+        plain.update(sample.probabilities.argmax(0), sample.truth)
+    miou, boundary = score(samples, params, names, metadata.ignore_index, metadata.input_max, chosen)
+    return CRFVerdict(
+        miou_without=round(plain.miou(chosen), 4),
+        miou_with=round(miou, 4),
+        boundary_f1_without=round(plain.boundary_f1(), 4),
+        boundary_f1_with=round(boundary, 4),
+        images=len(samples),
+        source=source,
+    )
