@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from models.atomic import write_text_atomically
+from bench.reporting import machine, write_report
 from models.data import read_image
 from models.metadata import CRFParams
 from pipeline.engine.workers import peak_rss_mb
@@ -30,7 +29,6 @@ from pipeline.engine.workers import peak_rss_mb
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 ZOO = ROOT / "models" / "zoo"
-REPORTS = ROOT / "bench" / "reports"
 SIDE = 1024  # 1 MP windows
 
 
@@ -130,13 +128,7 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["window"] == row["window"] and r["backend"] == "pydensecrf")
         row["speed_vs_pydensecrf"] = round(row["mp_per_s"] / base["mp_per_s"], 2)
-    result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "iterations": 10,
-        "rows": rows,
-    }
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(REPORTS / "crf.json", json.dumps(result, indent=2))
+    result: dict[str, Any] = {"machine": machine(), "iterations": 10, "rows": rows}
     lines = [
         "# Dense CRF backends, 1-MP windows, 10 iterations",
         "",
@@ -152,7 +144,7 @@ def main() -> None:
         f"{r['agreement_with_pydensecrf']} |"
         for r in rows
     ]
-    write_text_atomically(REPORTS / "crf.md", "\n".join(lines) + "\n")
+    write_report("crf", result, lines)
     print("\n".join(lines))
 
 

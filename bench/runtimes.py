@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from typing import Any
 import rasterio
 import torch
 
-from models.atomic import write_text_atomically
+from bench.reporting import machine, write_report
 from models.checkpoint import load_checkpoint
 from models.inference import SIZE_MULTIPLE, normalise
 from models.optimize import for_inference
@@ -30,7 +28,6 @@ from models.optimize import for_inference
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 SCENE = DATA / "kampala-buildings" / "scene" / "kampala_z21_rgb.tif"
-REPORTS = ROOT / "bench" / "reports"
 ADOPT_AT = 1.3  # the bar: adopt a runtime at least this much faster with labels equal on >= 99.9%
 
 
@@ -167,12 +164,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     results = [measure(m, args.side, args.windows, args.threads, args.repeats) for m in args.models]
-    report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "results": results,
-    }
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(REPORTS / "runtimes.json", json.dumps(report, indent=2))
+    report: dict[str, Any] = {"machine": machine(), "results": results}
     lines = [
         "# The model path on CPU: runtimes against eager",
         "",
@@ -194,7 +186,7 @@ def main() -> None:
                 lines.append(
                     f"| {result['model']} | {name} | {row.get('failed') or row.get('skipped')} | | | | |"
                 )
-    write_text_atomically(REPORTS / "runtimes.md", "\n".join(lines) + "\n")
+    write_report("runtimes", report, lines)
     print("\n".join(lines))
 
 

@@ -90,26 +90,8 @@ def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
     model = tmp_path / "model.safetensors"
     shutil.copy(buildings_model, model)
     before = load_checkpoint(model)
-    assert (
-        main(
-            [
-                "tune-crf",
-                "--model",
-                str(model),
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
-                "--crop",
-                "96",
-                "--iterations",
-                "3",
-                "--workers",
-                "2",
-            ]
-        )
-        == 0
-    )
+    tune = ["tune-crf", "--model", str(model), "--images", str(images), "--masks", str(masks), "--crop", "96"]
+    assert main([*tune, "--iterations", "3", "--workers", "2"]) == 0
     metadata = read_metadata(model)
     tuning = metadata.crf_tuning
     assert tuning is not None and tuning["trials"] >= 60
@@ -128,23 +110,7 @@ def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
     assert metadata.crf_advice()[0] is verdict.helps
     # --verdict-only: the stored CRF measured on other held-out images, no search
     stored = metadata.crf
-    assert (
-        main(
-            [
-                "tune-crf",
-                "--model",
-                str(model),
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
-                "--crop",
-                "96",
-                "--verdict-only",
-            ]
-        )
-        == 0
-    )
+    assert main([*tune, "--verdict-only"]) == 0
     again = read_metadata(model)
     assert again.crf == stored and again.crf_tuning == tuning
     assert again.crf_verdict is not None and again.crf_verdict.images == len(HELD_OUT)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -50,25 +50,11 @@ def backend(name: str = CPU_DEFAULT, device: str = "cpu") -> CRFBackend:
     raise CRFError(f"unknown CRF backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")
 
 
-def refine(
-    probabilities: np.ndarray,
-    image: np.ndarray,
-    params: CRFParams | None = None,
-    input_max: float = 255.0,
-    valid: np.ndarray | None = None,
-    backend_name: str = CPU_DEFAULT,
-) -> np.ndarray:
-    """Refined marginals (classes, H, W) float32 (``CRFBackend.refine``)."""
-    return backend(backend_name).refine(probabilities, image, params, input_max, valid)
+def refine(*args: Any, backend_name: str = CPU_DEFAULT, **kwargs: Any) -> np.ndarray:
+    """Refined marginals (classes, H, W) float32: ``CRFBackend.refine`` of the backend ``backend_name``."""
+    return backend(backend_name).refine(*args, **kwargs)
 
 
-def refine_labels(
-    probabilities: np.ndarray,
-    image: np.ndarray,
-    params: CRFParams | None = None,
-    input_max: float = 255.0,
-    valid: np.ndarray | None = None,
-    backend_name: str = CPU_DEFAULT,
-) -> np.ndarray:
-    """Refined class map (H, W) uint8."""
-    return backend(backend_name).refine_labels(probabilities, image, params, input_max, valid)
+def refine_labels(*args: Any, backend_name: str = CPU_DEFAULT, **kwargs: Any) -> np.ndarray:
+    """Refined class map (H, W) uint8: ``CRFBackend.refine_labels`` of the backend ``backend_name``."""
+    return backend(backend_name).refine_labels(*args, **kwargs)

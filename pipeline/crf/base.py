@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -47,16 +48,9 @@ class CRFBackend(ABC):
             marginals = np.where(valid[None], marginals, probabilities.astype(np.float32))
         return marginals
 
-    def refine_labels(
-        self,
-        probabilities: np.ndarray,
-        image: np.ndarray,
-        params: CRFParams | None = None,
-        input_max: float = 255.0,
-        valid: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Refined class map (H, W) uint8."""
-        return self.refine(probabilities, image, params, input_max, valid).argmax(0).astype(np.uint8)
+    def refine_labels(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        """Refined class map (H, W) uint8: the argmax of ``refine`` (the same arguments)."""
+        return self.refine(*args, **kwargs).argmax(0).astype(np.uint8)
 
     @abstractmethod
     def marginals(
