@@ -114,3 +114,16 @@ def test_tune_crf_writes_the_best_parameters_into_the_checkpoint(
     again = read_metadata(model)
     assert again.crf == stored and again.crf_tuning == tuning
     assert again.crf_verdict is not None and again.crf_verdict.images == len(HELD_OUT)
+
+
+def test_evaluate_with_the_torch_crf_scores_as_pydensecrf_does(
+    kampala: Path, buildings_model: Path, tmp_path: Path
+) -> None:
+    images, masks = _held_out(kampala, tmp_path)
+    reference = _evaluate(buildings_model, images, masks, tmp_path / "a.json", "--crf")
+    torch_crf = _evaluate(
+        buildings_model, images, masks, tmp_path / "b.json", "--crf", "--crf-backend", "torch"
+    )
+    assert reference["crf"]["crf_backend"] == "pydensecrf" and torch_crf["crf"]["crf_backend"] == "torch"
+    assert reference["crf"]["miou"] != reference["no_crf"]["miou"]  # the CRF changed something to agree on
+    assert abs(torch_crf["crf"]["miou"] - reference["crf"]["miou"]) <= 0.003  # the 0.3 points

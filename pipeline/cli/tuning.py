@@ -12,6 +12,7 @@ from rich.table import Table
 
 from models.metadata import FUSE_CHOICES, TTA_CHOICES, TTA_PHRASES
 from pipeline.cli.console import console, table_console
+from pipeline.crf import BACKEND_NAMES, CPU_DEFAULT
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -39,6 +40,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             multiscale=multiscale,
             tiling=tiling,
             tta=args.tta,  # None: the checkpoint's
+            crf_backend=args.crf_backend,
         )
     table_console().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:
@@ -261,6 +263,9 @@ def add_tuning_commands(commands: Any) -> None:
     evaluate.add_argument("--images", required=True, help="folder or glob of images")
     evaluate.add_argument("--masks", required=True, help="folder or glob of masks (paired by stem)")
     evaluate.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
+    evaluate.add_argument(
+        "--crf-backend", choices=BACKEND_NAMES, default=CPU_DEFAULT, help="the CRF's implementation"
+    )
     evaluate.add_argument("--exclude-classes", help="comma-separated classes left out of the mIoU")
     evaluate.add_argument("--report", type=Path, help="write the JSON report here")
     evaluate.add_argument(

@@ -14,7 +14,7 @@ from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
 from models.metadata import CRFParams, InputScales, Tiling
 from models.metrics import SegmentationMetrics
-from pipeline.crf import refine_labels
+from pipeline.crf import CPU_DEFAULT, refine_labels
 from pipeline.engine.grid import core_of, model_halo, plan_tiles
 from pipeline.engine.workers import ModelWorker, read_windows, window_batches
 
@@ -118,6 +118,7 @@ def evaluate(
     multiscale: InputScales | None = None,
     tiling: Tiling | None = None,
     tta: str | None = None,
+    crf_backend: str = CPU_DEFAULT,
 ) -> dict[str, Any]:
     """``{"no_crf": ..., "crf": ...}`` (``crf`` only when asked); mIoU over the classes not excluded.
 
@@ -136,7 +137,8 @@ def evaluate(
     for prediction in predictions(loaded, pairs, multiscale, tiling, halo, tta):
         plain.update(prediction.probabilities.argmax(0), prediction.truth)
         if with_crf:
-            labels = refine_labels(prediction.probabilities, prediction.image, params, metadata.input_max)
+            image, probabilities = prediction.image, prediction.probabilities
+            labels = refine_labels(probabilities, image, params, metadata.input_max, backend_name=crf_backend)
             refined.update(labels, prediction.truth)
         if on_image:
             on_image(prediction.pair.stem)
@@ -148,5 +150,8 @@ def evaluate(
     }
     report: dict[str, Any] = {"no_crf": plain.summary(miou_classes) | inference}
     if with_crf:
-        report["crf"] = refined.summary(miou_classes) | {"crf_params": params.model_dump()}
+        report["crf"] = refined.summary(miou_classes) | {
+            "crf_params": params.model_dump(),
+            "crf_backend": crf_backend,
+        }
     return report
