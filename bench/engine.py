@@ -27,6 +27,7 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from bench.mosaic import mirrored
 from models.atomic import write_text_atomically
 from pipeline.engine.grid import plan_tiles
 from pipeline.engine.segment import cores_to_compute
@@ -61,22 +62,13 @@ def make_mosaic(source: Path, out: Path, size: int, valid: int | None = None) ->
             "photometric": "RGB",
         }
         profile.pop("jpeg_quality", None)
-    tile_h, tile_w = image.shape[1:]
-    flipped = {(fy, fx): image[:, :: -1 if fy else 1, :: -1 if fx else 1] for fy in (0, 1) for fx in (0, 1)}
     partial = out.with_suffix(".partial.tif")
     first = (size - valid) // 2 if valid else 0
     last = first + valid if valid else size
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(partial, "w", **profile) as sink:
         for top in range(0, size, 512):
             rows = np.arange(top, min(top + 512, size))
-            band = np.empty((image.shape[0], rows.size, size), dtype=image.dtype)
-            for left in range(0, size, tile_w):
-                width = min(tile_w, size - left)
-                for i, row in enumerate(rows):
-                    fy = (row // tile_h) % 2
-                    source_row = row % tile_h
-                    fx = (left // tile_w) % 2
-                    band[:, i, left : left + width] = flipped[(fy, fx)][:, source_row, :width]
+            band = mirrored(image, top, rows.size, size)
             window = Window(0, top, size, rows.size)
             sink.write(band, window=window)
             if valid:

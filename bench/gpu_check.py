@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.mosaic import mirrored
 from models.atomic import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,11 +309,7 @@ def _scene() -> np.ndarray:
 
 def _mosaic(side: int) -> np.ndarray:
     """The real scene mirrored edge to edge to side x side (as bench/engine.py's mosaics)."""
-    scene = _scene()
-    reps = [-(-side // scene.shape[1]) + 1, -(-side // scene.shape[2]) + 1]
-    rows = np.concatenate([scene if k % 2 == 0 else scene[:, ::-1] for k in range(reps[0])], axis=1)
-    both = np.concatenate([rows if k % 2 == 0 else rows[:, :, ::-1] for k in range(reps[1])], axis=2)
-    return np.ascontiguousarray(both[:, :side, :side])
+    return mirrored(_scene(), 0, side, side)
 
 
 def amp_section(device: str, side: int) -> dict[str, Any]:

@@ -210,20 +210,15 @@ def _crf_lines(metadata: CheckpointMetadata) -> list[str]:
     )
     tuning = metadata.crf_tuning
     run, why = metadata.crf_advice()
-    advice = [
-        "",
+    source = metadata.crf_verdict.source if metadata.crf_verdict else ""
+    advice = (
         f"`deeplab segment` runs this model {'with' if run else 'without'} the CRF unless told otherwise "
-        f"(`--crf` / `--no-crf`): {why}"
-        + (
-            f" ({metadata.crf_verdict.source})."
-            if metadata.crf_verdict and metadata.crf_verdict.source
-            else "."
-        ),
-    ]
+        f"(`--crf` / `--no-crf`): {why}" + (f" ({source})." if source else ".")
+    )
     if not tuning:
-        return [line, "", "Not tuned: the paper's defaults.", *advice]
+        return [line, "", "Not tuned: the paper's defaults.", "", advice]
     return [
-        *advice[1:],
+        advice,
         "",
         line,
         "",

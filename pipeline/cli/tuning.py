@@ -29,7 +29,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--save-scales needs the scales to save: --scales S [S ...] (and --fuse)")
     multiscale = loaded.metadata.multiscale(_scales(args.scales), args.fuse)
     pairs = find_pairs(args.images, args.masks)
-    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    exclude = _excluded(args)
     with _bar(len(pairs), "evaluate") as (progress, task):
         report = evaluate(
             loaded,
@@ -108,8 +108,9 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
 
     loaded = load_checkpoint(args.model)
     pairs = find_pairs(args.images, args.masks)
+    miou_classes = metric_classes(loaded, _excluded(args))
     if args.verdict_only:
-        return _crf_verdict_only(args, loaded, pairs)
+        return _crf_verdict_only(args, loaded, pairs, miou_classes)
     if bool(args.verdict_images) != bool(args.verdict_masks):
         raise ConfigError("--verdict-images and --verdict-masks go together")
     if args.verdict_images:
@@ -123,8 +124,6 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
             )
         search, held = hold_out(pairs)
         source = f"every {HOLD_OUT_EVERY}rd image of {args.images}, held out of the search"
-    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
-    miou_classes = metric_classes(loaded, exclude)
 
     def show(trial: Trial) -> None:
         params = trial.params
@@ -161,22 +160,25 @@ def _cmd_tune_crf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _crf_verdict_only(args: argparse.Namespace, loaded: Any, pairs: list[Any]) -> int:
+def _crf_verdict_only(
+    args: argparse.Namespace, loaded: Any, pairs: list[Any], miou_classes: list[str]
+) -> int:
     """--verdict-only: the checkpoint's CRF against none on the given (held-out) images; no search."""
     from models.checkpoint import update_metadata
-    from pipeline.tools.evaluate import metric_classes
     from pipeline.tools.tune_crf import crf_verdict
 
-    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
     source = f"{args.images} (held out: --verdict-only)"
-    verdict = crf_verdict(
-        loaded, pairs, loaded.metadata.crf, args.crop, metric_classes(loaded, exclude), source
-    )
+    verdict = crf_verdict(loaded, pairs, loaded.metadata.crf, args.crop, miou_classes, source)
     _say_verdict(verdict)
     if not args.dry_run:
         update_metadata(args.model, crf_verdict=verdict)
         console.print(f"wrote the verdict into {args.model}")
     return 0
+
+
+def _excluded(args: argparse.Namespace) -> list[str]:
+    """--exclude-classes as a list of class names."""
+    return args.exclude_classes.split(",") if args.exclude_classes else []
 
 
 def _say_verdict(verdict: Any) -> None:
@@ -192,7 +194,7 @@ def _cmd_tune_tiling(args: argparse.Namespace) -> int:
 
     loaded = load_checkpoint(args.model)
     pairs = find_pairs(args.images, args.masks)
-    exclude = args.exclude_classes.split(",") if args.exclude_classes else []
+    exclude = _excluded(args)
     metric_classes(loaded, exclude)  # unknown class names fail before any model pass
 
     def show(trial: TilingTrial) -> None:

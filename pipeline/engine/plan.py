@@ -17,7 +17,7 @@ from pipeline.engine.grid import (
     resolve_tiling,
     window_warning,
 )
-from pipeline.engine.options import SegmentOptions
+from pipeline.engine.options import SegmentOptions, neutral_value
 from pipeline.engine.preflight import PreflightResult, preflight
 from pipeline.engine.space import check_fits
 from pipeline.engine.workers import CoreDone
@@ -61,7 +61,7 @@ class ScenePlan:
         every core was computed with before there was a choice: their keys stay valid)."""
         if self.crf is None:
             return None
-        backend = {} if self.crf_backend == "pydensecrf" else {"backend": self.crf_backend}
+        backend = {} if self.crf_backend == neutral_value("crf_backend") else {"backend": self.crf_backend}
         return self.crf.model_dump() | backend
 
     @property
