@@ -175,7 +175,7 @@ def _segment_held(
     chains: dict[Source, list[PrefectFuture[Any]]] = {}
     # the cluster starts here, in the flow's main thread (Ray's signal handlers need it), and only when a
     # scene has work: a run that skips every scene never starts one
-    with cluster_for(options, batch.out_dir, to_compute, worker_environment()) as cluster:
+    with cluster_for(batch.options, batch.out_dir, to_compute, worker_environment()) as cluster:
         for source, checked in checks.items():
             # a task takes its upstream's future in place of its value; Prefect resolves it (or, when the
             # upstream failed, leaves the task NotReady), which the type checker cannot know

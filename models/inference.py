@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,12 +61,13 @@ def tta_views(tta: str) -> tuple[Transform, ...]:
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     batch: torch.Tensor,
     scales: Sequence[float] = (1.0,),
     fuse: str = "max",
     amp: bool = False,
     tta: str = "none",
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities (N, classes, H, W) for a normalised batch; scales are fused as in the paper,
     after the logits of ``tta``'s flipped/transposed views (``TTA_VIEWS``) are averaged at each scale.
@@ -74,8 +75,12 @@ def predict_probabilities(
     The batch is reflect-padded at the bottom and right to a multiple of ``SIZE_MULTIPLE``: then every
     window's feature grid is the same lattice of the scene, and logits upsample by exactly the output
     stride, whatever the window's size (edge tiles, whole images), so tiles agree where they meet.
+
+    ``model``: a module, or any forward pass (``models.runtime``) with its ``device`` given.
     """
-    device = next(model.parameters()).device
+    if device is None:
+        assert isinstance(model, nn.Module), "a forward pass that is not a module needs its device"
+        device = next(model.parameters()).device
     height, width = batch.shape[-2:]
     batch = _pad_to_multiple(batch.to(device), SIZE_MULTIPLE)
     padded = batch.shape[-2:]

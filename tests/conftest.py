@@ -23,6 +23,18 @@ ZOO = ROOT / "models" / "zoo"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of ONNX exports for the whole session, as a user shares one between output folders
+    (``DEEPLAB_ONNX_CACHE``): each checkpoint is exported once, not once per test's output folder. The
+    default place, beside the work folder, is tested on its own (tests/test_runtime.py)."""
+    from models.runtime import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(

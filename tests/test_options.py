@@ -89,6 +89,8 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "max_pixels",
         "wait",
         "crf_device",
+        "runtime",
+        "onnx_cache",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing (the

@@ -30,7 +30,7 @@ from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import clean_debris, output_folder, output_lock
 from pipeline.engine.plan import Progress, Silent, as_planned
 from pipeline.engine.publish import SegmentResult, publish_work
-from pipeline.engine.segment import compute_work, prepare_scene, stage_work, start_actors
+from pipeline.engine.segment import compute_work, for_output_folder, prepare_scene, stage_work, start_actors
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.sources import Source, source_id
@@ -126,7 +126,7 @@ class Batch:
     ) -> None:
         self.out_dir = output_folder(out_dir)  # a file named as --out is a usage error, said at once
         self.checkpoint = checkpoint
-        self.options = options
+        self.options = for_output_folder(options, self.out_dir)
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir)
 
@@ -279,7 +279,7 @@ def _run_held(
             records[source] = batch.failed(source, "preflight", error)
     results: dict[str, SegmentResult] = {}
     to_compute = any(job.previous is None for job in jobs)
-    with cluster_for(options, batch.out_dir, to_compute, worker_env) as cluster:
+    with cluster_for(batch.options, batch.out_dir, to_compute, worker_env) as cluster:
         for job in jobs:
             stage: Stage = "stage"
             try:

@@ -81,6 +81,18 @@ class SegmentOptions(BaseModel):
         "(default: the checkpoint's, else none)",
     )
     batch_size: int = runtime_field(4, ge=1, description="windows per model call")
+    runtime: Literal["eager", "compile", "onnxruntime"] | None = runtime_field(
+        None,
+        description="the model's forward pass: eager torch, torch.compile, or ONNX Runtime's CPU provider on "
+        "an export made once per checkpoint; the labels are the same up to float rounding (default: "
+        "onnxruntime where the model runs on the CPU and its architecture was measured at least 1.3x faster "
+        "that way (the Lite0 models), else eager; --context scene runs eager)",
+    )
+    onnx_cache: str | None = runtime_field(
+        None,
+        description="the folder ONNX exports are kept in, one file per checkpoint sha256 (default: "
+        "DEEPLAB_ONNX_CACHE, else --out/.work/.onnx); share one between output folders to export once",
+    )
     device: str = runtime_field("auto", description="auto, cpu, cuda, cuda:1 ...")
     allow_ungeoreferenced: bool = Field(False, description="segment scenes without a CRS or transform")
     engine: Literal["ray", "local"] = runtime_field(
@@ -134,6 +146,17 @@ class SegmentOptions(BaseModel):
     def _crf_runs_where_its_backend_can(self) -> SegmentOptions:
         if self.crf_device == "gpu" and self.crf_backend == "pydensecrf":
             raise ValueError("--crf-device gpu needs --crf-backend torch: pydensecrf runs on the CPU only")
+        return self
+
+    @model_validator(mode="after")
+    def _onnxruntime_where_it_runs(self) -> SegmentOptions:
+        if self.runtime == "onnxruntime" and self.device.startswith("cuda"):
+            raise ValueError("--runtime onnxruntime runs on the CPU: use --device cpu (or auto) with it")
+        if self.runtime == "onnxruntime" and self.context == "scene":
+            raise ValueError(
+                "--context scene needs --runtime eager: the scene's pooled features are set on the torch "
+                "model's image pooling"
+            )
         return self
 
 

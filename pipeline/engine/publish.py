@@ -130,6 +130,8 @@ def _publish_into(
     details.peak_rss_mb = {"driver": round(peak_rss_mb(), 1)} | {
         f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
     }
+    if work.runtimes:
+        details.runtime = ", ".join(work.runtimes)
     if work.cluster is not None:
         details.cluster = work.cluster.report()
     if polygons is not None:

@@ -64,6 +64,7 @@ class SceneReport(BaseModel):
     crf_reason: str | None = None  # why the CRF ran or not: the options, else the checkpoint's verdict
     crf_backend: str | None = None  # set when the CRF ran
     crf_device: str | None = None  # cpu: CRF actors; gpu: inside the model actors, on their device
+    runtime: str | None = None  # the model's runtime(s) this run (``--runtime``); unset when nothing ran
     scales: list[float]
     fuse: str
     tta: str

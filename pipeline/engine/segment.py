@@ -24,6 +24,7 @@ from models.atomic import write_text_atomically
 from models.checkpoint import CheckpointInfo, checkpoint_info
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
+from models.runtime import onnx_cache
 from pipeline.crf import CPU_DEFAULT
 from pipeline.engine.grid import PLAN_VERSION, Tile, fit_blocks, has_image_pooling
 from pipeline.engine.ledger import Ledger, result_key
@@ -143,8 +144,16 @@ def cores_to_compute(
     return todo, len(tiles) - len(cores)
 
 
+def for_output_folder(options: SegmentOptions, out_dir: Path) -> SegmentOptions:
+    """``options`` with what depends on the run's output folder filled in: where ONNX exports are kept."""
+    if options.onnx_cache is not None:
+        return options
+    return options.model_copy(update={"onnx_cache": str(onnx_cache(Path(out_dir) / WORK_NAME))})
+
+
 def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
     """What each window of the scene goes through (before any scene context)."""
+    scene_context = scene_context_used(options, prepared.checkpoint.metadata)
     return WorkSpec(
         crf=prepared.plan.crf,
         crf_backend=prepared.plan.crf_backend or CPU_DEFAULT,
@@ -156,6 +165,8 @@ def work_spec(prepared: PreparedScene, options: SegmentOptions) -> WorkSpec:
         batch_size=options.batch_size,
         device=options.device,
         amp=options.amp,
+        runtime="eager" if scene_context else options.runtime,  # the context is a hook on torch's module
+        onnx_cache=options.onnx_cache,
         probabilities=options.probabilities,
     )
 
@@ -191,6 +202,7 @@ def compute_work(
         work.computed = _compute_on_ray(
             ray, work, spec, options, with_context, on_core, progress, work.cluster, actors
         )
+        work.runtimes = work.cluster.runtimes
     else:
         work.computed = _compute_in_process(work, spec, with_context, on_core, progress)
     prepared.timings["segment"] = time.perf_counter() - clock
@@ -208,6 +220,7 @@ def segment_scene(
 ) -> SegmentResult:
     """One scene, end to end; ``ray`` is a started Ray module when ``options.engine == "ray"``, ``actors``
     the session's kept actors (else the scene starts and stops its own)."""
+    options = for_output_folder(options, out_dir)
     prepared = prepare_scene(scene_path, checkpoint, options, progress=progress)
     if ray is not None and actors is not None and options.engine == "ray":
         start_actors(prepared, options, actors)
@@ -221,12 +234,15 @@ def _compute_in_process(
     """The local engine: the Ray engine's workers, called in this process; one model load for both passes."""
     if not work.todo:
         return 0
-    model = ModelWorker(str(work.prepared.checkpoint.path), spec.device, None, spec.amp)
+    model = ModelWorker(
+        str(work.prepared.checkpoint.path), spec.device, None, spec.amp, None, spec.runtime, spec.onnx_cache
+    )
     image = work.staged.image()
     if with_context:
         spec = _with_scene_context(
             work, spec, progress, lambda cores: local_context_sums(model, image, cores, spec.batch_size)
         )
+    work.runtimes = [model.runtime_name()]
     crf = CRFWorker()
     for batch in window_batches(work.todo, spec.batch_size):
         windows = read_windows(image, batch)

@@ -42,6 +42,7 @@ class StagedWork:
     skipped: int  # wholly nodata cores, never computed
     resumed: int  # cores a previous run recorded
     computed: int = 0
+    runtimes: list[str] = field(default_factory=list)  # what the model's forward passes ran on this run
 
     @property
     def windows(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,8 @@ class WorkSpec:
     batch_size: int = 4
     device: str = "auto"
     amp: bool = True
+    runtime: str | None = None  # the model's runtime asked for (None: ``models.runtime.choose_runtime``'s)
+    onnx_cache: str | None = None  # where ONNX exports are kept (the driver's choice; any actor may export)
     probabilities: bool = False
     context: np.ndarray | None = None  # --context scene: (branches, channels) pooled features of the scene
 
@@ -78,13 +79,24 @@ class ModelWorker(MemoryReporting):
     """Holds one model; turns batches of windows into class probabilities (or labels without CRF)."""
 
     def __init__(
-        self, checkpoint: str, device: str, threads: int | None, amp: bool, loaded: LoadedModel | None = None
+        self,
+        checkpoint: str,
+        device: str,
+        threads: int | None,
+        amp: bool,
+        loaded: LoadedModel | None = None,
+        runtime: str | None = None,
+        onnx_cache: str | None = None,
     ) -> None:
+        """``runtime``: the forward pass's runtime (None: ``choose_runtime``'s for this device and model);
+        ``onnx_cache``: the folder ONNX Runtime's export is kept in (None: ``runtime.onnx_cache()``)."""
         import torch
 
         from models.checkpoint import load_checkpoint
         from models.inference import pick_device
         from models.optimize import for_inference
+        from models.runtime import choose_runtime, runtime_for
+        from models.runtime import onnx_cache as default_onnx_cache
 
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
@@ -93,6 +105,15 @@ class ModelWorker(MemoryReporting):
         # BatchNorm folded, channels last: 1.5-1.8x faster on CPU, the same outputs up to float rounding
         self.model = for_inference(self.loaded.model)
         self.amp = amp
+        name = choose_runtime(runtime, self.device, self.loaded.metadata.architecture)
+        cache = Path(onnx_cache) if onnx_cache else default_onnx_cache()
+        self.forward = runtime_for(
+            name, self.model, self.device, self.loaded.sha256, self.loaded.metadata.num_bands, cache, threads
+        )
+
+    def runtime_name(self) -> str:
+        """The runtime this worker's forward pass runs on (what ``choose_runtime`` chose)."""
+        return self.forward.name
 
     def predict_for(self, windows: list[np.ndarray], spec: WorkSpec) -> list[np.ndarray]:
         """``predict`` as ``spec`` says: probabilities when the CRF follows, else labels (and confidence)."""
@@ -170,18 +191,22 @@ class ModelWorker(MemoryReporting):
         context: np.ndarray | None,
         tta: str,
     ) -> Any:
-        """Softmax probabilities (N, classes, H, W) of the windows, a tensor on this actor's device."""
+        """Softmax probabilities (N, classes, H, W) of the windows, a tensor on this actor's device. A scene
+        ``context`` is a hook on the torch module's image pooling: it runs eager whatever the runtime."""
         import torch
 
         from models.context import fixed_context
         from models.inference import normalise, predict_probabilities
 
         batch = torch.stack([normalise(w, self.loaded.metadata.bands) for w in windows])
-        scope = (
-            nullcontext() if context is None else fixed_context(self.model, list(torch.from_numpy(context)))
+        if context is not None:
+            with fixed_context(self.model, list(torch.from_numpy(context))):
+                return predict_probabilities(
+                    self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta
+                )
+        return predict_probabilities(
+            self.forward, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta, device=self.device
         )
-        with scope:
-            return predict_probabilities(self.model, batch, scales=scales, fuse=fuse, amp=self.amp, tta=tta)
 
     def context_sums(
         self, windows: list[np.ndarray], cores: list[list[Tile]], threads: int | None = None

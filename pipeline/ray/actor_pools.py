@@ -224,6 +224,8 @@ class ActorPools:
     def _shape_key(self, node: NodeInfo, kind: str) -> str:
         plan = self.plans[node.node_id]
         shape = {"plan": asdict(plan), "device": self.spec.device, "amp": self.spec.amp}
+        if self.spec.runtime is not None:  # the shapes of actors kept before there was a choice stay valid
+            shape["runtime"] = self.spec.runtime
         return warm_actors.shape_key(self.checkpoint_sha256, kind, shape)
 
     def _place(self, node: NodeInfo, kind: str, count: int) -> None:
@@ -268,7 +270,16 @@ class ActorPools:
             model_cls = self.ray.remote(ModelActor).options(
                 num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
             )
-            args = (self.checkpoint, self.spec.device, plan.model_threads, self.spec.amp)
+            spec = self.spec
+            args = (
+                self.checkpoint,
+                spec.device,
+                plan.model_threads,
+                spec.amp,
+                None,
+                spec.runtime,
+                spec.onnx_cache,
+            )
             handle = model_cls.remote(*args)
         else:
             handle = self.ray.remote(CRFActor).options(num_cpus=plan.crf_cpus, **common).remote()
@@ -330,6 +341,14 @@ class ActorPools:
             except Exception:  # a report field: a node lost at the very end must not fail the run
                 memory[kind] = []
         return memory
+
+    def model_runtimes(self) -> list[str]:
+        """The runtimes the model actors' forward passes run on (``ModelWorker.runtime_name``)."""
+        try:
+            names = self.ray.get([m.handle.runtime_name.remote() for m in self.of_kind("model")], timeout=30)
+        except Exception:  # a report field, as peak_rss
+            return []
+        return sorted(set(names))
 
     def close(self, leave_warm: bool = True) -> None:
         """Stop the actors, except warm ones when ``leave_warm``: those stay for the next run, each until

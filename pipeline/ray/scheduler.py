@@ -232,6 +232,7 @@ def run_tiles(
                 stats.pools.cores[(label, "crf")] += 1
                 done(crf_job.tile, crf_job.valid, planes, label)
     stats.actor_memory = pools.peak_rss()
+    stats.runtimes = pools.model_runtimes()
     pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
     return len(todo)
 

@@ -39,6 +39,7 @@ class RunStats:
 
     pools: PoolStats = field(default_factory=PoolStats)
     actor_memory: dict[str, list[float]] = field(default_factory=dict)
+    runtimes: list[str] = field(default_factory=list)  # the model actors' (``ModelWorker.runtime_name``)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -188,6 +189,10 @@ def ray_session(
             shutil.rmtree(temp_dir, ignore_errors=True)  # this run's alone: leave nothing
 
 
+# what makes actors reusable by the next run: checkpoint, CRF actors or not, device, AMP, GPU share, runtime
+PoolsKey = tuple[str, bool, str, bool, float, str | None]
+
+
 class KeptActors:
     """Actor pools kept for a Ray session: the scenes of a batch share the actors, and with them each
     actor's start and model load (seconds per actor on a CPU, more with a GPU's context)."""
@@ -195,9 +200,9 @@ class KeptActors:
     def __init__(self, ray: Any, keep_warm_s: float = 0.0) -> None:
         self.ray = ray
         self.keep_warm_s = keep_warm_s
-        self.kept: dict[tuple[str, bool, str, bool, float], ActorPools] = {}
+        self.kept: dict[PoolsKey, ActorPools] = {}
         # pools started ahead of their scene (``start``): the scene that first uses them counts their actors
-        self.unclaimed: set[tuple[str, bool, str, bool, float]] = set()
+        self.unclaimed: set[PoolsKey] = set()
 
     def start(
         self, checkpoint: Path, checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float
@@ -214,10 +219,15 @@ class KeptActors:
         self.unclaimed.add(key)
 
     @staticmethod
-    def _key(
-        checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float
-    ) -> tuple[str, bool, str, bool, float]:
-        return (checkpoint_sha256, spec.crf_on_actors, spec.device, spec.amp, gpus_per_model_actor)
+    def _key(checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float) -> PoolsKey:
+        return (
+            checkpoint_sha256,
+            spec.crf_on_actors,
+            spec.device,
+            spec.amp,
+            gpus_per_model_actor,
+            spec.runtime,
+        )
 
     def pools(
         self,
