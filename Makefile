@@ -1,5 +1,6 @@
-# make demo: create .venv, install, segment the real Kampala and Landsat scenes and the CMU-1 slide end to end
-#            with the segment-scenes Prefect flow (local Prefect server on SQLite under work/, local Ray cluster).
+# make demo: create .venv, install, segment the real Kampala scene (as published, EPSG:4326, and warped to its UTM
+#            zone, EPSG:32636) and the CMU-1 slide end to end with the segment-scenes Prefect flow (local Prefect
+#            server on SQLite under work/, local Ray cluster). bench/pins.py runs the same scenes and options.
 # make test: create .venv, install, run ruff, mypy and the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -7,6 +8,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 DEMO_OUT ?= demo-out
 STAMP := $(VENV)/.installed
+DEMO_UTM := work/demo/kampala_utm36n.tif
 
 .PHONY: demo test lint typecheck install zoo clean
 
@@ -18,16 +20,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(DEMO_UTM): $(STAMP)
+	mkdir -p $(dir $@)
+	$(BIN)/deeplab warp $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif --crs EPSG:32636 --out $@
+
+demo: $(STAMP) $(DEMO_UTM)
 	$(BIN)/deeplab run-flow $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
 		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
-	$(BIN)/deeplab run-flow $(DATA)/landsat/RGB.byte.tif \
-		--model models/zoo/landcover-dubai.safetensors --out $(DEMO_OUT) --probabilities
+	$(BIN)/deeplab run-flow $(DEMO_UTM) \
+		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --probabilities --vectorize
 	$(BIN)/deeplab run-flow $(DATA)/wsi/CMU-1-Small-Region.svs \
-		--model models/zoo/he-stain-cmu.safetensors --out $(DEMO_OUT) --vectorize
-	@echo "outputs: $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, polygons.gpkg, quicklook.png, report.json)"
-	@echo "         $(DEMO_OUT)/RGB.byte/ (mask.tif, probabilities.tif, quicklook.png, report.json)"
-	@echo "         $(DEMO_OUT)/CMU-1-Small-Region/ (mask.ome.tif, polygons.geojson for QuPath, quicklook.png, report.json)"
+		--model models/zoo/he-stain-cmu.safetensors --out $(DEMO_OUT) --vectorize --ome-zarr
+	@echo "outputs: $(DEMO_OUT)/index.html (every scene: quicklook, class areas, timings, links; open it in a browser)"
+	@echo "         $(DEMO_OUT)/catalog.json (STAC catalog of the scenes' item.json)"
+	@echo "         $(DEMO_OUT)/kampala_z21_rgb/ (mask.tif, polygons.gpkg, quicklook.png, report.json, item.json)"
+	@echo "         $(DEMO_OUT)/kampala_utm36n/ (mask.tif, probabilities.tif, polygons.gpkg, quicklook.png, report.json, item.json)"
+	@echo "         $(DEMO_OUT)/CMU-1-Small-Region/ (mask.ome.tif, slide.ome.zarr, polygons.geojson for QuPath, quicklook.png, report.json, item.json)"
 	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips every unchanged scene)"
 
 lint: $(STAMP)

@@ -38,6 +38,8 @@ class DemoScene:
     model: str
     flags: tuple[str, ...]
     pinned: tuple[str, ...]
+    warp_to: str | None = None  # `deeplab warp` it onto this CRS first, as `make demo` does
+    warped_name: str = ""  # the warped scene's file name (its scene id is the stem)
 
 
 DEMO_SCENES = (
@@ -48,15 +50,17 @@ DEMO_SCENES = (
         ("mask.tif",),
     ),
     DemoScene(
-        "landsat/RGB.byte.tif",
-        "models/zoo/landcover-dubai.safetensors",
-        ("--probabilities",),
+        "kampala-buildings/scene/kampala_z21_rgb.tif",
+        "models/zoo/buildings-kampala.safetensors",
+        ("--probabilities", "--vectorize"),
         ("mask.tif", "probabilities.tif"),
+        warp_to="EPSG:32636",
+        warped_name="kampala_utm36n.tif",
     ),
     DemoScene(
         "wsi/CMU-1-Small-Region.svs",
         "models/zoo/he-stain-cmu.safetensors",
-        ("--vectorize",),
+        ("--vectorize", "--ome-zarr"),
         ("mask.ome.tif",),
     ),
 )
@@ -89,7 +93,15 @@ def run_demo_scenes(data: Path, out: Path, engine: str, only: list[str] | None =
     deeplab = [sys.executable, "-m", "flows.cli"]
     for scene in DEMO_SCENES:
         source = data / scene.source
-        if only and source.stem not in only:
+        if scene.warp_to:
+            if only and Path(scene.warped_name).stem not in only:
+                continue
+            warped = out / ".scenes" / scene.warped_name
+            warped.parent.mkdir(parents=True, exist_ok=True)
+            warp = [*deeplab, "warp", str(source), "--crs", scene.warp_to, "--out", str(warped)]
+            subprocess.run(warp, check=True, cwd=ROOT, env=env)
+            source = warped
+        elif only and source.stem not in only:
             continue
         command = [*deeplab, "segment", str(source), "--model", str(ROOT / scene.model), "--out", str(out)]
         subprocess.run([*command, *scene.flags, "--engine", engine], check=True, cwd=ROOT, env=env)

@@ -24,10 +24,10 @@ def render_card(path: Path, attribution: str) -> str:
         "",
         "## Classes and input",
         "",
-        "| id | class | colour |",
-        "| --- | --- | --- |",
+        "| id | class | colour | role |",
+        "| --- | --- | --- | --- |",
         *(
-            f"| {i} | {c.name} | #{''.join(f'{v:02x}' for v in c.color)} |"
+            f"| {i} | {c.name} | #{''.join(f'{v:02x}' for v in c.color)} | {c.role} |"
             for i, c in enumerate(metadata.classes)
         ),
         "",

@@ -10,10 +10,17 @@ FORMAT_NAME = "deeplab-pipeline/checkpoint"
 FORMAT_VERSION = 1
 
 
+# What a class is to the outputs: a class of areas (QuPath annotations), the background (no polygons unless
+# asked, not tinted in quicklooks) or small objects such as nuclei (QuPath detections).
+ClassRole = Literal["region", "background", "object"]
+CLASS_ROLES: tuple[str, ...] = get_args(ClassRole)
+
+
 class ClassInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     color: tuple[int, int, int] = Field(description="RGB 0-255, used in colour tables and quicklooks")
+    role: ClassRole = Field("region", description="region, background or object (small objects: detections)")
 
 
 class BandInfo(BaseModel):
@@ -222,6 +229,19 @@ DEFAULT_PALETTE: tuple[tuple[int, int, int], ...] = (
     (214, 39, 40),
     (148, 103, 189),
 )
+
+
+def with_roles(classes: list[ClassInfo], background: list[str], objects: list[str]) -> list[ClassInfo]:
+    """``classes`` with the named ones marked as background or objects and the rest as regions."""
+    names = [c.name for c in classes]
+    unknown = sorted((set(background) | set(objects)) - set(names))
+    if unknown:
+        raise ValueError(f"no class named {', '.join(unknown)}; the classes are {', '.join(names)}")
+    both = sorted(set(background) & set(objects))
+    if both:
+        raise ValueError(f"{', '.join(both)}: a class is background or objects, not both")
+    role = {name: "background" for name in background} | {name: "object" for name in objects}
+    return [c.model_copy(update={"role": role.get(c.name, "region")}) for c in classes]
 
 
 def default_classes(names: list[str]) -> list[ClassInfo]:

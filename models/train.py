@@ -22,7 +22,7 @@ from models.checkpoint import file_sha256, load_checkpoint, read_metadata, save_
 from models.data import Pair, pixel_size_m, read_pair
 from models.errors import ConfigError, DataError
 from models.inference import autocast_for, normalise, pick_device, predict_probabilities
-from models.metadata import BandInfo, CheckpointMetadata, ClassInfo, default_classes
+from models.metadata import BandInfo, CheckpointMetadata, ClassInfo, default_classes, with_roles
 from models.metrics import SegmentationMetrics
 from models.registry import build_model, get_architecture
 
@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
     output_stride: int | None = None
     classes: list[str]
     colors: list[tuple[int, int, int]] | None = None
+    background_classes: list[str] = Field(default_factory=list, description="marked as background")
+    object_classes: list[str] = Field(default_factory=list, description="marked as small objects")
     ignore_index: int = 255
     class_weights: list[float] | Literal["auto"] | None = None
     band_names: list[str] | None = None
@@ -156,6 +158,10 @@ def train(
         raise ConfigError("no training pairs left after the validation split")
     if config.colors is not None and len(config.colors) != len(config.classes):
         raise ConfigError(f"{len(config.colors)} colours given for {len(config.classes)} classes")
+    try:  # the class roles are checked now, not after the training they are written at the end of
+        with_roles(default_classes(config.classes), config.background_classes, config.object_classes)
+    except ValueError as error:
+        raise ConfigError(f"--background-classes/--object-classes: {error}") from None
     get_architecture(config.architecture)
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -368,11 +374,12 @@ def _metadata(
     data: list[LoadedPair],
     command: str,
 ) -> CheckpointMetadata:
-    classes = (
+    coloured = (
         default_classes(config.classes)
         if config.colors is None
         else [ClassInfo(name=n, color=c) for n, c in zip(config.classes, config.colors, strict=True)]
     )
+    classes = with_roles(coloured, config.background_classes, config.object_classes)
     sizes = [s for s in (pixel_size_m(item.pair.image) for item in data) if s is not None]
     pixel_size = config.pixel_size_m or (float(np.median(sizes)) if sizes else None)
     first_dtype = str(data[0].image.numpy().dtype)

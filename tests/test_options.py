@@ -91,12 +91,19 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "crf_device",
         "runtime",
         "onnx_cache",
+        "force_resolution",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing (the
     # driver hashes options as planned: the CRF decided, its backend resolved)
     assert config_hash(SegmentOptions(crf=True)) == "0f9582525522fcf7"
     assert config_hash(SegmentOptions(crf=True, scales=(1.0,), fuse="max")) == "a31411298a38e503"
+    # the polygon rules added with issue 22: unset, the keys are as before; set, they are part of them
+    assert (
+        config_hash(SegmentOptions(crf=True, min_area_m2=None, polygons_background=False))
+        == "0f9582525522fcf7"
+    )
+    assert config_hash(SegmentOptions(crf=True, min_area_m2=0.0)) != "0f9582525522fcf7"
     # a field added later is hashed only away from what every earlier run did
     planned = SegmentOptions(crf=True, crf_backend="pydensecrf", scales=(1.0,), fuse="max")
     assert config_hash(planned) == "a31411298a38e503"

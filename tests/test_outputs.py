@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pyogrio
 import pyproj
+import pystac
 import pytest
 import rasterio
 import shapely
+from pystac.extensions.classification import ClassificationExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.projection import ProjectionExtension
 from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_validate
+from stac_pydantic import Item as StacItem
 
-from models.metadata import ClassInfo
 from pipeline.cli import main
-from pipeline.io.vectorize import vectorize_mask
 
 
 def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:
@@ -40,7 +45,7 @@ def test_confidence_raster_and_polygons_match_the_mask(
         mask = mask_file.read(1)
         confidence = conf.read(1)
         assert (conf.crs, conf.transform, conf.shape) == (mask_file.crs, mask_file.transform, mask_file.shape)
-        assert conf.scales[0] == pytest.approx(1 / 254) and conf.nodata == 255 and conf.overviews(1)
+        assert conf.scales[0] == pytest.approx(1 / 254) and conf.nodata == 255
         transform, crs = mask_file.transform, mask_file.crs
     assert ((mask == 255) == (confidence == 255)).all(), "confidence is nodata exactly where the mask is"
     six_classes = 6
@@ -48,30 +53,53 @@ def test_confidence_raster_and_polygons_match_the_mask(
 
     meta, geometries, fields = _polygons(folder / "polygons.gpkg")
     assert pyogrio.read_info(folder / "polygons.gpkg")["crs"] == "EPSG:32618" == crs.to_string()
-    assert meta["fields"].tolist() == ["class_id", "class_name", "pixels"]
-    burned = rasterize(
-        zip(geometries, fields[0].tolist(), strict=True), out_shape=mask.shape, transform=transform, fill=255
-    )
-    # Every pixel is covered by exactly its class's polygon, and the nodata collar by none.
-    assert (burned == mask).all()
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area_m2"]
+    # The checkpoint's background class (unlabeled) is left out; the rest are drawn where the mask has them,
+    # small regions merged into their neighbours (tests/test_polygons.py has the rules in detail).
+    assert "unlabeled" not in set(fields[1].tolist())
+    for class_id in set(fields[0].tolist()):
+        drawn = [g for g, c in zip(geometries, fields[0].tolist(), strict=True) if c == class_id]
+        burned = rasterize(((g, 1) for g in drawn), out_shape=mask.shape, transform=transform, dtype="uint8")
+        truth = mask == class_id
+        assert (truth & (burned > 0)).sum() / (truth | (burned > 0)).sum() > 0.6, class_id
+    assert fields[2] == pytest.approx([g.area for g in geometries])  # EPSG:32618: planar m²
     report = json.loads((folder / "report.json").read_text())
+    # The Dubai model records no pixel size: every report says the resolution went unchecked.
+    assert any("records no training pixel size" in line for line in report["warnings"])
     assert sum(report["polygons"].values()) == len(geometries)
     assert report["outputs"]["polygons"] == "polygons.gpkg"
+    for name in ("mask.tif", "probabilities.tif"):
+        assert cog_validate(str(folder / name)) == (True, [], []), name  # valid, no warnings
+    _check_scene_item(out, folder, report)
 
 
-def test_polygons_are_merged_across_block_borders(tmp_path: Path) -> None:
-    labels = np.zeros((300, 400), np.uint8)
-    labels[50:250, 30:370] = 1
-    labels[100:120, 100:300] = 2
-    labels[:, :10] = 255
-    classes = [ClassInfo(name=n, color=(0, 0, 0)) for n in ("a", "b", "c")]
-    transform = rasterio.transform.from_origin(1000, 2000, 0.5, 0.5)
-    small = vectorize_mask(labels, classes, None, transform, tmp_path / "small.gpkg", block=64)
-    whole = vectorize_mask(labels, classes, None, transform, tmp_path / "whole.gpkg", block=1024)
-    assert small == whole == {"a": 1, "b": 1, "c": 1}
-    _, geometries, fields = _polygons(tmp_path / "small.gpkg")
-    assert sum(g.area for g in geometries) == pytest.approx((labels != 255).sum() * 0.25)
-    assert sorted(fields[2].tolist()) == sorted(int((labels == v).sum()) for v in (0, 1, 2))
+def _check_scene_item(out: Path, folder: Path, report: dict) -> None:
+    """The STAC Item of a published scene, read back by pystac and validated by stac-pydantic, and the
+    output folder's catalog linking it."""
+    document = json.loads((folder / "item.json").read_text())
+    StacItem.model_validate(document)
+    item = pystac.Item.from_dict(document)
+    assert item.id == folder.name and item.geometry is not None and item.bbox is not None
+    projection = ProjectionExtension.ext(item)
+    assert projection.code == report["crs"] and projection.shape == report["shape"]
+    mask = item.assets["mask"]
+    assert mask.media_type == pystac.MediaType.COG and mask.roles == ["data", "labels"]
+    classes = ClassificationExtension.ext(mask).classes
+    assert [(c.value, c.description) for c in classes[:-1]] == list(enumerate(report["class_pixels"]))
+    assert (classes[-1].value, classes[-1].nodata) == (255, True)
+    assert [c.count for c in classes[:-1]] == list(report["class_pixels"].values())
+    assert all(len(c.color_hint or "") == 6 for c in classes[:-1])
+    assert mask.extra_fields["bands"][0]["nodata"] == 255
+    for name, asset in item.assets.items():
+        path = folder / report["outputs"][name]
+        assert FileExtension.ext(asset).checksum == "1220" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert item.assets["quicklook"].roles == ["thumbnail", "overview"]
+    assert item.properties["deeplab:checkpoint_sha256"] == report["checkpoint_sha256"]
+    assert item.properties["processing:software"] == {"deeplab-pipeline": report["software_version"]}
+    # The catalog links the item relatively: the folder can be copied anywhere and browsed.
+    catalog = pystac.Catalog.from_file(str(out / "catalog.json"))
+    (found,) = list(catalog.get_items())
+    assert found.id == item.id and found.get_self_href() == str((folder / "item.json").resolve())
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(
@@ -79,7 +107,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
 ) -> None:
     out = tmp_path / "out"
     args = ["segment", str(landsat), "--model", str(buildings_model), "--out", str(out), "--dry-run"]
-    assert main(args) == 0
+    assert main(args) == 1  # 300 m pixels for a 7.5 cm model: refused, both sizes named
+    assert "pixel size 300 m is 4.02e+03x coarser than the model's 0.0746 m" in capsys.readouterr().err
+    assert main([*args, "--force-resolution"]) == 0
     printed = capsys.readouterr().out
     assert "718x791 px" in printed and "EPSG:32618" in printed
     # The v3+ model's receptive field (745 px) capped at half the core.
@@ -104,7 +134,8 @@ def test_match_resolution_segments_on_the_model_grid_and_publishes_on_the_source
     with rasterio.open(coarse, "w", **profile) as sink:
         sink.write(data)
     out = tmp_path / "out"
-    assert _segment(coarse, buildings_model, out, "--match-resolution", "--vectorize") == 0
+    every_region = ("--polygons-background", "--min-area-m2", "0")  # every class, no region merged
+    assert _segment(coarse, buildings_model, out, "--match-resolution", "--vectorize", *every_region) == 0
     report = json.loads((out / "coarse" / "report.json").read_text())
     assert report["model_grid"] == [1024, 1024] and report["tiles"]["total"] == 16
     # Class areas in m² on a geographic CRS (EPSG:4326) against an independent computation: geodesic
@@ -118,6 +149,7 @@ def test_match_resolution_segments_on_the_model_grid_and_publishes_on_the_source
             if c == class_id
         )
         assert report["class_areas_m2"][name] == pytest.approx(geodesic, rel=0.01)
+    assert cog_validate(str(out / "coarse" / "mask.tif")) == (True, [], [])  # published resampled
     with rasterio.open(out / "coarse" / "mask.tif") as mask:
         assert (mask.shape, mask.transform) == ((512, 512), profile["transform"])
         labels = mask.read(1)

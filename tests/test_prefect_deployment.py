@@ -139,6 +139,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
     serve_env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
     command = [sys.executable, "-m", "flows.cli", "serve", "--work-dir", str(work), "--port", str(port)]
     command += ["--output", str(out), "--model", str(buildings_model), "--timezone", "Europe/Berlin"]
+    command += ["--options", '{"force_resolution": true}']  # the 300 m Landsat scene, the 7.5 cm model
     with open(log, "wb") as sink:
         serve = subprocess.Popen(
             command, cwd=ROOT, env=serve_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True

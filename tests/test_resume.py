@@ -13,7 +13,16 @@ SEGMENT = ["-m", "pipeline.cli", "segment", "--tile", "128", "--halo", "32", "--
 
 
 def _command(scene: Path, model: Path, out: Path) -> list[str]:
-    return [sys.executable, *SEGMENT, str(scene), "--model", str(model), "--out", str(out)]
+    return [
+        sys.executable,
+        *SEGMENT,
+        str(scene),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--force-resolution",
+    ]
 
 
 @pytest.mark.slow

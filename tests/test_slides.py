@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ome_zarr_models.v05.image import Image as OmeZarrImage
 from PIL import Image
 
 from models.errors import DataError
+from models.metadata import ClassInfo
 from pipeline.io.slides import (
     choose_grid,
     describe_slide,
@@ -187,14 +189,23 @@ def test_ome_pyramids_tiff_and_zarr(tmp_path) -> None:
         assert float(slide.properties["tiffslide.mpp-x"]) == 0.5
         assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (700, 1100))), labels)
         assert np.array_equal(np.asarray(slide.read_region((0, 0), 1, (350, 550))), mode_2x2(labels))
-    zarr_shapes = write_ome_zarr(labels, 0.5, tmp_path / "m.ome.zarr", "m", tile=256)
+    image = np.random.default_rng(1).integers(0, 256, (3, 1100, 700)).astype(np.uint8)
+    classes = [ClassInfo(name=n, color=(9, 9, 9)) for n in ("a", "b", "c")]
+    zarr_shapes = write_ome_zarr(image, labels, 0.5, tmp_path / "m.ome.zarr", "m", classes, tile=256)
     assert zarr_shapes == shapes
     group = zarr.open_group(tmp_path / "m.ome.zarr", mode="r")
-    multiscale = group.attrs["ome"]["multiscales"][0]
+    OmeZarrImage.from_zarr(group)  # NGFF 0.5, as ome-zarr-models reads it: an image with a label image
+    label = group["labels/mask"]
+    multiscale = label.attrs["ome"]["multiscales"][0]
     assert [d["coordinateTransformations"][0]["scale"] for d in multiscale["datasets"]] == [
         [0.5, 0.5],
         [1.0, 1.0],
         [2.0, 2.0],
         [4.0, 4.0],
     ]
-    assert np.array_equal(group["0"][:], labels) and np.array_equal(group["1"][:], mode_2x2(labels))
+    image_scales = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"][0] for d in image_scales] == [1.0] * 4  # channels
+    assert np.array_equal(label["0"][:], labels) and np.array_equal(label["1"][:], mode_2x2(labels))
+    assert np.array_equal(group["0"][:], image)
+    halved = image[:, :2, :2].astype(np.float32).mean(axis=(1, 2))
+    assert np.array_equal(group["1"][:, 0, 0], np.round(halved).astype(np.uint8)), "image levels: 2x2 mean"

@@ -108,8 +108,13 @@ def test_evaluate_saves_its_views_and_segment_averages_them(
 
     # segment averages the stored views; what is asked wins, and a change of views is a new result
     scene = describe(landsat)
-    assert plan_scene(scene, read_metadata(model), SegmentOptions()).tta == "flips"
-    assert plan_scene(scene, read_metadata(model), SegmentOptions(tta="none")).tta == "none"
+    let_through = SegmentOptions(
+        force_resolution=True
+    )  # 300 m pixels, a 7.5 cm model: the plan, not a result
+    assert plan_scene(scene, read_metadata(model), let_through).tta == "flips"
+    assert (
+        plan_scene(scene, read_metadata(model), let_through.model_copy(update={"tta": "none"})).tta == "none"
+    )
     out = tmp_path / "out"
     assert _segment(landsat, model, out, "--no-crf", "--engine", "local") == 0
     report = json.loads((out / "RGB.byte" / "report.json").read_text())

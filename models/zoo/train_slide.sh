@@ -12,7 +12,7 @@ chips="${CHIPS:-work/slide-chips}"
 rm -rf "$chips"
 "$deeplab" slide-chips "$data/wsi/CMU-1-Small-Region.svs" --out "$chips" --size 256 --stride 128
 "$deeplab" train --images "$chips/images" --masks "$chips/masks" --val-pattern '*-val-*' \
-  --classes background,stroma,nuclei --colors '#f0f0f0,#e377c2,#3b1f8f' --pixel-size 0.499e-6 \
+  --classes background,stroma,nuclei --colors '#f0f0f0,#e377c2,#3b1f8f' --background-classes background --object-classes nuclei --pixel-size 0.499e-6 \
   --arch deeplabv3plus_efficientnet_lite0 --pretrained imagenet --batch-size 8 --crop-size 256 \
   --epochs 12 --val-every 2 --lr 0.01 --seed 0 --threads "$threads" --out models/zoo/he-stain-cmu.safetensors
 # Held-out evaluation (recorded in the checkpoint as metrics.held_out) and the model card.

@@ -18,7 +18,7 @@ kampala() {
   # Hold out the ground of the zoom-19 tile 309614/261633 (and every zoom-20/21 chip inside it).
   local common=(--csv "$data/kampala-buildings/chips.csv"
     --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764
-    --classes background,building --colors '#000000,#e31a1c' --arch "${KAMPALA_ARCH:-deeplabv3plus_efficientnet_lite2}"
+    --classes background,building --colors '#000000,#e31a1c' --background-classes background --arch "${KAMPALA_ARCH:-deeplabv3plus_efficientnet_lite2}"
     --batch-size 8 --crop-size 256 --threads "$threads")
   local name="${KAMPALA_NAME:-buildings-kampala}"
   "$deeplab" train "${common[@]}" --pretrained imagenet --epochs 25 --lr 0.01 --seed 0 \
@@ -40,7 +40,7 @@ kampala_v2() {
   # for quality. lr 0.01 diverged (loss 1.3 -> 1.9 in two epochs): summed atrous branches without BN.
   "$deeplab" train --csv "$data/kampala-buildings/chips.csv" \
     --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764 \
-    --classes background,building --colors '#000000,#e31a1c' --arch deeplabv2_efficientnet_lite0 \
+    --classes background,building --colors '#000000,#e31a1c' --background-classes background --arch deeplabv2_efficientnet_lite0 \
     --batch-size 8 --crop-size 256 --threads "$threads" --pretrained imagenet --epochs 20 --val-every 4 \
     --lr 0.002 --seed 0 --out models/zoo/buildings-kampala-v2.safetensors
 }
@@ -48,7 +48,7 @@ kampala_v2() {
 dubai() {
   local common=(--images "$data/dubai-landcover/images" --masks "$data/dubai-landcover/masks"
     --val-pattern 'tile7_*' --classes building,land,road,vegetation,water,unlabeled
-    --colors '#3c1098,#8429f6,#6ec1e4,#fedd3a,#e2a929,#9b9b9b' --ignore-index 255
+    --colors '#3c1098,#8429f6,#6ec1e4,#fedd3a,#e2a929,#9b9b9b' --background-classes unlabeled --ignore-index 255
     --arch deeplabv3plus_efficientnet_lite2 --batch-size 8 --crop-size 256 --threads "$threads")
   "$deeplab" train "${common[@]}" --pretrained imagenet --epochs 16 --val-every 8 --lr 0.01 --seed 0 \
     --out models/zoo/landcover-dubai.safetensors
@@ -68,7 +68,7 @@ dubai_lite0() {
   # The compact model landcover-dubai-lite0 (the engine's tests and benchmarks), 60 minutes on one thread.
   "$deeplab" train --images "$data/dubai-landcover/images" --masks "$data/dubai-landcover/masks" \
     --val-pattern 'tile7_*' --classes building,land,road,vegetation,water,unlabeled \
-    --colors '#3c1098,#8429f6,#6ec1e4,#fedd3a,#e2a929,#9b9b9b' --ignore-index 255 \
+    --colors '#3c1098,#8429f6,#6ec1e4,#fedd3a,#e2a929,#9b9b9b' --background-classes unlabeled --ignore-index 255 \
     --arch deeplabv3plus_efficientnet_lite0 --batch-size 8 --crop-size 256 --threads "$threads" \
     --pretrained imagenet --epochs 6 --val-every 2 --lr 0.01 --seed 0 \
     --out models/zoo/landcover-dubai-lite0.safetensors

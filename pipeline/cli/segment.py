@@ -1,4 +1,5 @@
-"""`deeplab segment`: the batch driver over the scenes given, with the engine's options as flags."""
+"""`deeplab segment`: the batch driver over the scenes given, with the engine's options as flags; and
+`deeplab warp`, which puts a scene on a projected grid first."""
 
 from __future__ import annotations
 
@@ -84,3 +85,19 @@ def add_segment_command(commands: Any) -> None:
     add_option_flags(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
+
+    warp = commands.add_parser(
+        "warp", help="warp a scene onto another CRS (e.g. its UTM zone), with a nodata mask for the collar"
+    )
+    warp.add_argument("scene", type=Path)
+    warp.add_argument("--crs", required=True, help="the target CRS: EPSG:32636, a WKT or PROJ string")
+    warp.add_argument("--out", type=Path, required=True, help="the GeoTIFF to write")
+    warp.set_defaults(handler=_cmd_warp)
+
+
+def _cmd_warp(args: argparse.Namespace) -> int:
+    from pipeline.tools.warp_scene import warp_scene
+
+    out = warp_scene(args.scene, args.crs, args.out)
+    console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+    return 0

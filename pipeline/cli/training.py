@@ -1,4 +1,5 @@
-"""`deeplab models`, `info`, `train`, `slide-chips`, `card` and `import-torchvision`: the model commands."""
+"""`deeplab models`, `info`, `train`, `slide-chips`, `classes`, `card` and `import-torchvision`: the model
+commands."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
     if len(values) != 4:
         raise argparse.ArgumentTypeError("expected minx,miny,maxx,maxy")
     return (values[0], values[1], values[2], values[3])
+
+
+def _names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -69,6 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         output_stride=args.output_stride,
         classes=args.classes.split(","),
         colors=colors,
+        background_classes=_names(args.background_classes),
+        object_classes=_names(args.object_classes),
         ignore_index=args.ignore_index,
         class_weights=(
             "auto"
@@ -146,6 +153,31 @@ def _cmd_import_torchvision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classes(args: argparse.Namespace) -> int:
+    from models.checkpoint import read_metadata, update_metadata
+    from models.metadata import with_roles
+
+    metadata = read_metadata(args.checkpoint)
+    if args.background is not None or args.objects is not None:
+        current = {
+            role: [c.name for c in metadata.classes if c.role == role] for role in ("background", "object")
+        }
+        background = current["background"] if args.background is None else _names(args.background)
+        objects = current["object"] if args.objects is None else _names(args.objects)
+        try:
+            classes = with_roles(metadata.classes, background, objects)
+        except ValueError as error:
+            raise DeepLabError(f"{args.checkpoint}: {error}") from None
+        metadata = update_metadata(args.checkpoint, classes=classes)
+    table = Table(title=f"classes of {args.checkpoint.name}")
+    for column in ("id", "name", "colour", "role"):
+        table.add_column(column)
+    for index, info in enumerate(metadata.classes):
+        table.add_row(str(index), info.name, "#{:02x}{:02x}{:02x}".format(*info.color), info.role)
+    table_console().print(table)
+    return 0
+
+
 def _cmd_card(args: argparse.Namespace) -> int:
     from models.atomic import write_text_atomically
     from models.card import render_card
@@ -179,6 +211,12 @@ def add_model_commands(commands: Any) -> None:
     source.add_argument("--val-bbox", type=_bbox, help="validation = chips centred in minx,miny,maxx,maxy")
     train.add_argument("--classes", required=True, help="comma-separated class names, in id order")
     train.add_argument("--colors", help="comma-separated #rrggbb colours, one per class")
+    train.add_argument(
+        "--background-classes", help="comma-separated classes that are background (no polygons by default)"
+    )
+    train.add_argument(
+        "--object-classes", help="comma-separated classes of small objects, e.g. nuclei (QuPath detections)"
+    )
     train.add_argument("--ignore-index", type=int, default=255)
     train.add_argument("--class-weights", help="comma-separated weights, or 'auto' (median frequency)")
     train.add_argument("--arch", default="deeplabv3plus_efficientnet_lite0")
@@ -222,6 +260,15 @@ def add_model_commands(commands: Any) -> None:
         "--holdout-from", type=float, default=0.75, help="chips below this share of the height: '-val-'"
     )
     chips.set_defaults(handler=_cmd_slide_chips)
+
+    roles = commands.add_parser(
+        "classes",
+        help="show a checkpoint's classes, or mark which are background and which are small objects",
+    )
+    roles.add_argument("checkpoint", type=Path)
+    roles.add_argument("--background", help="comma-separated background classes ('' for none)")
+    roles.add_argument("--objects", help="comma-separated classes of small objects ('' for none)")
+    roles.set_defaults(handler=_cmd_classes)
 
     card = commands.add_parser("card", help="render a model card (markdown) from a checkpoint's metadata")
     card.add_argument("checkpoint", type=Path)

@@ -33,9 +33,12 @@ from pipeline.engine.publish import SegmentResult, publish_work
 from pipeline.engine.segment import compute_work, for_output_folder, prepare_scene, stage_work, start_actors
 from pipeline.engine.work import PreparedScene, StagedWork
 from pipeline.io.discover import discover_scenes, refused_scenes
+from pipeline.io.index_page import write_index_page
 from pipeline.io.sources import Source, source_id
+from pipeline.io.stac import write_catalog
 from pipeline.ray.session import KeptActors, kept_actors, ray_session
 
+CATALOG_TITLE = "deeplab-pipeline outputs"
 Stage = Literal["discover", "preflight", "stage", "segment", "publish"]
 
 
@@ -194,7 +197,13 @@ class Batch:
         outputs = {name: str(folder / file) for name, file in published.outputs.items()}
         record = job.record("done", "", outputs, published.tiles.model_dump(), published.total_seconds)
         self.manifest.record_scene(record)
+        self.write_indexes()
         return record, result
+
+    def write_indexes(self) -> None:
+        """The folder's STAC catalog and index.html, over every scene published in it (rewritten whole)."""
+        write_catalog(self.out_dir, CATALOG_TITLE)
+        write_index_page(self.out_dir, CATALOG_TITLE)
 
     def failed(self, source: Source, stage: str, error: BaseException) -> SceneRecord:
         """A scene that broke while it ran: its record, with its one line; the traceback goes to its log."""
@@ -222,6 +231,7 @@ class Batch:
             "outcome": "failed" if failed else "completed",
         }
         self.manifest.record_run(run, records)
+        self.write_indexes()  # also over folders published before the catalog and page existed
         return run
 
 

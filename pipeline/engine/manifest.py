@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from models.atomic import write_text_atomically
 from models.errors import DataError
-from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, neutral_value
+from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_added, neutral_value
 from pipeline.io.sources import Source, source_sha256
 
 MANIFEST_NAME = "manifest.json"
@@ -36,7 +36,7 @@ def config_hash(options: SegmentOptions) -> str:
     fields = {
         name: value
         for name, value in options.model_dump(mode="json", exclude=set(RUNTIME_ONLY_OPTIONS)).items()
-        if (neutral := neutral_value(name)) is None or value not in (None, neutral)
+        if not is_added(name) or value not in (None, neutral_value(name))
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

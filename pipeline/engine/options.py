@@ -128,6 +128,11 @@ class SegmentOptions(BaseModel):
     )
     amp: bool = Field(True, description="mixed precision on CUDA")
     match_resolution: bool = Field(False, description="resample scenes to the model's training pixel size")
+    force_resolution: bool = runtime_field(
+        False,
+        description="segment scenes whose pixel size is more than 8x from the model's (refused otherwise: "
+        "the model does not see such objects at the scale it learnt them)",
+    )
     mpp: float | None = Field(None, gt=0, description="a slide's level-0 µm/px when its file does not say")
     probabilities: bool = Field(
         False, description="also write the top-class confidence (probabilities.tif / .ome.tif)"
@@ -135,7 +140,30 @@ class SegmentOptions(BaseModel):
     vectorize: bool = Field(
         False, description="also write polygons (polygons.gpkg; slides: polygons.geojson for QuPath)"
     )
-    ome_zarr: bool = Field(False, description="slides: also write the mask as OME-Zarr (NGFF 0.5)")
+    min_area_m2: float | None = added_field(
+        None,
+        neutral=None,
+        ge=0,
+        description="scenes' polygons: regions smaller than this (m²) are merged into their largest "
+        "neighbour (default: 16 pixels, a 4x4 cell of the decoder's stride-4 grid)",
+    )
+    min_area_um2: float | None = added_field(
+        None,
+        neutral=None,
+        ge=0,
+        description="slides' polygons: regions smaller than this (µm²) are merged into their largest "
+        "neighbour (default: 16 pixels at the working µm/px)",
+    )
+    polygons_background: bool = added_field(
+        False,
+        neutral=False,
+        description="also draw polygons of the classes the checkpoint marks as background",
+    )
+    ome_zarr: bool = Field(
+        False,
+        description="slides: also write the image at the working µm/px with the mask as its label image, "
+        "as OME-Zarr (NGFF 0.5; napari with napari-ome-zarr opens it)",
+    )
     context: Literal["window", "scene"] = Field(
         "window",
         description="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more "
@@ -164,6 +192,12 @@ def neutral_value(name: str) -> Any:
     """The value of an ``added_field`` that every earlier run had; None for the other fields."""
     extra = SegmentOptions.model_fields[name].json_schema_extra
     return extra.get(_NEUTRAL) if isinstance(extra, dict) else None
+
+
+def is_added(name: str) -> bool:
+    """Whether the option ``name`` is an ``added_field`` (left out of the config hash while neutral)."""
+    extra = SegmentOptions.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and _NEUTRAL in extra
 
 
 def is_runtime(name: str) -> bool:

@@ -101,7 +101,9 @@ def plan_scene(
 ) -> ScenePlan:
     """Preflight (raises on problems) and the tile plan; reads no pixels. With ``out_dir``, a scene that
     cannot fit the free space there is refused too."""
-    check = preflight(scene, metadata, options.allow_ungeoreferenced, options.match_resolution)
+    check = preflight(
+        scene, metadata, options.allow_ungeoreferenced, options.match_resolution, options.force_resolution
+    )
     shape = resampled_shape(scene.height, scene.width, check.scale)
     if options.max_pixels is not None and shape[0] * shape[1] > options.max_pixels:
         check.problems.append(

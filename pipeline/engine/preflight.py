@@ -13,6 +13,7 @@ import numpy as np
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
 from pipeline.io.readers import reader_of
+from pipeline.io.resolution import GridRules
 from pipeline.io.sources import Scene
 
 
@@ -36,11 +37,13 @@ def preflight(
     metadata: CheckpointMetadata,
     allow_ungeoreferenced: bool = False,
     match_resolution: bool = False,
+    force_resolution: bool = False,
 ) -> PreflightResult:
     problems: list[str] = []
     if scene.bands != metadata.num_bands:
         problems.append(f"has {scene.bands} band(s) but the model expects {metadata.num_bands}")
     if np.dtype(scene.dtype).kind == "c":
         problems.append(f"has complex ({scene.dtype}) samples: convert them to real values first")
-    grid = reader_of(scene).check(scene, metadata, allow_ungeoreferenced, match_resolution)
+    rules = GridRules(allow_ungeoreferenced, match_resolution, force_resolution)
+    grid = reader_of(scene).check(scene, metadata, rules)
     return PreflightResult(scene, problems + grid.problems, grid.warnings, grid.scale)

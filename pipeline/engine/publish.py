@@ -28,7 +28,8 @@ from pipeline.io.cog import write_quicklook
 from pipeline.io.publishers import Publication, Publisher
 from pipeline.io.readers import reader_of
 from pipeline.io.sources import Source
-from pipeline.io.vectorize import vectorize_mask
+from pipeline.io.stac import ITEM_NAME, ItemFacts, scene_item, write_item
+from pipeline.io.vectorize import PolygonRules, vectorize_mask
 
 
 @dataclass
@@ -86,6 +87,7 @@ def _publish_into(
         loaded.metadata.classes,
         _provenance(loaded, options, plan, prepared.checksum),
         work.staged.folder / "pyramid",
+        work.staged.image(),
     )
     labels = publisher.output_grid(work.ledger.labels(), publication)
     publisher.write_mask(labels, publication, outputs)
@@ -93,19 +95,27 @@ def _publish_into(
         publisher.write_confidence(work.ledger.confidence(), publication, outputs["probabilities"])
     write_quicklook(work.staged.image(), work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
-    polygons = None
+    polygons = polygon_rules = None
     if options.vectorize:
         clock = time.perf_counter()
         progress.stage(name, "vectorize")
+        writer = publisher.polygon_writer
+        rules = PolygonRules.for_area(
+            loaded.metadata.classes,
+            publisher.pixel_areas(publication),
+            {"m2": options.min_area_m2, "um2": options.min_area_um2}[writer.unit],
+            options.polygons_background,
+        )
         polygons = vectorize_mask(
             labels,
-            loaded.metadata.classes,
-            scene.crs,
+            rules,
+            writer,
             publisher.polygon_transform(publication),
+            scene.crs,
             outputs["polygons"],
             plan.tiling.tile,
-            publisher.qupath_polygons,
         )
+        polygon_rules = rules.describe(writer.unit)
         timings["vectorize"] = time.perf_counter() - clock
     total = sum(timings.values())
     tiles = TileCounts(
@@ -126,7 +136,7 @@ def _publish_into(
         )
     if tiles.skipped == tiles.total:  # an empty, valid mask: said so rather than silently published
         details.warnings.append(f"{scene.path}: {reader.nothing_valid}; the mask is empty (all nodata)")
-    details.outputs = {k: v.name for k, v in outputs.items()}
+    details.outputs = {k: v.name for k, v in outputs.items()} | {"item": ITEM_NAME}
     details.peak_rss_mb = {"driver": round(peak_rss_mb(), 1)} | {
         f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
     }
@@ -136,7 +146,11 @@ def _publish_into(
         details.cluster = work.cluster.report()
     if polygons is not None:
         details.polygons = polygons
+        details.polygon_rules = polygon_rules
     details.write(outputs["report"])
+    write_item(
+        scene_item(_item_facts(details, loaded, plan), outputs, publisher.media_types), folder / ITEM_NAME
+    )
     progress.stage(name, "done", f"{total:.1f} s")
     return SegmentResult(prepared.source, outputs["mask"], outputs["report"], outputs["quicklook"], details)
 
@@ -201,6 +215,30 @@ def _report(
     for name, value in section.items():
         setattr(report, name, value)  # set one by one (validated): the JSON keeps only the sections set
     return report
+
+
+def _item_facts(details: SceneReport, loaded: CheckpointInfo, plan: ScenePlan) -> ItemFacts:
+    classes = loaded.metadata.classes
+    mpp = details.slide.working_mpp if details.slide else None
+    return ItemFacts(
+        scene_id=plan.check.scene.scene_id,
+        classes=classes,
+        class_pixels=[details.class_pixels[c.name] for c in classes],
+        pixel_size_m=mpp * 1e-6 if mpp else details.pixel_size_m,
+        microns_per_pixel=mpp,
+        georeferenced=details.slide is None and details.crs is not None,
+        processing={
+            "model": details.model,
+            "checkpoint": details.checkpoint,
+            "checkpoint_sha256": details.checkpoint_sha256,
+            "crf": details.crf.model_dump() if details.crf else None,
+            **({"crf_backend": details.crf_backend} if details.crf_backend else {}),
+            "scales": details.scales,
+            "tta": details.tta,
+            "input_sha256": details.input_sha256,
+        },
+        software_version=details.software_version,
+    )
 
 
 def _provenance(

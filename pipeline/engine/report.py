@@ -78,7 +78,8 @@ class SceneReport(BaseModel):
     outputs: dict[str, str] = {}  # output name -> file name in the scene's folder
     peak_rss_mb: dict[str, float | list[float]] = {}
     cluster: dict[str, Any] | None = None
-    polygons: dict[str, int] | None = None
+    polygons: dict[str, int] | None = None  # polygons per written class
+    polygon_rules: dict[str, Any] | None = None  # minimum area, simplification, classes left out
     nonfinite_pixels: int | None = None  # set when NaN or infinite samples were staged as nodata
 
     @property

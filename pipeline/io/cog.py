@@ -123,23 +123,98 @@ def write_quicklook(
     classes: Sequence[ClassInfo],
     out: Path,
     max_size: int = 1024,
-    opacity: float = 0.45,
+    opacity: float = 0.35,
 ) -> None:
-    """The scene with the mask overlaid (nodata left clear) and a legend of class colours."""
+    """The scene with each class's regions tinted and outlined, and a legend: background classes and nodata
+    are left clear, and a class whose colour is too close to the image under it (pink stroma on pink H&E)
+    is drawn in a contrasting colour instead, named so in the legend."""
     step = max(1, int(np.ceil(max(labels.shape) / max_size)))
     picture = to_display(subsample(image, step)).astype(np.float32)
     small_labels = subsample(labels, step)
-    palette = np.array([c.color for c in classes], dtype=np.float32)
-    known = small_labels < len(classes)
-    picture[known] = (1 - opacity) * picture[known] + opacity * palette[small_labels[known]]
+    drawn = drawing_colours(picture, small_labels, classes)
+    edges = _outlines(small_labels)
+    for value, colour in drawn.items():
+        region = small_labels == value
+        tint = np.asarray(colour, dtype=np.float32)
+        picture[region] = (1 - opacity) * picture[region] + opacity * tint
+        picture[region & edges] = tint
     canvas = Image.fromarray(picture.astype(np.uint8))
     legend_height = 18 * len(classes) + 8
-    framed = Image.new("RGB", (max(canvas.width, 180), canvas.height + legend_height), (255, 255, 255))
+    framed = Image.new("RGB", (max(canvas.width, 260), canvas.height + legend_height), (255, 255, 255))
     framed.paste(canvas, (0, 0))
     draw = ImageDraw.Draw(framed)
     for index, info in enumerate(classes):
         y = canvas.height + 4 + 18 * index
-        draw.rectangle((6, y, 20, y + 13), fill=tuple(info.color), outline=(0, 0, 0))
-        draw.text((26, y), info.name, fill=(0, 0, 0))
+        shown = drawn.get(index)
+        if shown is None:
+            draw.rectangle((6, y, 20, y + 13), outline=(0, 0, 0))
+            label = f"{info.name} (not drawn)"
+        else:
+            draw.rectangle((6, y, 20, y + 13), fill=shown, outline=(0, 0, 0))
+            label = info.name if shown == tuple(info.color) else f"{info.name} (drawn for contrast)"
+        draw.text((26, y), label, fill=(0, 0, 0))
     with atomic_output(out) as temp:
         framed.save(temp, format="PNG")
+
+
+# Saturated colours far apart, for classes whose own colour would vanish into the image under them.
+CONTRASTING: tuple[tuple[int, int, int], ...] = (
+    (0, 255, 0),
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+    (255, 128, 0),
+    (0, 128, 255),
+    (255, 0, 0),
+)
+# A class colour is told apart from the image under it when it is far from it in colour and in lightness too
+# (dark blue over dark nuclei differs in hue alone, and hue alone is lost at a quicklook's size).
+MIN_CONTRAST = 110.0  # RGB distance
+MIN_LIGHTNESS = 50.0  # difference of luma (Rec. 709, 0-255)
+LUMA = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+
+
+def drawing_colours(
+    picture: np.ndarray, labels: np.ndarray, classes: Sequence[ClassInfo]
+) -> dict[int, tuple[int, int, int]]:
+    """Class id -> the colour it is drawn in: its own, unless that is too close to the mean image colour
+    under it (in colour or in lightness); then, of the contrasting colours not yet taken, the one farthest
+    from that mean among those that differ enough in lightness. Background classes are not drawn."""
+    drawn: dict[int, tuple[int, int, int]] = {}
+    for value, info in enumerate(classes):
+        region = labels == value
+        if info.role == "background" or not region.any():
+            continue
+        under = picture[region].mean(axis=0)
+        own = (int(info.color[0]), int(info.color[1]), int(info.color[2]))
+        if _stands_out(own, under):
+            drawn[value] = own
+            continue
+        free = [c for c in CONTRASTING if c not in drawn.values()] or list(CONTRASTING)
+        lighter_or_darker = [c for c in free if _lightness_apart(c, under)] or free
+        drawn[value] = max(lighter_or_darker, key=lambda c: _distance(c, under))
+    return drawn
+
+
+def _distance(colour: tuple[int, int, int], under: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(colour, dtype=np.float32) - under))
+
+
+def _lightness_apart(colour: tuple[int, int, int], under: np.ndarray) -> bool:
+    return abs(float(LUMA @ np.asarray(colour, dtype=np.float32)) - float(LUMA @ under)) >= MIN_LIGHTNESS
+
+
+def _stands_out(colour: tuple[int, int, int], under: np.ndarray) -> bool:
+    return _distance(colour, under) >= MIN_CONTRAST and _lightness_apart(colour, under)
+
+
+def _outlines(labels: np.ndarray) -> np.ndarray:
+    """Pixels on a border between two labels, two pixels wide so they show at the quicklook's size."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    across = labels[:, 1:] != labels[:, :-1]
+    down = labels[1:, :] != labels[:-1, :]
+    edge[:, 1:] |= across
+    edge[:, :-1] |= across
+    edge[1:, :] |= down
+    edge[:-1, :] |= down
+    return edge

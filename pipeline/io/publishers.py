@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import pystac
 from affine import Affine
 
 from models.metadata import ClassInfo
+from pipeline.io.areas import row_pixel_areas_m2
 from pipeline.io.cog import write_confidence_cog, write_mask_cog
 from pipeline.io.ome import write_ome_pyramid, write_ome_zarr
 from pipeline.io.regrid import NearestView
 from pipeline.io.slides import level_for_scale
 from pipeline.io.sources import Scene
+from pipeline.io.vectorize import GeoPackageWriter, PolygonWriter, QuPathWriter
 
 
 @dataclass(frozen=True)
@@ -30,19 +34,21 @@ class Publication:
     classes: Sequence[ClassInfo]
     tags: dict[str, str]  # provenance, for formats that carry tags
     scratch: Path  # a folder of the scene's work area for intermediate levels
+    image: Any  # the staged image (bands, H, W) on the grid the model ran on
 
 
 class Publisher(ABC):
     """Writes one kind of scene's mask and confidence; says where its files go and what its polygons are."""
 
     files: ClassVar[dict[str, str]]  # output name -> file name in the scene's folder
-    qupath_polygons: ClassVar[bool] = False  # polygons as QuPath GeoJSON in level-0 pixels
+    media_types: ClassVar[dict[str, str]]  # output name -> its media type (STAC assets, index.html)
+    polygon_writer: ClassVar[type[PolygonWriter]]  # the polygons' format
 
     def outputs(self, target: Path, probabilities: bool, vectorize: bool, ome_zarr: bool) -> dict[str, Path]:
         wanted = {"mask", "quicklook", "report"}
         wanted |= {"probabilities"} if probabilities else set()
         wanted |= {"polygons"} if vectorize else set()
-        wanted |= {"mask_zarr"} if ome_zarr and "mask_zarr" in self.files else set()
+        wanted |= {"ome_zarr"} if ome_zarr and "ome_zarr" in self.files else set()
         return {name: target / file for name, file in self.files.items() if name in wanted}
 
     @abstractmethod
@@ -58,6 +64,10 @@ class Publisher(ABC):
     @abstractmethod
     def polygon_transform(self, publication: Publication) -> Affine:
         """Mask pixels -> the polygons' coordinates."""
+
+    @abstractmethod
+    def pixel_areas(self, publication: Publication) -> np.ndarray | None:
+        """The area of one published mask pixel in each row, in the polygon writer's unit (None: unknown)."""
 
     @abstractmethod
     def report_section(
@@ -77,6 +87,14 @@ class GeoTiffPublisher(Publisher):
         "quicklook": "quicklook.png",
         "report": "report.json",
     }
+    media_types: ClassVar[dict[str, str]] = {
+        "mask": pystac.MediaType.COG,
+        "probabilities": pystac.MediaType.COG,
+        "polygons": pystac.MediaType.GEOPACKAGE,
+        "quicklook": pystac.MediaType.PNG,
+        "report": pystac.MediaType.JSON,
+    }
+    polygon_writer = GeoPackageWriter
 
     def output_grid(self, array: Any, publication: Publication) -> Any:
         scene = publication.scene
@@ -95,6 +113,10 @@ class GeoTiffPublisher(Publisher):
     def polygon_transform(self, publication: Publication) -> Affine:
         return publication.scene.transform
 
+    def pixel_areas(self, publication: Publication) -> np.ndarray | None:
+        scene = publication.scene
+        return row_pixel_areas_m2(scene.crs, scene.transform, scene.height)
+
     def report_section(
         self, publication: Publication, class_pixels: Sequence[int], skipped_share: float
     ) -> dict[str, Any]:
@@ -111,9 +133,17 @@ class SlidePublisher(Publisher):
         "polygons": "polygons.geojson",
         "quicklook": "quicklook.png",
         "report": "report.json",
-        "mask_zarr": "mask.ome.zarr",
+        "ome_zarr": "slide.ome.zarr",
     }
-    qupath_polygons = True
+    media_types: ClassVar[dict[str, str]] = {
+        "mask": "image/tiff; application=ome-tiff",
+        "probabilities": "image/tiff; application=ome-tiff",
+        "polygons": pystac.MediaType.GEOJSON,
+        "quicklook": pystac.MediaType.PNG,
+        "report": pystac.MediaType.JSON,
+        "ome_zarr": pystac.MediaType.ZARR,
+    }
+    polygon_writer = QuPathWriter
 
     @staticmethod
     def working_mpp(publication: Publication) -> float:
@@ -128,14 +158,17 @@ class SlidePublisher(Publisher):
     def write_mask(self, labels: Any, publication: Publication, outputs: dict[str, Path]) -> None:
         mpp, name = self.working_mpp(publication), f"{publication.scene.scene_id} mask"
         write_ome_pyramid(labels, mpp, outputs["mask"], publication.scratch, name)
-        if "mask_zarr" in outputs:
-            write_ome_zarr(labels, mpp, outputs["mask_zarr"], name)
+        if "ome_zarr" in outputs:
+            write_ome_zarr(publication.image, labels, mpp, outputs["ome_zarr"], name, publication.classes)
 
     def write_confidence(self, confidence: Any, publication: Publication, out: Path) -> None:
         write_ome_pyramid(confidence, self.working_mpp(publication), out, publication.scratch, "confidence")
 
     def polygon_transform(self, publication: Publication) -> Affine:
         return Affine.scale(1 / publication.scale)
+
+    def pixel_areas(self, publication: Publication) -> np.ndarray | None:
+        return np.full(publication.shape[0], self.working_mpp(publication) ** 2)  # µm²
 
     def report_section(
         self, publication: Publication, class_pixels: Sequence[int], skipped_share: float

@@ -18,7 +18,7 @@ from affine import Affine
 from models.errors import DataError
 from models.metadata import CheckpointMetadata
 from pipeline.io.publishers import GeoTiffPublisher, Publisher, SlidePublisher
-from pipeline.io.resolution import GridCheck, check_raster, check_slide
+from pipeline.io.resolution import GridCheck, GridRules, check_raster, check_slide
 from pipeline.io.slides import SlideBlocks, describe_slide, is_slide, open_slide
 from pipeline.io.sources import (
     BlockReader,
@@ -57,9 +57,7 @@ class SceneReader(ABC):
         """How a plan says where the scene lies (CRS and pixel size; a slide's levels and µm/px)."""
 
     @abstractmethod
-    def check(
-        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
-    ) -> GridCheck:
+    def check(self, scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -> GridCheck:
         """The grid the scene is segmented on for ``metadata``'s model, and what refuses the scene."""
 
 
@@ -97,10 +95,8 @@ class GeoTiffReader(SceneReader):
         with open_raster(scene.path) as dataset:
             yield RasterBlocks(dataset, scale)
 
-    def check(
-        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
-    ) -> GridCheck:
-        return check_raster(scene, metadata, allow_ungeoreferenced, match_resolution)
+    def check(self, scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -> GridCheck:
+        return check_raster(scene, metadata, rules)
 
     def where(self, scene: Scene) -> str:
         size = scene.pixel_size_m()
@@ -133,9 +129,7 @@ class SlideReader(SceneReader):
         with open_slide(scene.path) as slide:
             yield SlideBlocks(slide, scene.slide, scale)
 
-    def check(
-        self, scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
-    ) -> GridCheck:
+    def check(self, scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -> GridCheck:
         return check_slide(scene, metadata)  # always at the model's µm/px; no CRS to have
 
     def where(self, scene: Scene) -> str:

@@ -18,11 +18,21 @@ from pipeline.io.sources import Scene
 # for the model (DeepLab is trained at one scale); closer than 1% counts as the same resolution.
 PIXEL_SIZE_TOLERANCE = 1.25
 SAME_RESOLUTION = 1.01
-# --match-resolution refuses factors past this: a model trained at 0.1 m does not see 30 m pixels usefully,
-# and the resampled grid would be enormous.
+# Past this factor between the scene's and the model's pixel size a scene is refused (--force-resolution
+# segments it anyway) and --match-resolution will not resample it: a model trained at 0.1 m does not see 30 m
+# pixels usefully, and the resampled grid would be enormous.
 MAX_RESAMPLE = 8.0
 # Slides are pyramids read at the model's µm/px; past this the model sees a thumbnail (e.g. an aerial model).
 MAX_SLIDE_DOWNSAMPLE = 64.0
+
+
+@dataclass(frozen=True)
+class GridRules:
+    """What the user allows of a scene's grid: the options of the same names."""
+
+    allow_ungeoreferenced: bool = False
+    match_resolution: bool = False
+    force_resolution: bool = False
 
 
 @dataclass
@@ -34,13 +44,11 @@ class GridCheck:
     scale: float = 1.0  # staged pixels per source pixel along each axis
 
 
-def check_raster(
-    scene: Scene, metadata: CheckpointMetadata, allow_ungeoreferenced: bool, match_resolution: bool
-) -> GridCheck:
+def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -> GridCheck:
     """A georeferenced raster at its own pixel size, or resampled to the model's (--match-resolution)."""
     problems: list[str] = []
     warnings: list[str] = []
-    if not scene.georeferenced and not allow_ungeoreferenced:
+    if not scene.georeferenced and not rules.allow_ungeoreferenced:
         problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
     problems += sample_range_problems(scene, metadata)
     if not scene.has_mask and scene.nodata is None:
@@ -49,26 +57,39 @@ def check_raster(
     scene_size, model_size = scene.pixel_size_m(), metadata.pixel_size_m
     if scene_size and model_size:
         ratio = scene_size / model_size
-        if match_resolution and max(ratio, 1 / ratio) > MAX_RESAMPLE:
+        factor = max(ratio, 1 / ratio)
+        how = "coarser" if ratio > 1 else "finer"
+        sizes = f"pixel size {scene_size:.3g} m is {factor:.3g}x {how} than the model's {model_size:.3g} m"
+        if rules.match_resolution and factor > MAX_RESAMPLE:
             problems.append(
-                f"pixel size {scene_size:.3g} m is {ratio:.3g}x the model's {model_size:.3g} m: "
-                f"--match-resolution resamples by at most {MAX_RESAMPLE:g}x; use a model trained nearer it"
+                f"{sizes}: --match-resolution resamples by at most {MAX_RESAMPLE:g}x; "
+                "use a model trained nearer it"
             )
-        elif match_resolution and max(ratio, 1 / ratio) > SAME_RESOLUTION:
+        elif rules.match_resolution and factor > SAME_RESOLUTION:
             scale = ratio
             warnings.append(
                 f"resampled from {scene_size:.3g} m to the model's {model_size:.3g} m pixels "
                 "(--match-resolution)"
             )
-        elif not match_resolution and max(ratio, 1 / ratio) > PIXEL_SIZE_TOLERANCE:
+        elif factor > MAX_RESAMPLE and not rules.force_resolution:
+            problems.append(
+                f"{sizes}: over {MAX_RESAMPLE:g}x, the model does not see objects at the scale it "
+                "learnt them; use a model trained nearer it (--force-resolution segments it anyway)"
+            )
+        elif not rules.match_resolution and factor > PIXEL_SIZE_TOLERANCE:
             warnings.append(
                 f"pixel size {scene_size:.3g} m differs from the model's training pixel size "
                 f"{model_size:.3g} m by a factor {ratio:.2f}; results may suffer "
                 "(--match-resolution resamples)"
             )
-    elif match_resolution:
+    elif rules.match_resolution:
         missing = "the scene has no ground pixel size" if not scene_size else "the model has no pixel size"
         problems.append(f"--match-resolution needs both pixel sizes, but {missing}")
+    elif not model_size:
+        warnings.append(
+            "the checkpoint records no training pixel size: the scene's resolution could not be checked "
+            "against the model's"
+        )
     return GridCheck(problems, warnings, scale)
 
 
