@@ -85,9 +85,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_demo_scenes(data: Path, out: Path, engine: str, only: list[str] | None = None) -> dict[str, str]:
-    """Segment the demo scenes into ``out`` with this tree's code; the pinned files' sha256 by
-    ``scene_id/file``."""
+def run_demo_scenes(
+    data: Path, out: Path, engine: str, only: list[str] | None = None, scenes: Path | None = None
+) -> dict[str, str]:
+    """Segment the demo scenes into ``out`` with this tree's code (warped scenes are built in ``scenes``,
+    outside it); the pinned files' sha256 by ``scene_id/file``."""
     pins: dict[str, str] = {}
     env = os.environ | {"PYTHONPATH": str(ROOT)}  # this tree, whichever checkout the venv was installed from
     deeplab = [sys.executable, "-m", "flows.cli"]
@@ -96,7 +98,7 @@ def run_demo_scenes(data: Path, out: Path, engine: str, only: list[str] | None =
         if scene.warp_to:
             if only and Path(scene.warped_name).stem not in only:
                 continue
-            warped = out / ".scenes" / scene.warped_name
+            warped = (scenes or out.parent / f"{out.name}-scenes") / scene.warped_name
             warped.parent.mkdir(parents=True, exist_ok=True)
             warp = [*deeplab, "warp", str(source), "--crs", scene.warp_to, "--out", str(warped)]
             subprocess.run(warp, check=True, cwd=ROOT, env=env)
@@ -127,14 +129,18 @@ def main() -> int:
     parser.add_argument("--pins", type=Path, help="default: bench/reports/demo-pins[-ray].json by engine")
     parser.add_argument("--only", nargs="+", metavar="SCENE_ID", help="these demo scenes alone")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="deeplab-pins-") as folder:
-        found = run_demo_scenes(args.data, Path(folder), args.engine, args.only)
+    with (
+        tempfile.TemporaryDirectory(prefix="deeplab-pins-") as folder,
+        tempfile.TemporaryDirectory(prefix="deeplab-pins-scenes-") as scenes,
+    ):
+        found = run_demo_scenes(args.data, Path(folder), args.engine, args.only, Path(scenes))
     args.pins = args.pins or PINS[args.engine]
     pinned = json.loads(args.pins.read_text()) if args.pins.exists() else {}
     if args.only:
         pinned = {name: digest for name, digest in pinned.items() if name.split("/")[0] in args.only}
     if args.record:
-        recorded = json.loads(args.pins.read_text()) if args.pins.exists() else {}
+        # --only adds to the pins of the other scenes; a whole run replaces them (a scene left the demo)
+        recorded = json.loads(args.pins.read_text()) if args.pins.exists() and args.only else {}
         args.pins.write_text(json.dumps(recorded | found, indent=2) + "\n")
         print(f"wrote {args.pins}")
         return 0

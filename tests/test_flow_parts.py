@@ -33,7 +33,9 @@ def test_discovery_of_folders_globs_and_lists(tmp_path: Path) -> None:
 
     assert discover_scenes(str(tmp_path)) == [tmp_path / "a.tif", tmp_path / "b.TIFF"]
     recursive = discover_scenes(f"{tmp_path}/**/*.tif", exclude=out)
-    assert recursive == [tmp_path / "a.tif", tmp_path / "sub" / "c.tif"], "the output folder is never input"
+    assert recursive == [tmp_path / "a.tif", tmp_path / "sub" / "c.tif"], "the output folder is not searched"
+    named = discover_scenes([str(out / "mask.tif")], exclude=out)
+    assert named == [out / "mask.tif"], "a file named explicitly is a scene, wherever it lies"
     listed = discover_scenes([str(tmp_path / "notes.txt"), str(tmp_path / "a.tif"), str(tmp_path)])
     assert listed == [tmp_path / "a.tif", tmp_path / "b.TIFF", tmp_path / "notes.txt"], "unique, sorted"
     assert discover_scenes(str(tmp_path / "missing.tif")) == [tmp_path / "missing.tif"], "fails in preflight"

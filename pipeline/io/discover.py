@@ -20,11 +20,13 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     A folder contributes its raster files (by suffix, not recursive, hidden files left out); a glob its
     matches (``**`` recurses); a file itself, whatever its suffix, so that a listed file that is not a
     raster is reported by its preflight rather than silently dropped (so is a listed scene that is
-    missing). ``exclude`` (the output folder) is never searched. A folder that does not exist is an error.
+    missing). ``exclude`` (the output folder) is never searched by a folder or a glob; a file named in it
+    explicitly is a scene like any other. A folder that does not exist is an error.
     URLs (``s3://``, ``https://``...) are scenes as given: listing a bucket is left to the caller.
     """
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
     found: list[Path] = []
+    named: list[Path] = []  # files listed by name: segmented wherever they lie
     remote: list[str] = []
     excluded = exclude.resolve() if exclude else None
     for entry in entries:
@@ -42,10 +44,11 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
                 if not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES
             ]
         elif path.exists() or path.suffix.lower() in RASTER_SUFFIXES:
-            found.append(path)  # a listed scene that is missing fails alone, in its preflight
+            named.append(path)  # a listed scene that is missing fails alone, in its preflight
         else:
             raise DataError(f"{entry}: no such file or folder")
     unique: dict[Source, None] = {_absolute(p): None for p in found if not _inside(p, excluded)}
+    unique |= {_absolute(p): None for p in named}
     unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
 

@@ -21,15 +21,18 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 ul { margin: 0; padding-left: 1.1rem; }
 .warn { color: #a15c00; font-size: 0.9em; }
 """
-# What each output is for and which tool opens it (the README's table says the same).
+# What each output file is and which tool opens it (the README's table says the same).
 OPENED_WITH: dict[str, str] = {
-    "mask": "class mask (QGIS; QuPath for slides)",
-    "probabilities": "top-class probability",
-    "polygons": "polygons (QGIS; QuPath for slides)",
-    "quicklook": "quicklook",
-    "report": "report (JSON)",
-    "item": "STAC Item",
-    "ome_zarr": "OME-Zarr (napari with napari-ome-zarr)",
+    "mask.tif": "class mask, COG (QGIS)",
+    "probabilities.tif": "top-class probability, COG (QGIS)",
+    "polygons.gpkg": "polygons with class and area (QGIS)",
+    "mask.ome.tif": "class mask, pyramidal OME-TIFF (QuPath)",
+    "probabilities.ome.tif": "top-class probability, OME-TIFF (QuPath)",
+    "polygons.geojson": "annotations and detections (drag onto the slide in QuPath)",
+    "slide.ome.zarr": "the slide with the mask as its labels (napari with napari-ome-zarr)",
+    "quicklook.png": "quicklook",
+    "report.json": "the run's report",
+    "item.json": "STAC Item (a STAC browser)",
 }
 
 
@@ -89,8 +92,8 @@ def _row(folder: str, report: SceneReport) -> str:
         "<ul>"
         + "".join(
             f'<li><a href="{link}{html.escape(file)}">{html.escape(file)}</a> '
-            f"{html.escape(OPENED_WITH.get(name, ''))}</li>"
-            for name, file in report.outputs.items()
+            f"{html.escape(OPENED_WITH.get(file, ''))}</li>"
+            for file in report.outputs.values()
         )
         + "</ul>"
     )
@@ -101,7 +104,7 @@ def _row(folder: str, report: SceneReport) -> str:
 def _areas(report: SceneReport) -> str:
     """Class areas in the unit that reads best (m², ha or km² for scenes, mm² for slides), else pixels."""
     if report.class_areas_mm2 is not None:
-        cells = {name: f"{area:,.3f} mm²" for name, area in report.class_areas_mm2.items()}
+        cells = {name: _slide_area(area) for name, area in report.class_areas_mm2.items()}
     elif report.class_areas_m2 is not None:
         cells = {name: _metric_area(area) for name, area in report.class_areas_m2.items()}
     else:
@@ -110,6 +113,10 @@ def _areas(report: SceneReport) -> str:
         f'<tr><td>{html.escape(name)}</td><td class="num">{value}</td></tr>' for name, value in cells.items()
     )
     return f"<table>{lines}</table>"
+
+
+def _slide_area(area_mm2: float) -> str:
+    return f"{area_mm2:,.3f} mm²" if area_mm2 >= 0.01 or area_mm2 == 0 else f"{area_mm2 * 1e6:,.0f} µm²"
 
 
 def _metric_area(area_m2: float) -> str:
