@@ -197,11 +197,12 @@ class Batch:
         outputs = {name: str(folder / file) for name, file in published.outputs.items()}
         record = job.record("done", "", outputs, published.tiles.model_dump(), published.total_seconds)
         self.manifest.record_scene(record)
-        self.write_indexes()
+        write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
         return record, result
 
     def write_indexes(self) -> None:
-        """The folder's STAC catalog and index.html, over every scene published in it (rewritten whole)."""
+        """The folder's STAC catalog and index.html, over every scene published in it (rewritten whole). The
+        page reads every scene's report, so it is written once a run, not after each scene."""
         write_catalog(self.out_dir, CATALOG_TITLE)
         write_index_page(self.out_dir, CATALOG_TITLE)
 
