@@ -26,10 +26,7 @@ def render_card(path: Path, attribution: str) -> str:
         "",
         "| id | class | colour | role |",
         "| --- | --- | --- | --- |",
-        *(
-            f"| {i} | {c.name} | #{''.join(f'{v:02x}' for v in c.color)} | {c.role} |"
-            for i, c in enumerate(metadata.classes)
-        ),
+        *(f"| {i} | {c.name} | #{c.hex_color} | {c.role} |" for i, c in enumerate(metadata.classes)),
         "",
         f"Bands: {', '.join(f'{b.name} (mean {b.mean:.1f}, std {b.std:.1f})' for b in metadata.bands)}; "
         f"input {metadata.input_dtype}; ignore index {metadata.ignore_index}; "

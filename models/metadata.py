@@ -13,7 +13,6 @@ FORMAT_VERSION = 1
 # What a class is to the outputs: a class of areas (QuPath annotations), the background (no polygons unless
 # asked, not tinted in quicklooks) or small objects such as nuclei (QuPath detections).
 ClassRole = Literal["region", "background", "object"]
-CLASS_ROLES: tuple[str, ...] = get_args(ClassRole)
 
 
 class ClassInfo(BaseModel):
@@ -21,6 +20,11 @@ class ClassInfo(BaseModel):
     name: str
     color: tuple[int, int, int] = Field(description="RGB 0-255, used in colour tables and quicklooks")
     role: ClassRole = Field("region", description="region, background or object (small objects: detections)")
+
+    @property
+    def hex_color(self) -> str:
+        """The colour as ``rrggbb`` (cards, the classes table, STAC's ``color_hint``)."""
+        return "".join(f"{v:02x}" for v in self.color)
 
 
 class BandInfo(BaseModel):

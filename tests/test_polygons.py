@@ -135,3 +135,21 @@ def test_qupath_geojson_has_detections_annotations_and_areas_in_square_microns(t
     assert all(40 <= f["properties"]["measurements"]["Area µm^2"] <= 42.5 for f in nuclei)
     xmax = max(shapely.geometry.shape(f["geometry"]).bounds[2] for f in document["features"])
     assert xmax == 650 * level_0_per_mask_px, "coordinates in level-0 pixels"
+
+
+def test_classes_command_marks_roles_in_a_checkpoint(
+    buildings_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from models.checkpoint import read_metadata
+    from pipeline.cli import main
+
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copy(buildings_model, checkpoint)
+    assert main(["classes", str(checkpoint), "--background", "", "--objects", "building"]) == 0
+    assert [c.role for c in read_metadata(checkpoint).classes] == ["region", "object"]
+    assert "#e31a1c" in capsys.readouterr().out
+    assert main(["classes", str(checkpoint), "--background", "roads"]) == 2
+    assert "no class named roads" in capsys.readouterr().err
+    assert [c.role for c in read_metadata(checkpoint).classes] == ["region", "object"], "left as it was"

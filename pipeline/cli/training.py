@@ -173,7 +173,7 @@ def _cmd_classes(args: argparse.Namespace) -> int:
     for column in ("id", "name", "colour", "role"):
         table.add_column(column)
     for index, info in enumerate(metadata.classes):
-        table.add_row(str(index), info.name, "#{:02x}{:02x}{:02x}".format(*info.color), info.role)
+        table.add_row(str(index), info.name, f"#{info.hex_color}", info.role)
     table_console().print(table)
     return 0
 

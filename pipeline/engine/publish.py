@@ -93,7 +93,7 @@ def _publish_into(
     publisher.write_mask(labels, publication, outputs)
     if options.probabilities:
         publisher.write_confidence(work.ledger.confidence(), publication, outputs["probabilities"])
-    write_quicklook(work.staged.image(), work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
+    write_quicklook(publication.image, work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
     polygons = polygon_rules = None
     if options.vectorize:

@@ -167,7 +167,6 @@ def write_ome_zarr(
             "source": {"image": "../../"},
         },
     }
-    del root
     replace_durably(partial, out)
     return [(int(level.shape[0]), int(level.shape[1])) for level in label_levels]
 

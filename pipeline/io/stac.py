@@ -10,7 +10,6 @@ geometry and state the µm per pixel instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pystac.extensions.projection import ProjectionExtension
 from rio_stac.stac import get_dataset_geom
 
 from models.atomic import write_text_atomically
+from models.digest import file_sha256
 from models.metadata import ClassInfo
 from pipeline.engine.ledger import NODATA_LABEL
 
@@ -50,7 +50,6 @@ TITLES: dict[str, str] = {
     "quicklook": "quicklook",
     "report": "run report",
 }
-SAMPLE_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,7 @@ class ItemFacts:
 
 def multihash_sha256(path: Path) -> str:
     """``file:checksum``: the sha2-256 multihash (code 0x12, length 0x20) of the file, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(SAMPLE_BUFFER):
-            digest.update(chunk)
-    return "1220" + digest.hexdigest()
+    return "1220" + file_sha256(path)
 
 
 def scene_item(facts: ItemFacts, files: Mapping[str, Path], media_types: Mapping[str, str]) -> pystac.Item:
@@ -158,7 +153,7 @@ def _add_asset(item: pystac.Item, name: str, path: Path, media_type: str, facts:
                 value=value,
                 name=_token(info.name),
                 description=info.name,
-                color_hint="".join(f"{c:02X}" for c in info.color),
+                color_hint=info.hex_color.upper(),
                 count=int(pixels),
                 percentage=round(100 * pixels / total, 4),
             )
