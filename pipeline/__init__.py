@@ -7,11 +7,4 @@
   multi-node cluster;
 - ``pipeline.tools``: evaluation and tuning;
 - ``pipeline.cli``: the ``deeplab`` command line, thin over all of these.
-
-The flat module names of earlier versions (``pipeline.segment``, ``pipeline.sources``...) still import, as
-aliases of their new modules that warn (``pipeline._moved``).
 """
-
-from pipeline._moved import install_aliases
-
-install_aliases()

@@ -70,13 +70,6 @@ def test_flags_give_the_options_and_defaults_come_from_the_model() -> None:
     assert (options.crf_params.w1, options.crf_params.sigma_alpha) == (5.0, 80.0)
 
 
-def test_an_old_flag_still_works_and_warns(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _subparser("segment").parse_args(["s.tif", "--model", "m", "--out", "o", "--keep-warm", "120"])
-    assert options_from_args(args).keep_warm_s == 120.0
-    err = capsys.readouterr().err
-    assert "--keep-warm is deprecated" in err and "use --keep-warm-s" in err
-
-
 def test_runtime_only_options_are_marked_on_their_fields() -> None:
     assert {
         "engine",

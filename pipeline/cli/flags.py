@@ -1,21 +1,16 @@
 """Command-line flags generated from ``SegmentOptions``: one flag per field, named as the field, with the
-field's help, default and bounds; renamed flags kept as aliases that warn."""
+field's help, default and bounds."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import types
-from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from pipeline.engine.options import SegmentOptions
-
-# old flag -> the field it now sets under its own name (kept for a while; each use warns)
-DEPRECATED_FLAGS = {"--keep-warm": "keep_warm_s"}
 
 
 def flag_of(name: str) -> str:
@@ -70,38 +65,11 @@ def _arguments(name: str, field: FieldInfo) -> dict[str, Any]:
     return keywords
 
 
-class _DeprecatedFlag(argparse.Action):
-    """An old flag: sets its field and says once which flag to use instead."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        print(
-            f"warning: {option_string} is deprecated and will be removed; use {flag_of(self.dest)}",
-            file=sys.stderr,
-        )
-        setattr(namespace, self.dest, values)
-
-
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """Every ``SegmentOptions`` field as a flag of ``parser``, in the model's order."""
     group = parser.add_argument_group("engine options (SegmentOptions)")
     for name, field in SegmentOptions.model_fields.items():
         group.add_argument(flag_of(name), **_arguments(name, field))
-    for old, name in DEPRECATED_FLAGS.items():
-        keywords = _arguments(name, SegmentOptions.model_fields[name])
-        group.add_argument(
-            old,
-            action=_DeprecatedFlag,
-            type=keywords["type"],
-            dest=name,
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
-        )
 
 
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
