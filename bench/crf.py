@@ -45,7 +45,7 @@ def windows() -> dict[str, tuple[np.ndarray, Path]]:
 def probabilities_of(image: np.ndarray, model: Path) -> tuple[np.ndarray, CRFParams]:
     from pipeline.engine.workers import ModelWorker
 
-    worker = ModelWorker(str(model), "cpu", None, amp=False)
+    worker = ModelWorker(str(model), device="cpu", threads=None, amp=False)
     probabilities = worker.predict([image], (1.0,), "max", as_probabilities=True)[0].astype(np.float32)
     return probabilities, worker.loaded.metadata.crf
 

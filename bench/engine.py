@@ -30,9 +30,8 @@ from rasterio.windows import Window
 from bench.mosaic import mirrored
 from models.atomic import write_text_atomically
 from models.runtime import CACHE_ENV, RUNTIMES
-from pipeline.engine.grid import plan_tiles
-from pipeline.engine.segment import cores_to_compute
-from pipeline.engine.stage import StagedScene
+from pipeline.engine.grid import cores_to_compute, plan_tiles
+from pipeline.engine.stage import StagedStores
 from pipeline.engine.workers import ModelWorker, read_windows, window_batches
 from pipeline.ray.local_cluster import LocalRayCluster
 
@@ -132,9 +131,9 @@ def model_only_seconds(
 
     torch.set_num_threads(threads)
     loaded = load_checkpoint(model)
-    worker = ModelWorker(str(model), "cpu", threads, amp=False, loaded=loaded, runtime=runtime)
-    image = StagedScene.open_image(staged_folder)
-    valid = StagedScene.open_valid(staged_folder)
+    worker = ModelWorker(str(model), device="cpu", threads=threads, amp=False, loaded=loaded, runtime=runtime)
+    image = StagedStores.open_image(staged_folder)
+    valid = StagedStores.open_valid(staged_folder)
     height, width = image.shape[1:]
     todo, _ = cores_to_compute(plan_tiles(height, width, tile, halo, cores_per_window), valid)
     seconds = 0.0
@@ -202,7 +201,9 @@ def main() -> None:
     # that each engine run's figures are its steady state, not a fresh output folder's first export.
     os.environ[CACHE_ENV] = str(args.work / "onnx")
     clock = time.perf_counter()
-    primed = ModelWorker(str(args.model), "cpu", threads, amp=False, runtime=args.runtime).runtime_name()
+    primed = ModelWorker(
+        str(args.model), device="cpu", threads=threads, amp=False, runtime=args.runtime
+    ).runtime_name()
     results: dict[str, Any] = {
         "machine": {"cpus": threads, "platform": platform.platform(), "torch": torch.__version__},
         "model": args.model.name,
@@ -265,12 +266,12 @@ def run_size(
             "command_seconds": report["command_seconds"],
         },
         "model_only_seconds": round(forward, 2),
-        "efficiency_vs_segment_stage": round(forward / report["seconds"]["segment"], 3),
+        "efficiency_vs_compute_stage": round(forward / report["seconds"]["compute"], 3),
         "efficiency_vs_total": round(forward / report["seconds"]["total"], 3),
     }
     if warm is not None:
         for figures in warm.values():
-            figures["efficiency_vs_segment_stage"] = round(forward / figures["seconds"]["segment"], 3)
+            figures["efficiency_vs_compute_stage"] = round(forward / figures["seconds"]["compute"], 3)
             figures["efficiency_vs_total"] = round(forward / figures["seconds"]["total"], 3)
             figures["efficiency_vs_command"] = round(forward / figures["command_seconds"], 3)
         run["running_cluster"] = warm
@@ -330,7 +331,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"| {size}² | {run['halo']} | {block}x{block}, {run.get('windows', '-')} | "
             f"{run['no_crf']['megapixels_per_second']:.3f} | "
-            f"{crf.get('megapixels_per_second', '-')} | {run['efficiency_vs_segment_stage']} / "
+            f"{crf.get('megapixels_per_second', '-')} | {run['efficiency_vs_compute_stage']} / "
             f"{run['efficiency_vs_total']} | {rss['driver']} / {_join(rss.get('model_actors', []))} | "
             f"{_mps(monai)} / {_mps(prepared)} | {_rss(monai)} / {_rss(prepared)} |"
         )
@@ -363,8 +364,8 @@ def render(results: dict[str, Any]) -> str:
             for name, figures in runs.items():
                 lines.append(
                     f"| {size}² | {name} | {figures['actors_started']} / {figures['actors_reused']} | "
-                    f"{figures['seconds']['segment']} | {figures['seconds']['total']} | "
-                    f"{figures['command_seconds']} | {figures['efficiency_vs_segment_stage']} / "
+                    f"{figures['seconds']['compute']} | {figures['seconds']['total']} | "
+                    f"{figures['command_seconds']} | {figures['efficiency_vs_compute_stage']} / "
                     f"{figures['efficiency_vs_total']} / {figures['efficiency_vs_command']} |"
                 )
     return "\n".join(lines) + "\n"

@@ -323,7 +323,7 @@ def amp_section(device: str, side: int) -> dict[str, Any]:
     result: dict[str, Any] = {"windows": len(windows), "window_side": half}
     labels = {}
     for amp in (False, True):
-        worker = ModelWorker(str(MODEL), device, None, amp=amp)
+        worker = ModelWorker(str(MODEL), device=device, threads=None, amp=amp)
         seconds, out = _timed(device, partial(worker.predict, windows, (1.0,), "max", False))
         labels[amp] = np.stack(out)
         result[f"amp_{'on' if amp else 'off'}_mp_per_s"] = round(side * side / 1e6 / seconds, 2)
@@ -339,19 +339,19 @@ def _model_actor_work(
 ) -> dict[str, Any]:
     """One model actor's work over its share of the mosaic's windows: (megapixels of finished cores, s)."""
     from models.checkpoint import read_metadata
-    from pipeline.engine.grid import DEFAULT_TILING, model_halo, plan_tiles
-    from pipeline.engine.workers import ModelWorker, Work, WorkSpec, read_windows, tiles_of, window_batches
+    from pipeline.engine.grid import DEFAULT_TILING, PendingCore, model_halo, plan_tiles
+    from pipeline.engine.workers import ModelWorker, WindowSpec, read_windows, tiles_of, window_batches
 
     metadata = read_metadata(MODEL)
     image = _mosaic(side)
     tile = 512
     params = metadata.crf if crf else None
     halo = model_halo(metadata, params.sigma_alpha if params else None, tile)
-    todo: list[Work] = [
+    todo: list[PendingCore] = [
         (t, None) for t in plan_tiles(side, side, tile, halo, DEFAULT_TILING.cores_per_window)
     ]
     batches = window_batches(todo, 16)[part::parts]
-    spec = WorkSpec(
+    spec = WindowSpec(
         crf=params,
         input_max=metadata.input_max,
         crf_backend="torch",
@@ -359,7 +359,7 @@ def _model_actor_work(
         batch_size=16,
         device=device,
     )
-    worker = ModelWorker(str(MODEL), device, None, amp=True)
+    worker = ModelWorker(str(MODEL), device=device, threads=None, amp=True)
     if not batches:  # a small mosaic has fewer batches than workers
         return {"megapixels": 0.0, "seconds": 0.0}
     worker.segment_cores(read_windows(image, batches[0]), tiles_of(batches[0]), spec)  # warm-up

@@ -25,14 +25,23 @@ import numpy as np
 
 from models.atomic import write_text_atomically
 from models.checkpoint import read_metadata
-from pipeline.engine.grid import Tile, core_of, model_halo, plan_tiles, read_window
-from pipeline.engine.ledger import NODATA_LABEL, Ledger
-from pipeline.engine.segment import cores_to_compute
-from pipeline.engine.stage import StagedScene, stage_scene
-from pipeline.engine.workers import CRFWorker, ModelWorker, Work, WorkSpec, window_batches
+from pipeline.engine.grid import (
+    PendingCore,
+    Tile,
+    core_of,
+    cores_to_compute,
+    model_halo,
+    plan_tiles,
+    read_window,
+)
+from pipeline.engine.ledger import Ledger
+from pipeline.engine.options import WHOLE_GPU
+from pipeline.engine.stage import StagedStores, stage_scene
+from pipeline.engine.workers import CRFWorker, ModelWorker, WindowSpec, window_batches
+from pipeline.io.labels import NODATA_LABEL
 from pipeline.ray.actor_pools import ActorPlan
 from pipeline.ray.scheduler import run_tiles
-from pipeline.ray.session import ray_session
+from pipeline.ray.session import actor_pools, ray_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
@@ -45,7 +54,7 @@ class ReadWindows:
     """Ray Data stage (an actor that keeps the zarr store open): a batch of same-shaped cores -> windows."""
 
     def __init__(self, image_folder: str) -> None:
-        self.image = StagedScene.open_image(Path(image_folder))
+        self.image = StagedStores.open_image(Path(image_folder))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
         tiles = [_tiles(json.loads(str(encoded))) for encoded in rows["tiles"]]
@@ -56,8 +65,8 @@ class ReadWindows:
 class ModelStage:
     """Ray Data actor stage: a batch of windows -> one row per window with its probabilities (or labels)."""
 
-    def __init__(self, checkpoint: str, threads: int, spec: WorkSpec) -> None:
-        self.worker = ModelWorker(checkpoint, "cpu", threads, amp=False)
+    def __init__(self, checkpoint: str, threads: int, spec: WindowSpec) -> None:
+        self.worker = ModelWorker(checkpoint, device="cpu", threads=threads, amp=False)
         self.spec = spec
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -79,7 +88,7 @@ class ModelStage:
 class CRFStage:
     """Ray Data actor stage: one window's probabilities -> the refined core's labels."""
 
-    def __init__(self, spec: WorkSpec) -> None:
+    def __init__(self, spec: WindowSpec) -> None:
         self.worker = CRFWorker()
         self.spec = spec
 
@@ -111,7 +120,7 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def run_ray_data(
-    ray: Any, folder: Path, todo: list[Work], checkpoint: Path, spec: WorkSpec, plan: ActorPlan
+    ray: Any, folder: Path, todo: list[PendingCore], checkpoint: Path, spec: WindowSpec, plan: ActorPlan
 ) -> np.ndarray:
     """The same cores through a Ray Data pipeline: read -> model -> CRF, each an actor pool."""
     import ray.data
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     crf = None if args.no_crf else metadata.crf
     cpus = os.cpu_count() or 1
     plan = ActorPlan.for_resources(cpus, 0, crf is not None)
-    spec = WorkSpec(crf=crf, input_max=metadata.input_max, amp=False, batch_size=2)
+    spec = WindowSpec(crf=crf, input_max=metadata.input_max, amp=False, batch_size=2)
     work = Path(tempfile.mkdtemp(prefix="dlb-rd-"))
     try:
         staged = stage_scene(args.scene, work / ".work", args.tile)
@@ -192,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 ledger_folder = work / f"ledger-{round_index}"
                 ledger = Ledger(ledger_folder, "bench", (height, width), args.tile)
                 started = time.perf_counter()
-                run_tiles(ray, staged.image(), todo, ledger, args.model, spec)
+                with actor_pools(ray, args.model, spec, WHOLE_GPU) as pools:
+                    run_tiles(ray, staged.image(), todo, ledger, spec, pools)
                 times["engine"].append(time.perf_counter() - started)
                 masks["engine"] = np.asarray(ledger.labels()[:])
                 started = time.perf_counter()

@@ -22,11 +22,17 @@ from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
-from pipeline.engine.grid import DEFAULT_TILING, Tile, core_of, model_halo, plan_tiles
-from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.grid import (
+    DEFAULT_TILING,
+    PendingCore,
+    Tile,
+    core_of,
+    cores_to_compute,
+    model_halo,
+    plan_tiles,
+)
 from pipeline.engine.workers import (
     ModelWorker,
-    Work,
     context_of,
     local_context_sums,
     read_windows,
@@ -54,7 +60,7 @@ def predict_tiled(
     height, width = image.shape[-2:]
     planned = plan_tiles(height + shift, width + shift, tile, halo, cores_per_window)
     tiles = [_shifted(t, shift, height, width) for t in planned]
-    todo: list[Work] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
+    todo: list[PendingCore] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
     for group in window_batches(todo, batch):
         results = worker.predict(read_windows(image, group), (1.0,), "max", False, context=context)
@@ -128,7 +134,7 @@ def compare(tiled: np.ndarray, reference: np.ndarray, valid: np.ndarray, tile: i
 
 
 def worker_for(loaded: LoadedModel, threads: int | None = None) -> ModelWorker:
-    return ModelWorker(str(loaded.path), "cpu", threads, amp=False, loaded=loaded)
+    return ModelWorker(str(loaded.path), device="cpu", threads=threads, amp=False, loaded=loaded)
 
 
 class Centred(nn.Module):

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.engine.workers import CoreDone
+from pipeline.engine.plan import CoreDone
 
 # at most one line per this many seconds, besides each tenth of the cores and the last one
 MIN_SECONDS_BETWEEN_LINES = 10.0

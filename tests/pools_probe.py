@@ -13,13 +13,13 @@ import sys
 import ray
 
 from models.metadata import CRFParams
-from pipeline.engine.workers import WorkSpec
+from pipeline.engine.workers import WindowSpec
 from pipeline.ray.actor_pools import ActorPools
 
 
 def main(address: str, checkpoint: str) -> None:
     ray.init(address=address, log_to_driver=False, configure_logging=False)
-    pools = ActorPools(ray, checkpoint, WorkSpec(crf=CRFParams(), input_max=255.0))
+    pools = ActorPools(ray, checkpoint, WindowSpec(crf=CRFParams(), input_max=255.0))
     try:
         for _ in sys.stdin:
             pools.refresh()

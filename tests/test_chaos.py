@@ -24,7 +24,7 @@ from pipeline.engine.outdir import RAY_OWNER
 ROOT = Path(__file__).resolve().parents[1]
 DEEPLAB = str(Path(sys.executable).parent / "deeplab")
 FAST = ["--tile", "64", "--halo", "16", "--no-crf", "--engine", "local"]
-STAGES = ("stage", "segment", "publish")
+STAGES = ("stage", "compute", "publish")
 
 
 def _scene(data_dir: Path, out: Path, size: int = 384) -> Path:
@@ -120,14 +120,14 @@ def test_a_run_killed_at_10_random_points_resumes_to_the_same_mask(
     # each stage's span in the uninterrupted run: kills land at random points inside them
     starts = {stage: reference.wait_for(f"scene {stage}") for stage in STAGES}
     ends = {
-        "stage": starts["segment"],
-        "segment": starts["publish"],
+        "stage": starts["compute"],
+        "compute": starts["publish"],
         "publish": reference.wait_for("scene done"),
     }
     expected = (tmp_path / "reference" / "scene" / "mask.tif").read_bytes()
 
     chance = random.Random(20)
-    plan = ["stage"] * 3 + ["segment"] * 4 + ["publish"] * 3
+    plan = ["stage"] * 3 + ["compute"] * 4 + ["publish"] * 3
     landed: list[str] = []
     # each killed run's resume runs while the next run is started and killed (at most one resume at a
     # time): the trials cost half the wall time, and a busier CPU only stretches the stages the kills aim at
@@ -147,7 +147,7 @@ def test_a_run_killed_at_10_random_points_resumes_to_the_same_mask(
         resuming = (trial, out, resume)
     assert resuming is not None
     _check_resumed(*resuming, expected, landed)
-    assert {"stage", "segment", "publish"} <= set(landed), landed
+    assert {"stage", "compute", "publish"} <= set(landed), landed
 
 
 def _check_resumed(

@@ -20,7 +20,7 @@ AGREEMENT = 0.995  # the issue's bar: argmax labels agree on at least this share
 
 
 def _probabilities(model: Path, window: np.ndarray) -> np.ndarray:
-    worker = ModelWorker(str(model), "cpu", None, amp=False)
+    worker = ModelWorker(str(model), device="cpu", threads=None, amp=False)
     return worker.predict([window], (1.0,), "max", as_probabilities=True)[0].astype(np.float32)
 
 

@@ -1,6 +1,7 @@
 """The layout's rules, checked on the source: each module says its one job first, none grows past about
-400 lines, module-level imports form no cycle, pipeline never imports Prefect; flows -> pipeline -> models;
-the names removed before a release (CHANGELOG.md) are gone."""
+400 lines; the layers import only downwards (LAYERS), imports inside functions and under TYPE_CHECKING
+included, and form no cycle; pipeline never imports Prefect; the names removed before a release
+(CHANGELOG.md) are gone."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "flows", "models")
 MAX_LINES = 420
+# The layers, bottom first: a module imports from its own layer and those below it, never from above.
+LAYERS = (
+    "models",
+    "pipeline.io",
+    "pipeline.crf",
+    "pipeline.engine",
+    "pipeline.ray",
+    "pipeline.tools",
+    "pipeline.cli",
+    "flows",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -50,8 +62,40 @@ def test_every_module_says_its_job_first_and_stays_small() -> None:
         assert lines <= MAX_LINES, f"{name}: {lines} lines"
 
 
-def test_module_level_imports_have_no_cycle() -> None:
-    graph = {name: _imports(path, top_level_only=True) - {name} for name, path in MODULES.items()}
+def layer_of(name: str) -> int | None:
+    """The index in LAYERS of the module ``name`` (its longest matching layer), None for package roots."""
+    found = [i for i, layer in enumerate(LAYERS) if name == layer or name.startswith(layer + ".")]
+    return max(found) if found else None
+
+
+def test_layers_import_only_downwards() -> None:
+    upward = []
+    for name, path in MODULES.items():
+        own = layer_of(name)
+        if own is None:
+            continue
+        for imported in sorted(_imports(path, top_level_only=False)):
+            other = layer_of(imported)
+            if other is not None and other > own:
+                upward.append(f"{name} ({LAYERS[own]}) imports {imported} ({LAYERS[other]})")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_every_module_has_its_layer() -> None:
+    assert not [name for name in MODULES if layer_of(name) is None and name not in ("pipeline",)]
+
+
+def test_the_engine_never_names_ray() -> None:
+    """The engine chooses its compute backend by name (pipeline.engine.backends): nothing in it imports Ray or
+    the Ray backend, not even lazily."""
+    for path in (ROOT / "pipeline" / "engine").rglob("*.py"):
+        text = path.read_text()
+        assert "import ray" not in text and "pipeline.ray" not in text, path
+
+
+def test_imports_have_no_cycle() -> None:
+    """Not at module level, nor inside functions, nor under TYPE_CHECKING."""
+    graph = {name: _imports(path, top_level_only=False) - {name} for name, path in MODULES.items()}
     state: dict[str, int] = {}  # 1: on the path, 2: done
 
     def visit(name: str, path: list[str]) -> None:

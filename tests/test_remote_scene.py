@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline.engine.driver import run_batch
 from pipeline.engine.manifest import Manifest
 from pipeline.engine.options import SegmentOptions
-from pipeline.engine.segment import segment_scene
 from pipeline.io.discover import discover_scenes
 from pipeline.io.readers import describe
 from pipeline.io.sources import as_source, source_id, source_sha256
@@ -29,12 +29,12 @@ def test_a_scene_over_http_gives_the_local_mask(kampala: Path, buildings_model: 
     chip = folder / "chip.tif"
     shutil.copy(kampala_chip(kampala)[0], chip)
     options = SegmentOptions(engine="local", crf=False)
-    local = segment_scene(chip, buildings_model, tmp_path / "local", options)
+    local = run_batch(chip, buildings_model, tmp_path / "local", options).results[str(chip)]
     with serving(folder) as base:
         url = f"{base}/chip.tif"
         scene = describe(url)
         assert scene.path == url and scene.scene_id == "chip" and scene.crs is not None
-        assert source_sha256(url) == Manifest(tmp_path).checksum(url) == local.details.input_sha256
-        remote = segment_scene(url, buildings_model, tmp_path / "remote", options)
-    assert remote.details.scene == url
+        assert source_sha256(url) == Manifest(tmp_path).checksum(url) == local.report.input_sha256
+        remote = run_batch(url, buildings_model, tmp_path / "remote", options).results[url]
+    assert remote.report.scene == url
     assert remote.mask.read_bytes() == local.mask.read_bytes()

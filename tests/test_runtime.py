@@ -37,9 +37,15 @@ def _windows(kampala: Path) -> list[list[np.ndarray]]:
 def test_onnxruntime_gives_eager_labels_on_real_windows(
     kampala: Path, buildings_model: Path, shared_onnx_cache: Path
 ) -> None:
-    eager = ModelWorker(str(buildings_model), "cpu", 2, False, runtime="eager")
+    eager = ModelWorker(str(buildings_model), device="cpu", threads=2, amp=False, runtime="eager")
     onnx = ModelWorker(
-        str(buildings_model), "cpu", 2, False, eager.loaded, "onnxruntime", str(shared_onnx_cache)
+        str(buildings_model),
+        device="cpu",
+        threads=2,
+        amp=False,
+        loaded=eager.loaded,
+        runtime="onnxruntime",
+        onnx_cache=str(shared_onnx_cache),
     )
     assert (eager.runtime_name(), onnx.runtime_name()) == ("eager", "onnxruntime")
     full, edge = _windows(kampala)
@@ -56,8 +62,10 @@ def test_onnxruntime_gives_eager_labels_on_real_windows(
 
 @pytest.mark.slow
 def test_torch_compile_gives_eager_labels(kampala: Path, buildings_model: Path) -> None:
-    eager = ModelWorker(str(buildings_model), "cpu", 2, False, runtime="eager")
-    compiled = ModelWorker(str(buildings_model), "cpu", 2, False, eager.loaded, runtime="compile")
+    eager = ModelWorker(str(buildings_model), device="cpu", threads=2, amp=False, runtime="eager")
+    compiled = ModelWorker(
+        str(buildings_model), device="cpu", threads=2, amp=False, loaded=eager.loaded, runtime="compile"
+    )
     assert compiled.runtime_name() == "compile"
     windows = _windows(kampala)[0]
     expected = eager._probabilities(windows, (1.0,), "max", None, "none")

@@ -9,8 +9,7 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 from pipeline.cli import main
-from pipeline.engine.grid import core_of, plan_tiles
-from pipeline.engine.segment import cores_to_compute
+from pipeline.engine.grid import core_of, cores_to_compute, plan_tiles
 from pipeline.engine.workers import window_batches
 
 

@@ -20,9 +20,8 @@ from rasterio.transform import Affine
 from stac_pydantic import Item as StacItem
 
 from models.checkpoint import update_metadata
-from models.errors import DataError
+from pipeline.engine.driver import run_batch
 from pipeline.engine.options import SegmentOptions
-from pipeline.engine.segment import segment_scene
 from tests.conftest import resume_after_kill
 
 WORKING_MPP = 1.0
@@ -59,7 +58,7 @@ def _levels(path: Path) -> tuple[tuple[tuple[int, int], ...], float, np.ndarray]
 @pytest.mark.slow
 def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path) -> None:
     options = SegmentOptions(engine="local", crf=False, vectorize=True, ome_zarr=True)
-    result = segment_scene(cmu_slide, slide_model, tmp_path, options)
+    result = run_batch(cmu_slide, slide_model, tmp_path, options).results[str(cmu_slide)]
     folder = tmp_path / "CMU-1-Small-Region"
     report = json.loads((folder / "report.json").read_text())
     scale = 0.499 / WORKING_MPP
@@ -112,12 +111,14 @@ def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path
 @pytest.mark.slow
 def test_tcga_slide_needs_mpp(tcga_slide: Path, slide_model: Path, tmp_path: Path) -> None:
     options = SegmentOptions(engine="local", crf=False)
-    with pytest.raises(
-        DataError, match=r"TCGA-CR-7395-01A-01-TS1.svs: no µm/px in the slide's metadata; pass --mpp"
-    ):
-        segment_scene(tcga_slide, slide_model, tmp_path, options)
+    refused = run_batch(tcga_slide, slide_model, tmp_path, options)
+    assert (
+        refused.exit_code == 1
+        and "TCGA-CR-7395-01A-01-TS1.svs: no µm/px in the slide's metadata; pass --mpp"
+        in (refused.failed[0].message)
+    )
     given = options.model_copy(update={"mpp": 0.25})  # level 1 is 0.5 µm/px, resampled by 1/2 to 1 µm/px
-    segment_scene(tcga_slide, slide_model, tmp_path, given)
+    assert run_batch(tcga_slide, slide_model, tmp_path, given).exit_code == 0
     report = json.loads((tmp_path / "TCGA-CR-7395-01A-01-TS1" / "report.json").read_text())
     assert report["slide"]["level_read"] == 1, "the coarsest level still finer than the model's 1 µm/px"
     dimensions, mpp, labels = _levels(tmp_path / "TCGA-CR-7395-01A-01-TS1" / "mask.ome.tif")
@@ -174,9 +175,8 @@ def test_a_slide_without_tissue_gives_an_empty_valid_mask(slide_model: Path, tmp
         resolutionunit="CENTIMETER",
         metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
     )
-    segment_scene(
-        path, slide_model, tmp_path / "out", SegmentOptions(engine="local", crf=False, vectorize=True)
-    )
+    options = SegmentOptions(engine="local", crf=False, vectorize=True)
+    assert run_batch(path, slide_model, tmp_path / "out", options).exit_code == 0
     folder = tmp_path / "out" / "blank.ome"
     report = json.loads((folder / "report.json").read_text())
     assert report["tiles"]["computed"] == 0 and report["tiles"]["skipped"] == report["tiles"]["total"] > 0

@@ -37,7 +37,7 @@ def test_tiled_probabilities_stitch_each_core_from_its_own_window(
     kampala: Path, buildings_model: Path, tmp_path: Path
 ) -> None:
     loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
-    worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
+    worker = ModelWorker(str(buildings_model), device="cpu", threads=None, amp=False, loaded=loaded)
     whole = predict_image(worker.model, loaded.metadata, image)
     # one window that holds the whole chip: the whole-image pass (probabilities travel as float16)
     covering = tiled_probabilities(worker, image, Tiling(tile=256, cores_per_window=1), 64, InputScales())

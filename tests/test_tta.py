@@ -71,7 +71,7 @@ def test_tiled_views_keep_each_core_equal_to_its_window_alone(
     """Views are taken of the padded window, so flipped windows stay on the scene's lattice: a core of the
     tiled, augmented map is what its window alone gives with the same views."""
     loaded, image = load_model_and_chip(kampala, buildings_model, tmp_path, CHIPS[0])
-    worker = ModelWorker(str(buildings_model), "cpu", None, amp=False, loaded=loaded)
+    worker = ModelWorker(str(buildings_model), device="cpu", threads=None, amp=False, loaded=loaded)
     tiled = tiled_probabilities(worker, image, Tiling(tile=64, cores_per_window=1), 32, InputScales(), "d4")
     window = image[:, 64 - 32 : 128 + 32, 128 - 32 : 192 + 32]
     alone = predict_image(worker.model, loaded.metadata, window, tta="d4")

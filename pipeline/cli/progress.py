@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from pipeline.engine.workers import CoreDone
+from pipeline.engine.plan import CoreDone
 
 
 class ConsoleProgress:
@@ -30,7 +30,7 @@ class ConsoleProgress:
             if done % step == 0 or done == total:
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 self.console.print(
-                    f"[bold]{scene}[/bold] segment: {done}/{total} cores ({rate:.2f}/s)", highlight=False
+                    f"[bold]{scene}[/bold] compute: {done}/{total} cores ({rate:.2f}/s)", highlight=False
                 )
 
         return one

@@ -32,10 +32,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         elif result is None:
             console.print(f"{record.source}: {record.message}, skipped", highlight=False, soft_wrap=True)
         else:
-            tiles, files = result.details.tiles, ", ".join(result.details.outputs.values())
+            tiles, files = result.report.tiles, ", ".join(result.report.outputs.values())
             console.print(
-                f"{record.source}: {result.mask.parent}/ {files} ({tiles.computed} tiles computed, "
-                f"{tiles.skipped} skipped, {tiles.resumed} resumed; {result.details.total_seconds:.1f} s)",
+                f"{record.source}: {result.folder}/ {files} ({tiles.computed} tiles computed, "
+                f"{tiles.skipped} skipped, {tiles.resumed} resumed; {result.report.total_seconds:.1f} s)",
                 soft_wrap=True,
                 highlight=False,
             )
@@ -43,27 +43,25 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
-    """Print each scene's plan (preflight, grid, cores, halo, CRF); compute and write nothing."""
+    """Print each scene's plan (preflight, grid, cores, halo, CRF) as the driver's discovery and preflight
+    find it; compute and write nothing."""
     from models.checkpoint import checkpoint_info
     from pipeline.engine.driver import Batch
-    from pipeline.engine.failures import failure_line
-    from pipeline.engine.plan import count_nodata_cores, plan_scene
-    from pipeline.io.readers import describe
+    from pipeline.engine.manifest import SceneRecord
+    from pipeline.engine.plan import count_nodata_cores
 
-    info = checkpoint_info(Path(model))
-    metadata = info.metadata
-    found, refused = Batch(out, info, options).discover(scenes)  # the run's own discovery and refusals
-    for line in dict.fromkeys(refused.values()):
-        console.print(f"[red]refused:[/red] {line}", highlight=False, soft_wrap=True)
-    failures = len(refused)
-    for scene in found:
-        try:
-            plan = plan_scene(describe(scene, options.mpp), metadata, options, Path(out))
-            lines = plan.describe(count_nodata_cores(plan.check.scene, plan))
-        except Exception as error:
+    failures = 0
+    refusals: set[str] = set()
+    for planned in Batch(out, checkpoint_info(Path(model)), options).plan(scenes):
+        if isinstance(planned, SceneRecord):
             failures += 1
-            console.print(f"[red]refused:[/red] {failure_line(scene, 'preflight', error)}", soft_wrap=True)
+            if planned.message not in refusals:  # one line for the scenes of one id clash
+                console.print(f"[red]refused:[/red] {planned.message}", highlight=False, soft_wrap=True)
+            refusals.add(planned.message)
             continue
+        lines = planned.plan.describe(count_nodata_cores(planned.scene, planned.plan))
+        if planned.unchanged_since is not None:
+            lines.append(f"  unchanged since {planned.unchanged_since.finished}: a run would skip it")
         for line in lines:
             table_console().print(line, highlight=False, soft_wrap=True)
     return 1 if failures else 0

@@ -1,124 +1,106 @@
 """The one batch driver: discover -> preflight every scene -> stage, compute, publish each -> manifest.
 
-`deeplab segment`, `deeplab run-flow`, the Prefect deployments (whose tasks call the stages of ``Batch``)
-and the RayJob / `ray job submit` entrypoint all run scenes through here, so they share one set of
-protections:
+`deeplab segment`, its dry run, `deeplab run-flow`, the Prefect deployments and the RayJob / `ray job
+submit` entrypoint all run scenes through ``Batch``: the flow only hands it a ``StageRunner`` that runs each
+stage as a Prefect task. So they share one sequence and one set of protections:
 
 - folders, globs, lists and GDAL URLs are discovered (``pipeline.io.discover``);
 - scenes whose ids cannot name an output folder (``..``, empty) or clash are refused before any work, a
   clash with one line naming all of its scenes;
 - a scene whose result key matches its last published result, with every output in place, is skipped;
-- every scene is preflighted before a cluster starts, and a run with nothing to compute starts none;
+- every scene is preflighted before the compute backend starts, and a run with nothing to compute starts none;
 - any exception while one scene runs becomes that scene's one-line failure naming the file (its traceback
   goes to the scene's log under ``--out/.logs``), and the other scenes go on.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from models.checkpoint import CheckpointInfo, checkpoint_info
+from models.errors import DataError
+from models.runtime import onnx_cache
+from pipeline.engine.compute import Compute, compute_for
 from pipeline.engine.failures import failure_line, log_failure
-from pipeline.engine.manifest import Manifest, Outcome, SceneKey, SceneRecord, config_hash, now_iso
+from pipeline.engine.grid import PLAN_VERSION, cores_to_compute
+from pipeline.engine.ledger import Ledger, result_key
+from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash, now_iso
 from pipeline.engine.options import SegmentOptions
-from pipeline.engine.outdir import clean_debris, output_folder, output_lock
-from pipeline.engine.plan import Progress, Silent, as_planned
-from pipeline.engine.publish import SegmentResult, publish_work
-from pipeline.engine.segment import compute_work, for_output_folder, prepare_scene, stage_work, start_actors
-from pipeline.engine.work import PreparedScene, StagedWork
+from pipeline.engine.outdir import WORK_NAME, clean_debris, inside, output_folder, output_lock
+from pipeline.engine.plan import Progress, Silent, as_planned, plan_scene
+from pipeline.engine.publish import PublishedScene, publish_scene
+from pipeline.engine.scenes import ComputedScene, PlannedScene, StagedScene
+from pipeline.engine.space import check_fits
+from pipeline.engine.stage import stage_scene
 from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.index_page import write_index_page
-from pipeline.io.sources import Source, source_id
+from pipeline.io.readers import describe
+from pipeline.io.sources import Source, scene_id_problem, source_id
 from pipeline.io.stac import write_catalog
-from pipeline.ray.session import KeptActors, kept_actors, ray_session
 
 CATALOG_TITLE = "deeplab-pipeline outputs"
-Stage = Literal["discover", "preflight", "stage", "segment", "publish"]
+# A run's stages, by the one name each has in code, progress lines, failure lines, reports and Prefect tasks.
+StageName = Literal["discover", "preflight", "stage", "compute", "publish"]
+
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+class StageRunner:
+    """How the driver runs stages: each in turn, in this process, reporting to ``progress``. The flow's runner
+    (``flows.stage_tasks``) runs each stage as a Prefect task and scenes side by side; the sequence is the
+    driver's either way."""
+
+    run_id: str | None = None  # the orchestrator's id of this run, recorded in the manifest
+
+    def __init__(self, progress: Progress | None = None) -> None:
+        self.progress = progress or Silent()
+
+    def stage(self, name: StageName, scene: str, call: Callable[[Progress], Outcome]) -> Outcome:
+        """Run one stage of ``scene`` (``call`` raises when the stage fails)."""
+        return call(self.progress)
+
+    def each(
+        self, call: Callable[[Item], Outcome], items: Sequence[Item], names: Sequence[str]
+    ) -> list[Outcome]:
+        """``call`` on every item (a scene, named by ``names``; ``call`` never raises), results in order."""
+        return [call(item) for item in items]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SceneOutcome:
+    """What became of one scene: its manifest record, and its outputs when it was published this run."""
+
+    record: SceneRecord
+    published: PublishedScene | None = None
 
 
 @dataclass
-class SceneJob:
-    """One scene on its way through the stages."""
+class BatchResult:
+    """Every scene's record, in discovery order, and the published results of the scenes done this run."""
 
-    source: Source
-    key: SceneKey
-    prepared: PreparedScene
-    previous: SceneRecord | None = None  # set when the scene is unchanged: it is skipped
-    work: StagedWork | None = None
+    records: list[SceneRecord]
+    results: dict[str, PublishedScene] = field(default_factory=dict)  # by source
+    run: dict[str, Any] = field(default_factory=dict)  # the run's entry in the manifest
 
     @property
-    def name(self) -> str:
-        return self.prepared.name
+    def failed(self) -> list[SceneRecord]:
+        return [record for record in self.records if record.outcome == "failed"]
 
-    def record(
-        self,
-        outcome: Outcome,
-        message: str,
-        outputs: dict[str, str] | None,
-        tiles: dict[str, int],
-        seconds: float,
-    ) -> SceneRecord:
-        """The scene's record in the manifest, under its key."""
-        return SceneRecord(
-            str(self.source), self.name, outcome, self.key, message, outputs, tiles, seconds, now_iso()
-        )
-
-
-class Cluster:
-    """Where a run computes: a Ray session with the run's kept actors, or this process (``ray`` None).
-    Scenes take turns on it: two scenes' actors competing for one cluster's CPUs could each hold half of
-    what they need and wait forever."""
-
-    def __init__(self, ray: Any, options: SegmentOptions, actors: KeptActors | None = None) -> None:
-        self.ray = ray
-        self.options = options
-        self.actors = actors  # kept for the whole run: its scenes share the actors' model loads
-        self.lock = threading.Lock()
-
-    def start(self, prepared: PreparedScene) -> None:
-        """The scene's actors, started before it is staged so that their start overlaps the staging, unless
-        another scene holds the session (its actors are up already)."""
-        if self.actors is None or not self.lock.acquire(blocking=False):
-            return
-        try:
-            start_actors(prepared, self.options, self.actors)
-        finally:
-            self.lock.release()
-
-    def compute(self, work: StagedWork, progress: Progress) -> StagedWork:
-        with self.lock:
-            return compute_work(work, self.options, self.ray, progress, self.actors)
-
-
-@contextmanager
-def cluster_for(
-    options: SegmentOptions, out_dir: Path, needed: bool, worker_env: dict[str, str] | None = None
-) -> Iterator[Cluster]:
-    """The run's cluster: Ray (started, or joined at ``ray_address``) only when a scene has work and the
-    engine is Ray; a run that skips every scene never starts one. Call it from the main thread: Ray's
-    signal handlers need it."""
-    with ExitStack() as stack:
-        if not needed or options.engine == "local":
-            yield Cluster(None, options)
-            return
-        ray = stack.enter_context(
-            ray_session(Path(out_dir) / ".work", options.ray_address, worker_env=worker_env)
-        )
-        actors = stack.enter_context(kept_actors(ray, options.keep_warm_s))
-        yield Cluster(ray, options, actors)
+    @property
+    def exit_code(self) -> int:
+        """0 when every scene was published or is unchanged, 1 when any failed."""
+        return 1 if self.failed else 0
 
 
 class Batch:
-    """One run: its scenes into one output folder, with one checkpoint and one options object.
-
-    The methods are the run's stages; ``run_batch`` calls them in turn, the ``segment-scenes`` flow calls
-    each from its own Prefect task."""
+    """One run: its scenes into one output folder, with one checkpoint and one options object. ``run`` is the
+    per-scene sequence; the other methods are its stages."""
 
     def __init__(
         self,
@@ -129,7 +111,7 @@ class Batch:
     ) -> None:
         self.out_dir = output_folder(out_dir)  # a file named as --out is a usage error, said at once
         self.checkpoint = checkpoint
-        self.options = for_output_folder(options, self.out_dir)
+        self.options = _for_output_folder(options, self.out_dir)
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir)
 
@@ -146,6 +128,70 @@ class Batch:
                 self.progress.stage(folder, "cleaned", f"{len(removed)} leftover(s) of an interrupted run")
             yield self
 
+    def run(
+        self,
+        inputs: str | Path | Sequence[str | Path],
+        runner: StageRunner | None = None,
+        worker_env: dict[str, str] | None = None,
+    ) -> BatchResult:
+        """Every scene of ``inputs``, each through its stages on one compute backend, holding the folder."""
+        runner = runner or StageRunner(self.progress)
+        started, clock = now_iso(), time.perf_counter()
+        with self.hold():
+            found, refused = runner.stage("discover", self._folder_name, lambda _: self.discover(inputs))
+            records = {source: self.refused(source, line) for source, line in refused.items()}
+            planned: list[PlannedScene] = []
+            for source, checked in zip(
+                found,
+                runner.each(lambda s: self._checked(s, runner), found, [source_id(s) for s in found]),
+                strict=True,
+            ):
+                if isinstance(checked, SceneRecord):
+                    records[source] = checked
+                else:
+                    planned.append(checked)
+            needed = any(scene.unchanged_since is None for scene in planned)
+            work_dir = self.out_dir / WORK_NAME
+            with compute_for(self.options, work_dir, needed, worker_env) as compute:
+                outcomes = runner.each(
+                    lambda scene: self.run_scene(scene, compute, runner), planned, [p.name for p in planned]
+                )
+            results = {}
+            for scene, outcome in zip(planned, outcomes, strict=True):
+                records[scene.source] = outcome.record
+                if outcome.published is not None:
+                    results[str(scene.source)] = outcome.published
+            ordered = [records[source] for source in sorted(records, key=str)]
+            run = self.record_run(ordered, started, time.perf_counter() - clock, runner.run_id)
+        return BatchResult(ordered, results, run)
+
+    def plan(self, inputs: str | Path | Sequence[str | Path]) -> list[PlannedScene | SceneRecord]:
+        """The dry run: every scene of ``inputs`` discovered and preflighted as ``run`` would, writing nothing
+        (input checksums are taken from the manifest's cache, or computed and not kept). Refused scenes come
+        back as their failed records."""
+        found, refused = self.discover(inputs)
+        runner = StageRunner(self.progress)
+        checked = [self._checked(source, runner, dry_run=True) for source in found]
+        return [self.refused(source, line) for source, line in refused.items()] + checked
+
+    def run_scene(self, planned: PlannedScene, compute: Compute, runner: StageRunner) -> SceneOutcome:
+        """One planned scene through stage -> compute -> publish; any failure is the scene's record."""
+        if planned.unchanged_since is not None:
+            return SceneOutcome(record=self.skipped(planned))
+        stage: StageName = "stage"
+        try:
+            staged = runner.stage(
+                "stage", planned.name, lambda progress: self.stage(planned, compute, progress)
+            )
+            stage = "compute"
+            computed = runner.stage(
+                "compute", planned.name, lambda progress: compute.compute(staged, progress)
+            )
+            stage = "publish"
+            return runner.stage("publish", planned.name, lambda progress: self.publish(computed, progress))
+        except Exception as error:
+            return SceneOutcome(record=self.failed(planned.source, stage, error))
+
     def discover(self, inputs: str | Path | Sequence[str | Path]) -> tuple[list[Source], dict[Source, str]]:
         """The scenes to run, and those refused before any work (unsafe or clashing ids) with their line."""
         entries = [inputs] if isinstance(inputs, str | Path) else list(inputs)
@@ -153,64 +199,110 @@ class Batch:
         refused = refused_scenes(scenes)
         return [scene for scene in scenes if scene not in refused], refused
 
-    def preflight(self, source: Source, progress: Progress | None = None) -> SceneJob:
-        """Check the scene against the checkpoint (raises on problems), plan it, and decide whether it is
-        unchanged since its last published result."""
-        progress = progress or self.progress
-        local_file = isinstance(source, Path) and source.is_file()
-        checksum = self.manifest.checksum(source) if local_file else None  # else prepare_scene reads it
-        prepared = prepare_scene(source, self.checkpoint, self.options, checksum, progress, self.out_dir)
-        key = SceneKey(
-            prepared.checksum, self.checkpoint.sha256, config_hash(as_planned(self.options, prepared.plan))
-        )
+    def preflight(self, source: Source, progress: Progress, keep_checksum: bool = True) -> PlannedScene:
+        """Check the scene against the checkpoint (raises on problems), plan it on the free space of the
+        output folder, key it, and find whether it is unchanged since its last published result."""
+        clock = time.perf_counter()
+        if problem := scene_id_problem(source):  # refused in discovery already; here for direct callers
+            raise DataError(f"{source}: {problem}")
+        scene = describe(source, self.options.mpp)
+        plan = plan_scene(scene, self.checkpoint.metadata, self.options, self.out_dir)
+        progress.stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
+        checksum = self.manifest.checksum(source, keep=keep_checksum)
+        key = SceneKey(checksum, self.checkpoint.sha256, config_hash(as_planned(self.options, plan)))
         previous = self.manifest.current(str(source), key)
         if previous is not None:
             progress.stage(
-                prepared.name, "unchanged", f"same key as the result of {previous.finished}: skipped"
+                scene.scene_id, "unchanged", f"same key as the result of {previous.finished}: skipped"
             )
-        return SceneJob(source, key, prepared, previous)
+        return PlannedScene(
+            source=source,
+            scene=scene,
+            checkpoint=self.checkpoint,
+            plan=plan,
+            checksum=checksum,
+            key=key,
+            unchanged_since=previous,
+            seconds=time.perf_counter() - clock,
+        )
 
-    def stage(self, job: SceneJob, cluster: Cluster, progress: Progress | None = None) -> SceneJob:
-        if job.previous is None:
-            cluster.start(job.prepared)  # the actors start while the scene is staged
-            job.work = stage_work(job.prepared, self.out_dir, self.options, progress or self.progress)
-        return job
+    def stage(self, planned: PlannedScene, compute: Compute, progress: Progress) -> StagedScene:
+        """Stage the scene into zarr under ``OUT/.work`` (the backend starts its workers meanwhile) and list
+        the cores its ledger still lacks."""
+        compute.warm(planned)
+        clock = time.perf_counter()
+        plan, scene = planned.plan, planned.scene
+        # again: the scenes staged since the preflight took their share of the disk
+        check_fits(
+            planned.source, plan.shape, scene.bands, scene.dtype, self.out_dir, self.options.probabilities
+        )
+        work_dir = self.out_dir / WORK_NAME
+        inside(self.out_dir, work_dir / planned.name)  # a symlinked work folder must not carry writes away
+        progress.stage(planned.name, "stage")
+        stores = stage_scene(scene, work_dir, plan.tiling.tile, planned.checksum, plan.check.scale)
+        ledger = Ledger(
+            stores.folder,
+            _ledger_key(planned),
+            plan.shape,
+            plan.tiling.tile,
+            confidence=self.options.probabilities,
+        )
+        todo, nodata_cores = cores_to_compute(plan.tiles, stores.valid(), ledger.is_done)
+        return StagedScene(
+            planned=planned,
+            stores=stores,
+            ledger=ledger,
+            todo=todo,
+            nodata_cores=nodata_cores,
+            resumed=ledger.done_count,
+            seconds=time.perf_counter() - clock,
+        )
 
-    def compute(self, job: SceneJob, cluster: Cluster, progress: Progress | None = None) -> SceneJob:
-        if job.work is not None:
-            job.work = cluster.compute(job.work, progress or self.progress)
-        return job
-
-    def publish(
-        self, job: SceneJob, progress: Progress | None = None
-    ) -> tuple[SceneRecord, SegmentResult | None]:
-        """Publish a computed scene and record it in the manifest; an unchanged one keeps its outputs."""
-        if job.previous is not None:
-            previous = job.previous
-            unchanged = f"unchanged since {previous.finished}"
-            no_work = {"computed": 0, "skipped": 0, "resumed": 0}
-            return job.record("skipped", unchanged, previous.outputs, no_work, 0.0), None
-        assert job.work is not None, "publish follows stage and compute"
-        result = publish_work(job.work, self.out_dir, self.options, progress or self.progress)
-        folder = result.mask.parent.relative_to(self.out_dir)
-        published = result.details
-        outputs = {name: str(folder / file) for name, file in published.outputs.items()}
-        record = job.record("done", "", outputs, published.tiles.model_dump(), published.total_seconds)
+    def publish(self, computed: ComputedScene, progress: Progress) -> SceneOutcome:
+        """Publish a computed scene and record it in the manifest."""
+        published = publish_scene(computed, self.out_dir, self.options, progress)
+        report, planned = published.report, computed.staged.planned
+        outputs = {name: str(Path(planned.name) / file) for name, file in report.outputs.items()}
+        record = SceneRecord(
+            str(planned.source),
+            planned.name,
+            "done",
+            planned.key,
+            "",
+            outputs,
+            report.tiles.model_dump(),
+            report.total_seconds,
+            now_iso(),
+        )
         self.manifest.record_scene(record)
         write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
-        return record, result
+        return SceneOutcome(record=record, published=published)
 
-    def write_indexes(self) -> None:
-        """The folder's STAC catalog and index.html, over every scene published in it (rewritten whole). The
-        page reads every scene's report, so it is written once a run, not after each scene."""
-        write_catalog(self.out_dir, CATALOG_TITLE)
-        write_index_page(self.out_dir, CATALOG_TITLE)
+    def skipped(self, planned: PlannedScene) -> SceneRecord:
+        """An unchanged scene keeps its outputs, under its last record's."""
+        previous = planned.unchanged_since
+        assert previous is not None
+        no_work = {"computed": 0, "skipped": 0, "resumed": 0}
+        return SceneRecord(
+            str(planned.source),
+            planned.name,
+            "skipped",
+            planned.key,
+            f"unchanged since {previous.finished}",
+            previous.outputs,
+            no_work,
+            0.0,
+            now_iso(),
+        )
 
-    def failed(self, source: Source, stage: str, error: BaseException) -> SceneRecord:
-        """A scene that broke while it ran: its record, with its one line; the traceback goes to its log."""
+    def failed(
+        self, source: Source, stage: StageName, error: BaseException, keep_log: bool = True
+    ) -> SceneRecord:
+        """A scene that broke while it ran: its record, with its one line; the traceback goes to its log
+        (unless ``keep_log`` is False: a dry run writes nothing)."""
         line = failure_line(source, stage, error)
-        log = log_failure(self.out_dir, source, stage, error)
-        return self.refused(source, line if log is None else f"{line} (details: {log})")
+        logged = log_failure(self.out_dir, source, stage, error) if keep_log else None
+        return self.refused(source, line if logged is None else f"{line} (details: {logged})")
 
     def refused(self, source: Source, line: str) -> SceneRecord:
         """A scene that did not run (or broke), with the line that says why."""
@@ -219,7 +311,9 @@ class Batch:
     def record_run(
         self, records: list[SceneRecord], started: str, seconds: float, run_id: str | None = None
     ) -> dict[str, Any]:
-        """The run's entry in the manifest (every scene's outcome), returned as recorded."""
+        """The run's entry in the manifest (every scene's outcome), returned as recorded; then the folder's
+        STAC catalog and index.html, over every scene published in it (the page reads every scene's report,
+        so it is written once a run, not after each scene)."""
         failed = any(record.outcome == "failed" for record in records)
         run = {
             "flow_run_id": run_id,
@@ -232,25 +326,24 @@ class Batch:
             "outcome": "failed" if failed else "completed",
         }
         self.manifest.record_run(run, records)
-        self.write_indexes()  # also over folders published before the catalog and page existed
+        write_catalog(self.out_dir, CATALOG_TITLE)
+        write_index_page(self.out_dir, CATALOG_TITLE)
         return run
 
-
-@dataclass
-class BatchResult:
-    """Every scene's record, in discovery order, and the published results of the scenes done this run."""
-
-    records: list[SceneRecord]
-    results: dict[str, SegmentResult] = field(default_factory=dict)  # by source
-
     @property
-    def failed(self) -> list[SceneRecord]:
-        return [record for record in self.records if record.outcome == "failed"]
+    def _folder_name(self) -> str:
+        return self.out_dir.name or str(self.out_dir)
 
-    @property
-    def exit_code(self) -> int:
-        """0 when every scene was published or is unchanged, 1 when any failed."""
-        return 1 if self.failed else 0
+    def _checked(
+        self, source: Source, runner: StageRunner, dry_run: bool = False
+    ) -> PlannedScene | SceneRecord:
+        """The scene's preflight as a stage; a refusal is its failed record."""
+        try:
+            return runner.stage(
+                "preflight", source_id(source), lambda progress: self.preflight(source, progress, not dry_run)
+            )
+        except Exception as error:
+            return self.failed(source, "preflight", error, keep_log=not dry_run)
 
 
 def run_batch(
@@ -261,50 +354,35 @@ def run_batch(
     progress: Progress | None = None,
     worker_env: dict[str, str] | None = None,
 ) -> BatchResult:
-    """Every scene of ``inputs`` into ``out_dir``, one after another on one cluster.
+    """Every scene of ``inputs`` into ``out_dir``, one after another on one compute backend.
 
     A bad checkpoint or an input that names nothing raises (a usage error: nothing can run); anything that
     goes wrong with one scene is that scene's failure, and the others go on."""
-    started, clock = now_iso(), time.perf_counter()
     info = model if isinstance(model, CheckpointInfo) else checkpoint_info(Path(model).resolve())
-    batch = Batch(out_dir, info, options, progress)
-    with batch.hold():
-        return _run_held(batch, inputs, options, started, clock, worker_env)
+    return Batch(out_dir, info, options, progress).run(inputs, worker_env=worker_env)
 
 
-def _run_held(
-    batch: Batch,
-    inputs: str | Path | Sequence[str | Path],
-    options: SegmentOptions,
-    started: str,
-    clock: float,
-    worker_env: dict[str, str] | None,
-) -> BatchResult:
-    scenes, clashes = batch.discover(inputs)
-    records = {source: batch.refused(source, line) for source, line in clashes.items()}
-    jobs: list[SceneJob] = []
-    for source in scenes:  # every scene is checked before a cluster starts
-        try:
-            jobs.append(batch.preflight(source))
-        except Exception as error:
-            records[source] = batch.failed(source, "preflight", error)
-    results: dict[str, SegmentResult] = {}
-    to_compute = any(job.previous is None for job in jobs)
-    with cluster_for(batch.options, batch.out_dir, to_compute, worker_env) as cluster:
-        for job in jobs:
-            stage: Stage = "stage"
-            try:
-                batch.stage(job, cluster)
-                stage = "segment"
-                batch.compute(job, cluster)
-                stage = "publish"
-                record, result = batch.publish(job)
-            except Exception as error:
-                records[job.source] = batch.failed(job.source, stage, error)
-                continue
-            records[job.source] = record
-            if result is not None:
-                results[str(job.source)] = result
-    ordered = [records[source] for source in sorted(records, key=str)]
-    batch.record_run(ordered, started, time.perf_counter() - clock)
-    return BatchResult(ordered, results)
+def _for_output_folder(options: SegmentOptions, out_dir: Path) -> SegmentOptions:
+    """``options`` with what depends on the run's output folder filled in: where ONNX exports are kept."""
+    if options.onnx_cache is not None:
+        return options
+    return options.model_copy(update={"onnx_cache": str(onnx_cache(Path(out_dir) / WORK_NAME))})
+
+
+def _ledger_key(planned: PlannedScene) -> str:
+    """What makes a core's result: every input of its computation. A change to any starts the ledger over."""
+    plan = planned.plan
+    return result_key(
+        input=planned.checksum,
+        checkpoint=planned.checkpoint.sha256,
+        tile=plan.tiling.tile,
+        halo=plan.halo,
+        cores_per_window=plan.tiling.cores_per_window,
+        crf=plan.crf_key(),
+        scales=plan.multiscale.scales,
+        fuse=plan.multiscale.fuse,
+        tta=plan.tta,
+        scale=plan.check.scale,
+        plan=PLAN_VERSION,
+        context=plan.scene_context,
+    )

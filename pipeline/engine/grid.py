@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -54,6 +55,11 @@ class Tile:
         right = min(left + width + self.halo, self.scene_width)
         top, left = max(top - self.halo, 0), max(left - self.halo, 0)
         return top, left, bottom - top, right - left
+
+
+# A core to compute and its valid-pixel mask; None when every pixel is valid, so that the driver's list of
+# cores stays small whatever the scene size (only cores on a nodata edge carry a mask).
+PendingCore = tuple[Tile, np.ndarray | None]
 
 
 # Part of every ledger key: a change to how windows are cut changes results, so old ledgers are not reused.
@@ -225,3 +231,30 @@ def core_of(window_array: Sliceable, tile: Tile) -> Sliceable:
     rows = tile.core_top - top
     cols = tile.core_left - left
     return window_array[..., rows : rows + tile.core_height, cols : cols + tile.core_width]
+
+
+def cores_to_compute(
+    tiles: list[Tile], valid_store: Any, is_done: Callable[[int, int], bool] | None = None
+) -> tuple[list[PendingCore], int]:
+    """The cores still to compute (with a valid mask where partly nodata), and how many are wholly nodata.
+    Blocks of cores are fitted to the cores with valid pixels (``fit_blocks``).
+
+    Without ``is_done``: every core with a valid pixel."""
+    cores: list[Tile] = []
+    masks: list[np.ndarray | None] = []
+    for tile in tiles:
+        core_valid = np.asarray(
+            valid_store[
+                tile.core_top : tile.core_top + tile.core_height,
+                tile.core_left : tile.core_left + tile.core_width,
+            ]
+        )
+        if core_valid.any():  # else left nodata, never computed
+            cores.append(tile)
+            masks.append(None if core_valid.all() else core_valid)
+    todo = [
+        (tile, mask)
+        for tile, mask in zip(fit_blocks(cores), masks, strict=True)
+        if is_done is None or not is_done(tile.row, tile.col)
+    ]
+    return todo, len(tiles) - len(cores)

@@ -19,8 +19,7 @@ import numpy as np
 import zarr
 
 from models.atomic import fsync_path, write_text_atomically
-
-NODATA_LABEL = 255
+from pipeline.io.labels import NODATA_LABEL
 
 
 def result_key(**parts: Any) -> str:

@@ -101,8 +101,9 @@ class Manifest:
             yield data
             write_text_atomically(self.path, json.dumps(data, indent=2))
 
-    def checksum(self, source: Source) -> str:
-        """The sha256, from the cache while size and mtime are unchanged (URLs are read every time)."""
+    def checksum(self, source: Source, keep: bool = True) -> str:
+        """The sha256, from the cache while size and mtime are unchanged (URLs are read every time); a new
+        one is kept in the cache unless ``keep`` is False (a dry run writes nothing)."""
         if not isinstance(source, Path):
             return source_sha256(source)
         stat = source.stat()
@@ -110,6 +111,8 @@ class Manifest:
         if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
             return str(cached["sha256"])
         digest = source_sha256(source)
+        if not keep:
+            return digest
         with self._locked() as data:
             data["checksums"][str(source)] = {
                 "size": stat.st_size,

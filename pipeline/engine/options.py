@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.metadata import TTA, CRFParams, Fuse
+from pipeline.engine.backends import backend_names
 
 _RUNTIME = "runtime"
 _NEUTRAL = "neutral"
@@ -95,8 +96,10 @@ class SegmentOptions(BaseModel):
     )
     device: str = runtime_field("auto", description="auto, cpu, cuda, cuda:1 ...")
     allow_ungeoreferenced: bool = Field(False, description="segment scenes without a CRS or transform")
-    engine: Literal["ray", "local"] = runtime_field(
-        "ray", description="ray (a local cluster started by itself, or --ray-address) or one local process"
+    engine: str = runtime_field(
+        "ray",
+        description="the compute backend: ray (a local cluster started by itself, or --ray-address), local "
+        "(this process), or another installed one (pipeline/engine/backends.py)",
     )
     ray_address: str | None = runtime_field(
         None, description="join this Ray cluster (default: RAY_ADDRESS, else start a local one)"
@@ -169,6 +172,13 @@ class SegmentOptions(BaseModel):
         description="DeepLab-v3 image pooling: over each window, or once over the whole scene (one more "
         "model pass; tiles then agree where they meet)",
     )
+
+    @field_validator("engine")
+    @classmethod
+    def _an_installed_backend(cls, engine: str) -> str:
+        if engine not in backend_names():
+            raise ValueError(f"no compute backend named {engine!r}; installed: {', '.join(backend_names())}")
+        return engine
 
     @model_validator(mode="after")
     def _crf_runs_where_its_backend_can(self) -> SegmentOptions:

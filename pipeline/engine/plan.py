@@ -3,6 +3,7 @@ scales resolved from the options and the checkpoint (``--dry-run`` prints it); a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,6 +13,7 @@ from pipeline.crf import CPU_DEFAULT
 from pipeline.engine.grid import (
     Tile,
     count_windows,
+    has_image_pooling,
     model_halo,
     plan_tiles,
     resolve_tiling,
@@ -20,9 +22,10 @@ from pipeline.engine.grid import (
 from pipeline.engine.options import SegmentOptions, neutral_value
 from pipeline.engine.preflight import PreflightResult, preflight
 from pipeline.engine.space import check_fits
-from pipeline.engine.workers import CoreDone
 from pipeline.io.readers import open_blocks, reader_of
 from pipeline.io.sources import Scene, resampled_shape
+
+CoreDone = Callable[[], None]  # progress callback, once per finished core
 
 
 class Progress(Protocol):
@@ -41,7 +44,7 @@ class Silent:
         return lambda: None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScenePlan:
     """What a run will do for one scene, before any of it is done (``--dry-run`` prints this)."""
 
@@ -53,8 +56,9 @@ class ScenePlan:
     crf: CRFParams | None
     tta: str  # the options' test-time views, else the checkpoint's, else none
     multiscale: InputScales  # the options' input scales and fusion, else the checkpoint's, else 1 alone
-    crf_backend: str | None = None  # None when the CRF is off
-    crf_reason: str = ""  # why the CRF is on or off: the options, else the checkpoint's verdict
+    crf_backend: str | None  # None when the CRF is off
+    crf_reason: str  # why the CRF is on or off: the options, else the checkpoint's verdict
+    scene_context: bool  # --context scene, on a model with image pooling (else it changes nothing)
 
     def crf_key(self) -> dict[str, Any] | None:
         """The CRF's part of the ledger key: its parameters, and its backend where not pydensecrf (the one
@@ -125,16 +129,17 @@ def plan_scene(
         )
     tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
     plan = ScenePlan(
-        check,
-        shape,
-        tiling,
-        halo,
-        tiles,
-        crf,
-        metadata.views(options.tta),
-        multiscale,
-        crf_backend(options) if crf else None,
-        crf_reason,
+        check=check,
+        shape=shape,
+        tiling=tiling,
+        halo=halo,
+        tiles=tiles,
+        crf=crf,
+        tta=metadata.views(options.tta),
+        multiscale=multiscale,
+        crf_backend=crf_backend(options) if crf else None,
+        crf_reason=crf_reason,
+        scene_context=options.context == "scene" and has_image_pooling(metadata),
     )
     if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
         check.warnings.append(warning)

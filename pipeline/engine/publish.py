@@ -1,12 +1,12 @@
 """Publish a computed scene: its publisher writes the mask (and confidence), then the quicklook, the polygons
-and the typed report, each written atomically."""
+and the typed report, all moved into the scene's folder together once every one is written."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,62 +19,71 @@ from models.version import software_version
 from pipeline.engine.grid import has_image_pooling
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import inside
-from pipeline.engine.plan import Progress, ScenePlan, Silent
-from pipeline.engine.report import SceneReport, TileCounts
-from pipeline.engine.work import StagedWork
+from pipeline.engine.plan import Progress, ScenePlan
+from pipeline.engine.scenes import ComputedScene
 from pipeline.engine.workers import peak_rss_mb
 from pipeline.io.areas import class_areas_m2
 from pipeline.io.cog import write_quicklook
 from pipeline.io.publishers import Publication, Publisher
 from pipeline.io.readers import reader_of
+from pipeline.io.report import REPORT_NAME, SceneReport, TileCounts
 from pipeline.io.sources import Source
 from pipeline.io.stac import ITEM_NAME, ItemFacts, scene_item, write_item
 from pipeline.io.vectorize import PolygonRules, vectorize_mask
 
 
-@dataclass
-class SegmentResult:
-    scene: Source
+@dataclass(frozen=True, kw_only=True)
+class PublishedScene:
+    """A scene's outputs in its folder under ``--out``, and its report."""
+
+    source: Source
+    folder: Path
     mask: Path
-    report: Path
     quicklook: Path
-    details: SceneReport
+    report: SceneReport
+
+    @property
+    def report_path(self) -> Path:
+        return self.folder / REPORT_NAME
 
 
-def publish_work(
-    work: StagedWork, out_dir: Path, options: SegmentOptions, progress: Progress | None = None
-) -> SegmentResult:
+def publish_scene(
+    computed: ComputedScene, out_dir: Path, options: SegmentOptions, progress: Progress
+) -> PublishedScene:
     """Write the mask (and the optional confidence and polygons), the quicklook and the report.
 
     All of them are built in a partial folder beside the scene's and moved into it (one rename each, the
     report last) only once every one is written: a scene whose publishing fails shows its previous outputs
     or none, not a new mask without its report. The partial folder of a killed run is removed by the next
     one, and the manifest records the scene only after the renames."""
-    folder = inside(out_dir, Path(out_dir) / work.prepared.scene.scene_id)
+    folder = inside(out_dir, Path(out_dir) / computed.name)
     building = partial_name(folder)
     shutil.rmtree(building, ignore_errors=True)
     try:
-        result = _publish_into(building, work, options, progress or Silent())
+        outputs, report = _publish_into(building, computed, options, progress)
         folder.mkdir(parents=True, exist_ok=True)
-        report_last = sorted(building.iterdir(), key=lambda built: (built.name == "report.json", built.name))
+        report_last = sorted(building.iterdir(), key=lambda built: (built.name == REPORT_NAME, built.name))
         for built in report_last:
             replace_durably(built, inside(out_dir, folder / built.name))
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    return replace(
-        result,
-        mask=folder / result.mask.name,
-        report=folder / result.report.name,
-        quicklook=folder / result.quicklook.name,
+    return PublishedScene(
+        source=computed.staged.planned.source,
+        folder=folder,
+        mask=folder / outputs["mask"].name,
+        quicklook=folder / outputs["quicklook"].name,
+        report=report,
     )
 
 
 def _publish_into(
-    folder: Path, work: StagedWork, options: SegmentOptions, progress: Progress
-) -> SegmentResult:
-    prepared = work.prepared
-    scene, plan, loaded, timings = prepared.scene, prepared.plan, prepared.checkpoint, prepared.timings
-    name = prepared.name
+    folder: Path, computed: ComputedScene, options: SegmentOptions, progress: Progress
+) -> tuple[dict[str, Path], SceneReport]:
+    staged = computed.staged
+    planned = staged.planned
+    scene, plan, loaded = planned.scene, planned.plan, planned.checkpoint
+    timings = {"preflight": planned.seconds, "stage": staged.seconds, "compute": computed.seconds}
+    name = planned.name
     clock = time.perf_counter()
     progress.stage(name, "publish")
     reader = reader_of(scene)
@@ -85,15 +94,15 @@ def _publish_into(
         plan.shape,
         plan.check.scale,
         loaded.metadata.classes,
-        _provenance(loaded, options, plan, prepared.checksum),
-        work.staged.folder / "pyramid",
-        work.staged.image(),
+        _provenance(loaded, options, plan, planned.checksum),
+        staged.stores.folder / "pyramid",
+        staged.stores.image(),
     )
-    labels = publisher.output_grid(work.ledger.labels(), publication)
+    labels = publisher.output_grid(staged.ledger.labels(), publication)
     publisher.write_mask(labels, publication, outputs)
     if options.probabilities:
-        publisher.write_confidence(work.ledger.confidence(), publication, outputs["probabilities"])
-    write_quicklook(publication.image, work.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
+        publisher.write_confidence(staged.ledger.confidence(), publication, outputs["probabilities"])
+    write_quicklook(publication.image, staged.ledger.labels(), loaded.metadata.classes, outputs["quicklook"])
     timings["publish"] = time.perf_counter() - clock
     polygons = polygon_rules = None
     if options.vectorize:
@@ -120,30 +129,30 @@ def _publish_into(
     total = sum(timings.values())
     tiles = TileCounts(
         total=len(plan.tiles),
-        computed=work.computed,
-        skipped=work.skipped,
-        resumed=work.resumed,
-        windows=work.windows,  # computed this run
+        computed=computed.run.cores,
+        skipped=staged.nodata_cores,
+        resumed=staged.resumed,
+        windows=staged.windows,  # computed this run
     )
-    actor_memory = work.cluster.actor_memory if work.cluster else {}
     details = _report(
-        publisher, publication, loaded, labels, options, plan, prepared.checksum, timings, total, tiles
+        publisher, publication, loaded, labels, options, plan, planned.checksum, timings, total, tiles
     )
-    if work.staged.nonfinite:
-        details.nonfinite_pixels = work.staged.nonfinite
+    nonfinite = staged.stores.nonfinite
+    if nonfinite:
+        details.nonfinite_pixels = nonfinite
         details.warnings.append(
-            f"{scene.path}: {work.staged.nonfinite} pixel(s) with NaN or infinite samples were left as nodata"
+            f"{scene.path}: {nonfinite} pixel(s) with NaN or infinite samples were left as nodata"
         )
     if tiles.skipped == tiles.total:  # an empty, valid mask: said so rather than silently published
         details.warnings.append(f"{scene.path}: {reader.nothing_valid}; the mask is empty (all nodata)")
     details.outputs = {k: v.name for k, v in outputs.items()} | {"item": ITEM_NAME}
     details.peak_rss_mb = {"driver": round(peak_rss_mb(), 1)} | {
-        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in actor_memory.items()
+        f"{kind}_actors": [round(m, 1) for m in values] for kind, values in computed.run.actor_memory.items()
     }
-    if work.runtimes:
-        details.runtime = ", ".join(work.runtimes)
-    if work.cluster is not None:
-        details.cluster = work.cluster.report()
+    if computed.run.runtimes:
+        details.runtime = ", ".join(computed.run.runtimes)
+    if computed.run.cluster is not None:
+        details.cluster = computed.run.cluster
     if polygons is not None:
         details.polygons = polygons
         details.polygon_rules = polygon_rules
@@ -152,7 +161,7 @@ def _publish_into(
         scene_item(_item_facts(details, loaded, plan), outputs, publisher.media_types), folder / ITEM_NAME
     )
     progress.stage(name, "done", f"{total:.1f} s")
-    return SegmentResult(prepared.source, outputs["mask"], outputs["report"], outputs["quicklook"], details)
+    return outputs, details
 
 
 def _report(

@@ -11,16 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.errors import DataError
 from pipeline.engine.outdir import WORK_NAME
 from pipeline.io.sources import Source, source_id
-
-if TYPE_CHECKING:
-    from pipeline.engine.work import PreparedScene
 
 OVERVIEW_SHARE = 4 / 3  # a raster with its 2x overviews holds at most 4/3 of its pixels
 
@@ -70,12 +66,6 @@ def check_fits(
             f"{source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
             f"{width}x{height} pixels, but {_size(free)} is free: refused before staging"
         )
-
-
-def check_space(prepared: PreparedScene, out_dir: Path, probabilities: bool) -> None:
-    """``check_fits`` for a prepared scene."""
-    scene = prepared.scene
-    check_fits(prepared.source, prepared.plan.shape, scene.bands, scene.dtype, out_dir, probabilities)
 
 
 def _size(count: float) -> str:

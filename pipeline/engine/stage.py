@@ -30,7 +30,7 @@ MARKER = "staged.json"
 
 
 @dataclass(frozen=True)
-class StagedScene:
+class StagedStores:
     scene: Scene
     folder: Path
     tile: int
@@ -70,13 +70,13 @@ class StagedScene:
 
 def stage_scene(
     path: Source | Scene, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
-) -> StagedScene:
+) -> StagedStores:
     """Stage ``path`` (or an already described scene, e.g. a slide with its --mpp) on the grid ``scale``."""
     scene = path if isinstance(path, Scene) else describe(path)
     path = scene.path
     checksum = checksum or source_sha256(path)
     folder = Path(work_dir) / scene.scene_id
-    staged = StagedScene(scene, folder, tile, checksum, scale)
+    staged = StagedStores(scene, folder, tile, checksum, scale)
     height_px, width_px = staged.shape
     attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile, "scale": scale}
     recorded = _current_marker(folder, attributes)
@@ -158,7 +158,7 @@ def _current_marker(folder: Path, attributes: dict[str, Any]) -> dict[str, Any] 
     return recorded if complete and same else None
 
 
-def count_valid(staged: StagedScene) -> int:
+def count_valid(staged: StagedStores) -> int:
     valid = staged.valid()
     return int(
         sum(np.count_nonzero(valid[top : top + staged.tile]) for top in range(0, valid.shape[0], staged.tile))

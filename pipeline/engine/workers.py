@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,18 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.metadata import CRFParams
-from pipeline.engine.grid import Tile, core_of, crf_reach, crop_window, narrowed, read_window
-from pipeline.engine.ledger import NODATA_LABEL, Ledger
+from pipeline.engine.grid import PendingCore, Tile, core_of, crf_reach, crop_window, narrowed, read_window
+from pipeline.engine.ledger import Ledger
+from pipeline.io.labels import CONFIDENCE_SCALE, NODATA_LABEL
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model runs: CRF actors never import them
     from models.checkpoint import LoadedModel
 
-# Confidence is stored as uint8 0-254 (255 is nodata); the published raster carries the 1/254 scale.
-CONFIDENCE_SCALE = 254.0
-
 
 @dataclass(frozen=True)
-class WorkSpec:
+class WindowSpec:
     """What each window goes through: the same for the Ray and the local engine."""
 
     crf: CRFParams | None
@@ -46,12 +43,8 @@ class WorkSpec:
         return self.crf is not None and self.crf_device == "cpu"
 
 
-CoreDone = Callable[[], None]  # progress callback, once per finished core
-# A core to compute and its valid-pixel mask; None when every pixel is valid, so that the driver's work list
-# stays small whatever the scene size (only cores on a nodata edge carry a mask).
-Work = tuple[Tile, np.ndarray | None]
 # The cores of ``todo`` that one window yields: one, or those of a block (--cores-per-window) still to do.
-WindowWork = list[Work]
+WindowCores = list[PendingCore]
 
 
 def peak_rss_mb() -> float:
@@ -81,9 +74,10 @@ class ModelWorker(MemoryReporting):
     def __init__(
         self,
         checkpoint: str,
-        device: str,
-        threads: int | None,
-        amp: bool,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        amp: bool = False,
         loaded: LoadedModel | None = None,
         runtime: str | None = None,
         onnx_cache: str | None = None,
@@ -115,7 +109,7 @@ class ModelWorker(MemoryReporting):
         """The runtime this worker's forward pass runs on (what ``choose_runtime`` chose)."""
         return self.forward.name
 
-    def predict_for(self, windows: list[np.ndarray], spec: WorkSpec) -> list[np.ndarray]:
+    def predict_for(self, windows: list[np.ndarray], spec: WindowSpec) -> list[np.ndarray]:
         """``predict`` as ``spec`` says: probabilities when the CRF follows, else labels (and confidence)."""
         return self.predict(
             windows,
@@ -153,7 +147,7 @@ class ModelWorker(MemoryReporting):
         return list(torch.stack(planes, 1).cpu().numpy())
 
     def segment_cores(
-        self, windows: list[np.ndarray], cores: list[list[Tile]], spec: WorkSpec
+        self, windows: list[np.ndarray], cores: list[list[Tile]], spec: WindowSpec
     ) -> list[list[np.ndarray]]:
         """Each core's ``labels_of`` planes (``cores[i]``: those of window i), finished here: without the CRF,
         or with it on this actor's device (``--crf-device gpu``): the windows' probabilities stay on the
@@ -288,7 +282,9 @@ def context_of(sums: np.ndarray) -> np.ndarray:
     return sums[:, :-1] / np.maximum(sums[:, -1:], 1.0)
 
 
-def local_context_sums(worker: ModelWorker, image: Any, todo: list[Work], batch_size: int) -> np.ndarray:
+def local_context_sums(
+    worker: ModelWorker, image: Any, todo: list[PendingCore], batch_size: int
+) -> np.ndarray:
     """``context_sums`` over every core of ``todo``, in this process (the local engine, benchmarks, tests)."""
     parts = [
         worker.context_sums(read_windows(image, batch), tiles_of(batch))
@@ -305,18 +301,18 @@ def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
     return np.stack(planes)
 
 
-def window_batches(todo: list[Work], cores: int) -> list[list[WindowWork]]:
+def window_batches(todo: list[PendingCore], cores: int) -> list[list[WindowCores]]:
     """The windows that ``todo``'s cores need, each once with its cores, in batches of one window shape
     (edge windows are smaller) holding about ``cores`` cores (at least one window), in scan order."""
-    by_window: dict[tuple[int, int, int, int], WindowWork] = {}
+    by_window: dict[tuple[int, int, int, int], WindowCores] = {}
     for item in todo:
         by_window.setdefault(item[0].window, []).append(item)
-    by_shape: dict[tuple[int, int], list[WindowWork]] = {}
+    by_shape: dict[tuple[int, int], list[WindowCores]] = {}
     for window, members in by_window.items():
         by_shape.setdefault(window[2:], []).append(members)
-    batches: list[list[WindowWork]] = []
+    batches: list[list[WindowCores]] = []
     for windows in by_shape.values():
-        batch: list[WindowWork] = []
+        batch: list[WindowCores] = []
         held = 0  # cores in ``batch``
         for members in windows:
             if batch and held + len(members) > cores:
@@ -328,16 +324,16 @@ def window_batches(todo: list[Work], cores: int) -> list[list[WindowWork]]:
     return batches
 
 
-def read_windows(image: Any, batch: list[WindowWork]) -> list[np.ndarray]:
+def read_windows(image: Any, batch: list[WindowCores]) -> list[np.ndarray]:
     """The pixels of each window of ``batch`` (the window its cores share)."""
     return [read_window(image, members[0][0]) for members in batch]
 
 
-def tiles_of(batch: list[WindowWork]) -> list[list[Tile]]:
+def tiles_of(batch: list[WindowCores]) -> list[list[Tile]]:
     return [[tile for tile, _ in members] for members in batch]
 
 
-def cores_in(batch: list[WindowWork]) -> int:
+def cores_in(batch: list[WindowCores]) -> int:
     return sum(len(members) for members in batch)
 
 

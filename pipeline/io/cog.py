@@ -17,8 +17,7 @@ from rasterio.windows import Window
 
 from models.atomic import PARTIAL_PREFIX, atomic_output
 from models.metadata import ClassInfo
-from pipeline.engine.ledger import NODATA_LABEL
-from pipeline.engine.workers import CONFIDENCE_SCALE
+from pipeline.io.labels import CONFIDENCE_SCALE, NODATA_LABEL
 from pipeline.io.sources import Scene, gdal_env
 
 BLOCK = 512

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from models.atomic import write_text_atomically
-from pipeline.engine.report import SceneReport
+from pipeline.io.report import SceneReport
 
 INDEX_NAME = "index.html"
 STYLE = """

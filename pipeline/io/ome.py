@@ -20,7 +20,7 @@ import zarr
 
 from models.atomic import atomic_output, partial_name, replace_durably
 from models.metadata import ClassInfo
-from pipeline.engine.ledger import NODATA_LABEL
+from pipeline.io.labels import NODATA_LABEL
 
 OME_TILE = 512
 NGFF_VERSION = "0.5"

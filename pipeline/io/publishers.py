@@ -19,6 +19,7 @@ from pipeline.io.areas import row_pixel_areas_m2
 from pipeline.io.cog import write_confidence_cog, write_mask_cog
 from pipeline.io.ome import write_ome_pyramid, write_ome_zarr
 from pipeline.io.regrid import NearestView
+from pipeline.io.report import REPORT_NAME
 from pipeline.io.slides import level_for_scale
 from pipeline.io.sources import Scene
 from pipeline.io.vectorize import GeoPackageWriter, PolygonWriter, QuPathWriter
@@ -85,7 +86,7 @@ class GeoTiffPublisher(Publisher):
         "probabilities": "probabilities.tif",
         "polygons": "polygons.gpkg",
         "quicklook": "quicklook.png",
-        "report": "report.json",
+        "report": REPORT_NAME,
     }
     media_types: ClassVar[dict[str, str]] = {
         "mask": pystac.MediaType.COG,
@@ -132,7 +133,7 @@ class SlidePublisher(Publisher):
         "probabilities": "probabilities.ome.tif",
         "polygons": "polygons.geojson",
         "quicklook": "quicklook.png",
-        "report": "report.json",
+        "report": REPORT_NAME,
         "ome_zarr": "slide.ome.zarr",
     }
     media_types: ClassVar[dict[str, str]] = {

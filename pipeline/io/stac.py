@@ -27,7 +27,7 @@ from rio_stac.stac import get_dataset_geom
 from models.atomic import write_text_atomically
 from models.digest import file_sha256
 from models.metadata import ClassInfo
-from pipeline.engine.ledger import NODATA_LABEL
+from pipeline.io.labels import NODATA_LABEL
 
 ITEM_NAME = "item.json"
 CATALOG_NAME = "catalog.json"

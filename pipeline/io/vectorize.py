@@ -30,7 +30,7 @@ from rasterio.transform import Affine
 
 from models.atomic import atomic_output
 from models.metadata import ClassInfo
-from pipeline.engine.ledger import NODATA_LABEL
+from pipeline.io.labels import NODATA_LABEL
 
 LAYER = "classes"
 FLUSH_EVERY = 5000  # polygons buffered before an append to the GeoPackage

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.options import WHOLE_GPU
-from pipeline.engine.workers import CRFWorker, ModelWorker, WorkSpec
+from pipeline.engine.workers import CRFWorker, ModelWorker, WindowSpec
 from pipeline.ray import warm_actors
 
 # the engine's plain workers as actor classes that keep an idle clock (for warm actors)
@@ -157,7 +157,7 @@ class ActorPools:
         self,
         ray: Any,
         checkpoint: str,
-        spec: WorkSpec,
+        spec: WindowSpec,
         gpus_per_model_actor: float = WHOLE_GPU,
         stats: PoolStats | None = None,
         max_restarts: int = 1,
@@ -271,16 +271,14 @@ class ActorPools:
                 num_cpus=plan.model_cpus, num_gpus=plan.model_gpus, **common
             )
             spec = self.spec
-            args = (
+            handle = model_cls.remote(
                 self.checkpoint,
-                spec.device,
-                plan.model_threads,
-                spec.amp,
-                None,
-                spec.runtime,
-                spec.onnx_cache,
+                device=spec.device,
+                threads=plan.model_threads,
+                amp=spec.amp,
+                runtime=spec.runtime,
+                onnx_cache=spec.onnx_cache,
             )
-            handle = model_cls.remote(*args)
         else:
             handle = self.ray.remote(CRFActor).options(num_cpus=plan.crf_cpus, **common).remote()
         # a warm actor's idle clock runs from its first call: a driver that dies leaves nothing for good

@@ -9,19 +9,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.errors import DeepLabError
-from pipeline.engine.grid import Tile
+from pipeline.engine.grid import PendingCore, Tile
 from pipeline.engine.ledger import Ledger
-from pipeline.engine.options import WHOLE_GPU
+from pipeline.engine.plan import CoreDone
 from pipeline.engine.workers import (
-    CoreDone,
-    Work,
-    WorkSpec,
+    WindowSpec,
     cores_in,
     crf_inputs,
     read_windows,
@@ -30,9 +27,7 @@ from pipeline.engine.workers import (
     write_core,
 )
 from pipeline.ray.actor_pools import ActorPools, Member, NodeInfo, lost_work_errors
-
-# Ray puts session_<date>_<pid>/sockets/plasma_store (~61 bytes) under its temp dir; AF_UNIX allows 107.
-from pipeline.ray.session import RunStats, actor_pools
+from pipeline.ray.session import RunStats
 
 _REFRESH_S = 2.0
 
@@ -93,85 +88,101 @@ class _Upkeep:
 def run_tiles(
     ray: Any,
     image: Any,
-    todo: list[Work],
+    todo: list[PendingCore],
     ledger: Ledger,
-    checkpoint: Path,
-    spec: WorkSpec,
+    spec: WindowSpec,
+    pools: ActorPools,
+    *,
     max_in_flight: int | None = None,
     on_core: CoreDone | None = None,
     stats: RunStats | None = None,
-    gpus_per_model_actor: float = WHOLE_GPU,
     node_wait_s: float = 120.0,
     before_work: Callable[[], None] | None = None,
-    pools: ActorPools | None = None,
 ) -> int:
-    """Compute every core in ``todo`` on actors across the cluster, each written to the ledger when done.
+    """Compute every core in ``todo`` on the actors of ``pools`` (left running), each written to the ledger
+    when done.
 
     Windows in flight are bounded (``max_in_flight``, else twice what the actors can hold). Work on an actor
     or node that is lost is resubmitted to the remaining ones; the cores written never depend on which node
     computed them. ``stats`` receives windows per node, losses and each actor's peak RSS. ``before_work`` runs
     once the first actors are being created, before any window is sent (a check that may refuse the run).
-    ``pools``: actors the caller started (``actor_pools``), left running; else the run starts its own.
     """
     if not todo:
         return 0
-    stats = stats if stats is not None else RunStats()
-    if pools is None:
-        with actor_pools(ray, checkpoint, spec, gpus_per_model_actor, stats.pools) as own:
-            return run_tiles(
-                ray,
-                image,
-                todo,
-                ledger,
-                checkpoint,
-                spec,
-                max_in_flight,
-                on_core,
-                stats,
-                node_wait_s=node_wait_s,
-                before_work=before_work,
-                pools=own,
+    scheduler = _CoreScheduler(ray, image, todo, ledger, spec, pools, stats or RunStats(), on_core)
+    return scheduler.run(max_in_flight, _Upkeep(pools, node_wait_s, before_work))
+
+
+class _CoreScheduler:
+    """One scene's cores through the model actors and, when the CRF runs on its own actors, the CRF actors:
+    batches queued, sent as actors free up, their results taken as they come; lost work sent again."""
+
+    def __init__(
+        self,
+        ray: Any,
+        image: Any,
+        todo: list[PendingCore],
+        ledger: Ledger,
+        spec: WindowSpec,
+        pools: ActorPools,
+        stats: RunStats,
+        on_core: CoreDone | None,
+    ) -> None:
+        self.ray, self.image, self.todo, self.ledger, self.spec = ray, image, todo, ledger, spec
+        self.pools, self.stats, self.on_core = pools, stats, on_core
+        self.lost = lost_work_errors(ray)
+        self.batches = window_batches(todo, spec.batch_size)
+        self.queue = deque(range(len(self.batches)))  # batch indices: a lost batch is sent again whole
+        self.model_jobs: dict[Any, _ModelJob] = {}
+        self.crf_waiting: deque[_CRFJob] = deque()
+        self.crf_jobs: dict[Any, _CRFJob] = {}
+        self.finished = 0
+
+    def run(self, max_in_flight: int | None, upkeep: _Upkeep) -> int:
+        self.upkeep = upkeep
+        while self.finished < len(self.todo):
+            upkeep.tick()
+            self.send_windows(
+                max_in_flight or max(self.pools.capacity(self.spec.batch_size), self.spec.batch_size)
             )
-    lost = lost_work_errors(ray)
-    batches = window_batches(todo, spec.batch_size)
-    queue = deque(range(len(batches)))
-    model_jobs: dict[Any, _ModelJob] = {}
-    crf_waiting: deque[_CRFJob] = deque()
-    crf_jobs: dict[Any, _CRFJob] = {}
-    finished = 0
-    upkeep = _Upkeep(pools, node_wait_s, before_work)
+            self.send_crf_jobs()
+            if not self.model_jobs and not self.crf_jobs:
+                upkeep.starving(self.starved_line)
+                continue
+            upkeep.working()
+            ready, _ = self.ray.wait([*self.model_jobs, *self.crf_jobs], num_returns=1, timeout=_REFRESH_S)
+            for ref in ready:
+                if ref in self.model_jobs:
+                    self.take_model_result(ref)
+                else:
+                    self.take_crf_result(ref)
+        self.stats.actor_memory = self.pools.peak_rss()
+        self.stats.runtimes = self.pools.model_runtimes()
+        self.pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
+        return len(self.todo)
 
-    def lose(member: Member, cores: int) -> None:
-        """An actor (or its node) is gone: stop using it; its ``cores`` are queued again by the caller."""
-        pools.drop(member)
-        stats.pools.cores_retried += cores
-        upkeep.look_now()
+    def in_flight(self) -> int:
+        return sum(j.cores for j in self.model_jobs.values()) + len(self.crf_jobs) + len(self.crf_waiting)
 
-    def done(tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
-        nonlocal finished
-        write_core(ledger, tile, valid, planes, node=node)
-        finished += 1
-        if on_core:
-            on_core()
-
-    def in_flight() -> int:
-        return sum(j.cores for j in model_jobs.values()) + len(crf_jobs) + len(crf_waiting)
-
-    while finished < len(todo):
-        upkeep.tick()
-        limit = max_in_flight or max(pools.capacity(spec.batch_size), spec.batch_size)
-        while queue and in_flight() < limit and (member := pools.least_loaded("model")) is not None:
-            index = queue.popleft()
-            windows = read_windows(image, batches[index])
-            if spec.crf_on_actors:
-                ref = member.handle.predict_for.remote(windows, spec)
+    def send_windows(self, limit: int) -> None:
+        """Batches of windows to the least loaded model actors, while fewer than ``limit`` cores are out."""
+        while self.queue and self.in_flight() < limit and (member := self.pools.least_loaded("model")):
+            index = self.queue.popleft()
+            batch = self.batches[index]
+            windows = read_windows(self.image, batch)
+            if self.spec.crf_on_actors:
+                ref = member.handle.predict_for.remote(windows, self.spec)
             else:  # the model actor finishes the cores: without the CRF, or with it on its device
-                ref = member.handle.segment_cores.remote(windows, tiles_of(batches[index]), spec)
-            cores = cores_in(batches[index])
+                ref = member.handle.segment_cores.remote(windows, tiles_of(batch), self.spec)
+            cores = cores_in(batch)
             member.load += cores
-            model_jobs[ref] = _ModelJob(member, index, windows, cores)
-        while crf_waiting and (member := pools.least_loaded("crf", crf_waiting[0].near)) is not None:
-            job = crf_waiting.popleft()
+            self.model_jobs[ref] = _ModelJob(member, index, windows, cores)
+
+    def send_crf_jobs(self) -> None:
+        """Waiting cores to CRF actors, the model's node first (no transfer there)."""
+        spec = self.spec
+        while self.crf_waiting and (member := self.pools.least_loaded("crf", self.crf_waiting[0].near)):
+            job = self.crf_waiting.popleft()
             job.member = member
             member.load += 1
             ref = member.handle.refine_core.remote(
@@ -183,64 +194,70 @@ def run_tiles(
                 spec.probabilities,
                 spec.crf_backend,
             )
-            crf_jobs[ref] = job
-        if not model_jobs and not crf_jobs:
-            upkeep.starving(
-                lambda: (
-                    f"no live Ray node can run the {'CRF' if crf_waiting else 'model'} actors: "
-                    f"{len(todo) - finished} cores left after waiting {node_wait_s:.0f} s for a node"
-                )
-            )
-            continue
-        upkeep.working()
-        ready, _ = ray.wait([*model_jobs, *crf_jobs], num_returns=1, timeout=_REFRESH_S)
-        for ref in ready:
-            if ref in model_jobs:
-                model_job = model_jobs.pop(ref)
-                model_job.member.load -= model_job.cores
-                try:
-                    results = ray.get(ref)
-                except lost:
-                    lose(model_job.member, model_job.cores)
-                    queue.appendleft(model_job.batch)
-                    continue
-                label = model_job.member.node.label
-                stats.pools.cores[(label, "model")] += model_job.cores
-                batch = batches[model_job.batch]
-                for members, window, result in zip(batch, model_job.windows, results, strict=True):
-                    for index, (tile, valid) in enumerate(members):
-                        if spec.crf_on_actors and spec.crf is not None:
-                            # cut here, not in the CRF actor: only the CRF's reach travels to it
-                            crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, spec.crf)
-                            crf_waiting.append(
-                                _CRFJob(crf_tile, valid, probabilities, crf_window, model_job.member.node)
-                            )
-                        else:
-                            done(tile, valid, result[index], label)
-            else:
-                crf_job = crf_jobs.pop(ref)
-                assert crf_job.member is not None
-                crf_job.member.load -= 1
-                try:
-                    planes = ray.get(ref)
-                except lost:
-                    lose(crf_job.member, 1)
-                    crf_job.member = None
-                    crf_waiting.appendleft(crf_job)
-                    continue
-                label = crf_job.member.node.label
-                stats.pools.cores[(label, "crf")] += 1
-                done(crf_job.tile, crf_job.valid, planes, label)
-    stats.actor_memory = pools.peak_rss()
-    stats.runtimes = pools.model_runtimes()
-    pools.refresh(place=False)  # a node lost late is reported even when its work was redone already
-    return len(todo)
+            self.crf_jobs[ref] = job
+
+    def starved_line(self) -> str:
+        kind = "CRF" if self.crf_waiting else "model"
+        return (
+            f"no live Ray node can run the {kind} actors: {len(self.todo) - self.finished} cores left after "
+            f"waiting {self.upkeep.node_wait_s:.0f} s for a node"
+        )
+
+    def take_model_result(self, ref: Any) -> None:
+        job = self.model_jobs.pop(ref)
+        job.member.load -= job.cores
+        try:
+            results = self.ray.get(ref)
+        except self.lost:
+            self.lose(job.member, job.cores)
+            self.queue.appendleft(job.batch)
+            return
+        label = job.member.node.label
+        self.stats.pools.cores[(label, "model")] += job.cores
+        crf = self.spec.crf if self.spec.crf_on_actors else None
+        for members, window, result in zip(self.batches[job.batch], job.windows, results, strict=True):
+            for index, (tile, valid) in enumerate(members):
+                if crf is not None:
+                    # cut here, not in the CRF actor: only the CRF's reach travels to it
+                    crf_tile, probabilities, crf_window = crf_inputs(tile, result, window, crf)
+                    self.crf_waiting.append(
+                        _CRFJob(crf_tile, valid, probabilities, crf_window, job.member.node)
+                    )
+                else:
+                    self.done(tile, valid, result[index], label)
+
+    def take_crf_result(self, ref: Any) -> None:
+        job = self.crf_jobs.pop(ref)
+        assert job.member is not None
+        job.member.load -= 1
+        try:
+            planes = self.ray.get(ref)
+        except self.lost:
+            self.lose(job.member, 1)
+            job.member = None
+            self.crf_waiting.appendleft(job)
+            return
+        label = job.member.node.label
+        self.stats.pools.cores[(label, "crf")] += 1
+        self.done(job.tile, job.valid, planes, label)
+
+    def lose(self, member: Member, cores: int) -> None:
+        """An actor (or its node) is gone: stop using it; its ``cores`` are queued again by the caller."""
+        self.pools.drop(member)
+        self.stats.pools.cores_retried += cores
+        self.upkeep.look_now()
+
+    def done(self, tile: Tile, valid: np.ndarray | None, planes: np.ndarray, node: str) -> None:
+        write_core(self.ledger, tile, valid, planes, node=node)
+        self.finished += 1
+        if self.on_core:
+            self.on_core()
 
 
 def scene_context_sums(
     ray: Any,
     image: Any,
-    todo: list[Work],
+    todo: list[PendingCore],
     pools: ActorPools,
     node_wait_s: float = 120.0,
     before_work: Callable[[], None] | None = None,

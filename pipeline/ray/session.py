@@ -18,7 +18,7 @@ from typing import Any
 from models.errors import DeepLabError
 from pipeline.engine.outdir import RAY_OWNER, RAY_PREFIX
 from pipeline.engine.workers import (
-    WorkSpec,
+    WindowSpec,
 )
 from pipeline.ray.actor_pools import ActorPools, PoolStats
 
@@ -205,7 +205,7 @@ class KeptActors:
         self.unclaimed: set[PoolsKey] = set()
 
     def start(
-        self, checkpoint: Path, checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float
+        self, checkpoint: Path, checkpoint_sha256: str, spec: WindowSpec, gpus_per_model_actor: float
     ) -> None:
         """Create a scene's actors now, before it is staged: Ray starts them in the background, so their
         start, model load and preparation overlap the staging instead of delaying the first window."""
@@ -219,7 +219,7 @@ class KeptActors:
         self.unclaimed.add(key)
 
     @staticmethod
-    def _key(checkpoint_sha256: str, spec: WorkSpec, gpus_per_model_actor: float) -> PoolsKey:
+    def _key(checkpoint_sha256: str, spec: WindowSpec, gpus_per_model_actor: float) -> PoolsKey:
         return (
             checkpoint_sha256,
             spec.crf_on_actors,
@@ -233,7 +233,7 @@ class KeptActors:
         self,
         checkpoint: Path,
         checkpoint_sha256: str,
-        spec: WorkSpec,
+        spec: WindowSpec,
         gpus_per_model_actor: float,
         stats: PoolStats,
     ) -> ActorPools:
@@ -253,7 +253,7 @@ class KeptActors:
         return pools
 
     def _pools(
-        self, checkpoint: Path, sha256: str, spec: WorkSpec, gpus_per_model_actor: float, stats: PoolStats
+        self, checkpoint: Path, sha256: str, spec: WindowSpec, gpus_per_model_actor: float, stats: PoolStats
     ) -> ActorPools:
         return ActorPools(
             self.ray,
@@ -293,7 +293,7 @@ def kept_actors(ray: Any, keep_warm_s: float = 0.0) -> Iterator[KeptActors]:
 def actor_pools(
     ray: Any,
     checkpoint: Path,
-    spec: WorkSpec,
+    spec: WindowSpec,
     gpus_per_model_actor: float,
     stats: PoolStats | None = None,
     keep_warm_s: float = 0.0,

@@ -47,7 +47,7 @@ def predictions(
     metadata = loaded.metadata
     tta = metadata.views(tta)
     multiscale = multiscale or metadata.multiscale()
-    worker = ModelWorker(str(loaded.path), "cpu", None, amp=False, loaded=loaded)
+    worker = ModelWorker(str(loaded.path), device="cpu", threads=None, amp=False, loaded=loaded)
     for pair in pairs:
         image, truth = read_pair(pair, metadata.num_classes, metadata.ignore_index)
         check_image_fits(pair.image, image, metadata)

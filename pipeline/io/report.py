@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from models.atomic import write_text_atomically
 from models.metadata import CRFParams
 
+REPORT_NAME = "report.json"  # in every published scene's folder, renamed into place last
+
 
 class TileCounts(BaseModel):
     """Cores of the scene's grid: all of them, and what this run did with each."""
