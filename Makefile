@@ -39,8 +39,8 @@ demo: $(STAMP) $(DEMO_UTM)
 	@echo "         $(DEMO_OUT)/manifest.json (every run; a second make demo skips every unchanged scene)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline models flows tests bench infra
-	$(BIN)/ruff format --check pipeline models flows tests bench infra
+	$(BIN)/ruff check deeplab_common pipeline models flows tests bench infra
+	$(BIN)/ruff format --check deeplab_common pipeline models flows tests bench infra
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

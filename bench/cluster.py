@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.checkpoint import load_checkpoint
 from pipeline.engine.grid import model_halo, plan_tiles, read_window
 from pipeline.engine.ledger import Ledger

@@ -28,7 +28,7 @@ import torch
 from rasterio.windows import Window
 
 from bench.mosaic import mirrored
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.runtime import CACHE_ENV, RUNTIMES
 from pipeline.engine.grid import cores_to_compute, plan_tiles
 from pipeline.engine.stage import StagedStores

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bench.mosaic import mirrored
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGING = ROOT / ".gpu"  # ignored (.git/info/exclude); carried by the device call

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.metrics import SegmentationMetrics
 from pipeline.engine.driver import run_batch
 from pipeline.engine.options import SegmentOptions

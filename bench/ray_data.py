@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.checkpoint import read_metadata
 from pipeline.engine.grid import (
     PendingCore,

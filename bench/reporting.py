@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

@@ -17,7 +17,7 @@ import rasterio
 import torch
 from torch import nn
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.checkpoint import LoadedModel
 from models.inference import normalise
 from models.metadata import CheckpointMetadata

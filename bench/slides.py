@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 
 from bench.engine import run_engine
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from pipeline.io.slides import open_slide
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,11 +19,11 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from deeplab_common.errors import DeepLabError
 from flows.artifacts import artifact_key, batch_table, thumbnail_data_url
 from flows.settings import worker_environment
 from flows.stage_tasks import TaskStages
 from models.checkpoint import checkpoint_info
-from models.errors import DeepLabError
 from pipeline.engine.driver import Batch, BatchResult
 from pipeline.engine.options import SegmentOptions
 from pipeline.io.report import SceneReport

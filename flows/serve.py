@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 import yaml
 
+from deeplab_common.errors import ConfigError, ServerError
 from flows.settings import CLIENT_AUTH, PROJECT_DIR, SERVER_AUTH, prefect_environment, prefect_home
-from models.errors import ConfigError
 
 PREFECT_FILE = PROJECT_DIR / "prefect.yaml"
 HEALTH_TIMEOUT_S = 120.0
@@ -124,7 +124,7 @@ def wait_healthy(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise ConfigError(
+            raise ServerError(
                 f"the Prefect server exited with status {process.returncode} before it was healthy"
             )
         try:
@@ -133,14 +133,14 @@ def wait_healthy(
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise ConfigError(f"{api_url}: the Prefect server was not healthy after {timeout:.0f} s")
+    raise ServerError(f"{api_url}: the Prefect server was not healthy after {timeout:.0f} s")
 
 
 def _prefect(env: dict[str, str], *args: str) -> None:
     command = [sys.executable, "-m", "prefect", "--no-prompt", *args]
     done = subprocess.run(command, env=env, cwd=PROJECT_DIR, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ConfigError(f"`prefect {' '.join(args)}` failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise ServerError(f"`prefect {' '.join(args)}` failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 def deploy(config: ServeConfig, env: dict[str, str]) -> Path:
@@ -217,7 +217,7 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
             while not stop.wait(1.0):
                 for name, process in services.started:
                     if process.poll() is not None:
-                        raise ConfigError(
+                        raise ServerError(
                             f"the Prefect {name} exited with status {process.returncode}; see {home}"
                         )
         return 0

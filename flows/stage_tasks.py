@@ -13,8 +13,8 @@ from prefect.context import get_run_context
 from prefect.futures import wait
 from prefect.states import State
 
+from deeplab_common.errors import DeepLabError
 from flows.task_progress import TaskLogProgress
-from models.errors import DeepLabError
 from pipeline.engine.driver import Item, Outcome, StageName, StageRunner
 from pipeline.engine.plan import Progress
 

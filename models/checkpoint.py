@@ -13,12 +13,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.atomic import atomic_output
-from models.digest import file_sha256
-from models.errors import CheckpointError
+from deeplab_common.atomic import atomic_output
+from deeplab_common.digest import file_sha256
+from deeplab_common.errors import CheckpointError
+from deeplab_common.version import software_version
 from models.metadata import CheckpointMetadata
 from models.registry import build_model
-from models.version import software_version
 
 METADATA_KEY = "deeplab_pipeline"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch.save zip archive

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.errors import CheckpointError
+from deeplab_common.errors import CheckpointError
 from models.layers import adapt_first_conv_weight, apply_output_stride
 
 Stages = tuple[tuple[int, int, int, int, int, int], ...]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import ConfigError, DataError
+from deeplab_common.errors import ConfigError, DataError
 from models.metadata import TTA_CHOICES, BandInfo, CheckpointMetadata, InputScales
 
 

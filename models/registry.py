@@ -12,9 +12,9 @@ from torchvision.models import mobilenet_v3_large, resnet50, resnet101, vgg16
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
+from deeplab_common.errors import CheckpointError, ConfigError
 from models.deeplab import DeepLab, V3PlusDecoder
 from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet
-from models.errors import CheckpointError, ConfigError
 from models.heads import ASPPv2
 from models.layers import apply_output_stride, replace_first_conv
 

@@ -21,8 +21,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from models.atomic import atomic_output
-from models.errors import ConfigError
+from deeplab_common.atomic import atomic_output
+from deeplab_common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

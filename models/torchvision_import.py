@@ -11,8 +11,8 @@ from pickle import UnpicklingError
 
 import torch
 
+from deeplab_common.errors import CheckpointError
 from models.checkpoint import save_checkpoint
-from models.errors import CheckpointError
 from models.metadata import BandInfo, CheckpointMetadata, default_classes
 from models.registry import build_model, get_architecture
 

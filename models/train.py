@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from models.atomic import atomic_output
+from deeplab_common.atomic import atomic_output
+from deeplab_common.errors import ConfigError, DataError
 from models.augment import AugmentSettings, random_crop
 from models.checkpoint import file_sha256, load_checkpoint, read_metadata, save_checkpoint
 from models.data import Pair, pixel_size_m, read_pair
-from models.errors import ConfigError, DataError
 from models.inference import autocast_for, normalise, pick_device, predict_probabilities
 from models.metadata import BandInfo, CheckpointMetadata, ClassInfo, default_classes, with_roles
 from models.metrics import SegmentationMetrics

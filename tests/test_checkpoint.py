@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
+from deeplab_common.errors import CheckpointError
 from models.checkpoint import load_checkpoint, read_metadata, save_checkpoint, update_metadata
-from models.errors import CheckpointError
 from models.metadata import BandInfo, CheckpointMetadata, CRFParams, default_classes
 from models.registry import build_model
 from pipeline.cli import main

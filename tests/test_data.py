@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from deeplab_common.errors import DataError
 from models.augment import AugmentSettings, random_crop
 from models.data import pairs_from_csv, pairs_from_folders, pixel_size_m, split_pairs
-from models.errors import DataError
 
 HELD_OUT_CELL = (32.595062255859375, 0.35018702872728885, 32.59574890136719, 0.3508736613849764)
 

@@ -159,7 +159,7 @@ def test_a_scene_with_corrupt_tiles_fails_alone_in_one_line(
 
 
 def test_failure_lines_name_the_file_and_the_stage() -> None:
-    from models.errors import DataError
+    from deeplab_common.errors import DataError
 
     scene = Path("/data/x.tif")
     assert failure_line(scene, "stage", DataError(f"{scene}: not a raster")) == f"{scene}: not a raster"

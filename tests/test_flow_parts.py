@@ -10,11 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from deeplab_common.errors import DataError, UnreadableManifest
 from flows.artifacts import artifact_key, batch_table, thumbnail_data_url
 from flows.serve import PREFECT_FILE, ServeConfig, render_deployments
 from flows.settings import TELEMETRY_OFF, prefect_environment, worker_environment
 from flows.task_progress import TaskLogProgress
-from models.errors import DataError
 from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash
 from pipeline.engine.options import SegmentOptions
 from pipeline.io.discover import discover_scenes, duplicate_ids
@@ -101,7 +101,7 @@ def test_manifest_checksum_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
 
 def test_unreadable_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(DataError, match=r"manifest.json: unreadable manifest"):
+    with pytest.raises(UnreadableManifest, match=r"manifest.json: unreadable manifest"):
         Manifest(tmp_path).read()
 
 
@@ -184,9 +184,9 @@ def test_task_log_progress_reports_tenths(caplog: pytest.LogCaptureFixture) -> N
 
 def test_serve_beyond_loopback_requires_prefect_auth(tmp_path: Path) -> None:
     """The Prefect API runs flows on the worker: opened beyond this machine only behind credentials."""
+    from deeplab_common.errors import ConfigError
     from flows.serve import ServeConfig, check_exposure
     from flows.settings import prefect_environment
-    from models.errors import ConfigError
 
     check_exposure(ServeConfig(work_dir=tmp_path), {})  # loopback, the default: nothing needed
     check_exposure(ServeConfig(work_dir=tmp_path, host="::1"), {})

@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.atomic import PARTIAL_PREFIX, _read_umask, atomic_output
-from models.errors import ConfigError, DataError, OutputBusy
+from deeplab_common.atomic import PARTIAL_PREFIX, _read_umask, atomic_output
+from deeplab_common.errors import (
+    OutOfSpace,
+    OutputBusy,
+    OutputFolderError,
+    OutsideOutputFolder,
+    SceneRefused,
+)
 from pipeline.crf import refine
 from pipeline.engine.failures import failure_line, log_failure, root_cause
 from pipeline.engine.options import SegmentOptions
@@ -70,10 +76,10 @@ def test_writes_stay_inside_the_output_folder(tmp_path: Path) -> None:
     elsewhere.mkdir()
     (out / "scene").symlink_to(elsewhere)
     assert inside(out, out / "other" / "mask.tif") == (out / "other" / "mask.tif").resolve()
-    with pytest.raises(DataError, match="outside the output folder"):
+    with pytest.raises(OutsideOutputFolder, match="outside the output folder"):
         inside(out, out / "scene" / "mask.tif")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="is a file, not a folder"):
+    with pytest.raises(OutputFolderError, match="is a file, not a folder"):
         output_folder(tmp_path / "file")
 
 
@@ -107,7 +113,7 @@ def test_a_scene_that_cannot_fit_the_disk_is_refused_with_both_sizes(
     assert bytes_needed(shape, 4, "uint16", False) == 2_000_000 * (8 + 1) + int(2_000_000 * (1 + 4 / 3))
     assert bytes_needed(shape, 4, "uint16", True) > bytes_needed(shape, 4, "uint16", False)
     monkeypatch.setattr("pipeline.engine.space.bytes_free", lambda folder: 10_000_000)
-    with pytest.raises(DataError, match=r"/data/scene.tif: needs up to 21\.6 MiB .* but 9\.5 MiB is free"):
+    with pytest.raises(OutOfSpace, match=r"/data/scene.tif: needs up to 21\.6 MiB .* but 9\.5 MiB is free"):
         check_fits(scene, shape, 4, "uint16", tmp_path, False)
     # what an interrupted run already staged for the scene counts as available again
     (tmp_path / ".work" / "scene").mkdir(parents=True)
@@ -123,7 +129,7 @@ def test_max_pixels_refuses_in_preflight(landsat: Path, landcover_model: Path) -
     metadata = checkpoint_info(landcover_model).metadata
     scene = describe(landsat)
     plan_scene(scene, metadata, SegmentOptions(max_pixels=791 * 718))
-    with pytest.raises(DataError, match=r"791x718 = 567938 pixels, over --max-pixels 500000"):
+    with pytest.raises(SceneRefused, match=r"791x718 = 567938 pixels, over --max-pixels 500000"):
         plan_scene(scene, metadata, SegmentOptions(max_pixels=500_000))
 
 

@@ -10,8 +10,8 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from deeplab_common.errors import DataError, ResolutionMismatch
 from models.checkpoint import read_metadata
-from models.errors import DataError
 from pipeline.engine.preflight import preflight
 from pipeline.io.readers import describe
 
@@ -69,7 +69,9 @@ def test_pixel_size_far_from_the_model_warns_or_resamples(tmp_path: Path, buildi
     assert any("--match-resolution" in w for w in resampled.warnings)
     landsat_like = describe(_raster(tmp_path / "landsat.tif", pixel=30.0))
     too_far = preflight(landsat_like, metadata, match_resolution=True)
-    assert any("resamples by at most 8x" in p for p in too_far.problems)
+    assert any("resamples by at most 8x" in p for p in too_far.mismatches) and not too_far.problems
+    with pytest.raises(ResolutionMismatch, match=r"landsat\.tif: pixel size 30 m"):
+        too_far.raise_if_refused()
 
 
 def test_ungeoreferenced_scene_is_refused_unless_allowed(tmp_path: Path, buildings_model: Path) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deeplab_common.errors import ConfigError
 from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet, pretrained_path
-from models.errors import ConfigError
 from models.registry import ARCHITECTURES, build_model
 from pipeline.cli import main
 

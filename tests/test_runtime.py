@@ -12,7 +12,7 @@ import rasterio
 import torch
 from pydantic import ValidationError
 
-from models.errors import ConfigError
+from deeplab_common.errors import ConfigError
 from models.registry import ARCHITECTURES
 from models.runtime import CACHE_ENV, ONNX_ON_CPU, choose_runtime, export_path
 from pipeline.cli import main

@@ -7,7 +7,7 @@ import pytest
 from ome_zarr_models.v05.image import Image as OmeZarrImage
 from PIL import Image
 
-from models.errors import DataError
+from deeplab_common.errors import DataError, ResolutionMismatch
 from models.metadata import ClassInfo
 from pipeline.io.slides import (
     choose_grid,
@@ -127,10 +127,12 @@ def test_preflight_of_slides(cmu_slide, tcga_slide, buildings_model) -> None:
 
     aerial = read_metadata(buildings_model)
     refused = preflight(describe(cmu_slide), aerial)
-    assert refused.problems == [
+    assert not refused.problems and refused.mismatches == [
         "the model was trained at 7.46e+04 µm/px, over 64x coarser than the slide's 0.499 µm/px: "
         "not a model for slides"
     ]
+    with pytest.raises(ResolutionMismatch, match="not a model for slides"):
+        refused.raise_if_refused()
     at_one_um = aerial.model_copy(update={"pixel_size_m": 1e-6})
     check = preflight(describe(cmu_slide), at_one_um)
     assert not check.problems and check.scale == pytest.approx(0.499)

@@ -12,8 +12,8 @@ import pytest
 import rasterio
 import torch
 
+from deeplab_common.errors import ConfigError
 from models.checkpoint import read_metadata
-from models.errors import ConfigError
 from models.inference import TTA_VIEWS, _unview, _view, normalise, predict_image, predict_probabilities
 from models.metadata import InputScales, Tiling
 from models.registry import build_model

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models.errors import DeepLabError
+from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console
 from pipeline.cli.flags import flag_of
 from pipeline.cli.segment import add_segment_command

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from models.errors import DeepLabError
+from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console, table_console
 
 
@@ -179,7 +179,7 @@ def _cmd_classes(args: argparse.Namespace) -> int:
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from models.atomic import write_text_atomically
+    from deeplab_common.atomic import write_text_atomically
     from models.card import render_card
 
     attribution = args.attribution.read_text() if args.attribution else ""

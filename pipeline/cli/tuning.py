@@ -16,9 +16,9 @@ from pipeline.crf import BACKEND_NAMES, CPU_DEFAULT
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.atomic import write_text_atomically
+    from deeplab_common.atomic import write_text_atomically
+    from deeplab_common.errors import ConfigError
     from models.checkpoint import load_checkpoint, update_metadata
-    from models.errors import ConfigError
     from pipeline.tools.evaluate import evaluate, find_pairs
 
     loaded = load_checkpoint(args.model)
@@ -84,7 +84,7 @@ def _evaluation_tiling(args: argparse.Namespace, metadata: Any) -> Any:
     """The tiling ``evaluate`` runs the model on: none (whole images) with ``--whole-image``; else the one
     asked for, completed from the checkpoint's; else the checkpoint's (what ``segment`` would use); else
     whole images."""
-    from models.errors import ConfigError
+    from deeplab_common.errors import ConfigError
     from pipeline.engine.grid import resolve_tiling
 
     asked = args.tile is not None or args.cores_per_window is not None
@@ -100,8 +100,8 @@ def _evaluation_tiling(args: argparse.Namespace, metadata: Any) -> Any:
 
 
 def _cmd_tune_crf(args: argparse.Namespace) -> int:
+    from deeplab_common.errors import ConfigError
     from models.checkpoint import load_checkpoint, update_metadata
-    from models.errors import ConfigError
     from models.metadata import CRFParams
     from pipeline.tools.evaluate import find_pairs, metric_classes
     from pipeline.tools.tune_crf import HOLD_OUT_EVERY, Trial, crf_verdict, hold_out, tune

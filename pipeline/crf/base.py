@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import DeepLabError
+from deeplab_common.errors import DeepLabError
 from models.metadata import CRFParams
 
 # pydensecrf.utils.unary_from_softmax's floor: the unary -log(p) of a zero probability stays finite

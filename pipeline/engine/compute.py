@@ -23,7 +23,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from pipeline.crf import CPU_DEFAULT
 from pipeline.engine.backends import load_backend
 from pipeline.engine.grid import PendingCore, cores_to_compute

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from deeplab_common.errors import UnsafeSceneId
 from models.checkpoint import CheckpointInfo, checkpoint_info
-from models.errors import DataError
 from models.runtime import onnx_cache
 from pipeline.engine.compute import Compute, compute_for
 from pipeline.engine.failures import failure_line, log_failure
@@ -204,7 +204,7 @@ class Batch:
         output folder, key it, and find whether it is unchanged since its last published result."""
         clock = time.perf_counter()
         if problem := scene_id_problem(source):  # refused in discovery already; here for direct callers
-            raise DataError(f"{source}: {problem}")
+            raise UnsafeSceneId(f"{source}: {problem}")
         scene = describe(source, self.options.mpp)
         plan = plan_scene(scene, self.checkpoint.metadata, self.options, self.out_dir)
         progress.stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))

@@ -11,7 +11,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.errors import DataError, DeepLabError
+from deeplab_common.errors import DataError, DeepLabError
 from pipeline.engine.outdir import inside
 from pipeline.io.sources import Source, scene_id_problem, source_id
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from models.atomic import fsync_path, write_text_atomically
+from deeplab_common.atomic import fsync_path, write_text_atomically
 from pipeline.io.labels import NODATA_LABEL
 
 

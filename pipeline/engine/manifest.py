@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from models.atomic import write_text_atomically
-from models.errors import DataError
+from deeplab_common.atomic import write_text_atomically
+from deeplab_common.errors import UnreadableManifest
 from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_added, neutral_value
 from pipeline.io.sources import Source, source_sha256
 
@@ -86,7 +86,7 @@ class Manifest:
         try:
             data: dict[str, Any] = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(
+            raise UnreadableManifest(
                 f"{self.path}: unreadable manifest ({exc}); move it aside to start afresh"
             ) from exc
         return data

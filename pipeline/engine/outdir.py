@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.atomic import PARTIAL_PREFIX
-from models.errors import ConfigError, DataError, OutputBusy
+from deeplab_common.atomic import PARTIAL_PREFIX
+from deeplab_common.errors import OutputBusy, OutputFolderError, OutsideOutputFolder
 
 LOCK_NAME = ".lock"
 WORK_NAME = ".work"  # staging, ledgers and Ray's session folders of the scenes
@@ -33,7 +33,7 @@ def output_folder(out_dir: Path | str) -> Path:
     """``--out`` resolved; a path that exists and is not a folder is a usage error, not a traceback."""
     folder = Path(out_dir).resolve()
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(
+        raise OutputFolderError(
             f"--out {out_dir}: is a file, not a folder: give a folder (it is created if absent)"
         )
     return folder
@@ -44,7 +44,9 @@ def inside(out_dir: Path, path: Path) -> Path:
     wherever it points."""
     resolved, root = Path(path).resolve(), Path(out_dir).resolve()
     if not resolved.is_relative_to(root):
-        raise DataError(f"{path}: resolves to {resolved}, outside the output folder {root}: nothing written")
+        raise OutsideOutputFolder(
+            f"{path}: resolves to {resolved}, outside the output folder {root}: nothing written"
+        )
     return resolved
 
 

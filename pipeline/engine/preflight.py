@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.errors import DataError
+from deeplab_common.errors import ResolutionMismatch, SceneRefused
 from models.metadata import CheckpointMetadata
 from pipeline.io.readers import reader_of
 from pipeline.io.resolution import GridRules
@@ -23,10 +23,14 @@ class PreflightResult:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     scale: float = 1.0  # staged pixels per source pixel along each axis (1.0 unless resampled)
+    mismatches: list[str] = field(default_factory=list)  # problems of the pixel size (or µm/px) alone
 
     def raise_if_refused(self) -> None:
-        if self.problems:
-            raise DataError("\n".join(f"{self.scene.path}: {p}" for p in self.problems))
+        """``ResolutionMismatch`` when the pixel size is the only problem, else ``SceneRefused``: a line per
+        problem, each naming the file."""
+        lines = [f"{self.scene.path}: {problem}" for problem in self.problems + self.mismatches]
+        if lines:
+            raise (SceneRefused if self.problems else ResolutionMismatch)(lines)
 
     def warning_lines(self) -> list[str]:
         return [f"{self.scene.path}: {w}" for w in self.warnings]
@@ -46,4 +50,4 @@ def preflight(
         problems.append(f"has complex ({scene.dtype}) samples: convert them to real values first")
     rules = GridRules(allow_ungeoreferenced, match_resolution, force_resolution)
     grid = reader_of(scene).check(scene, metadata, rules)
-    return PreflightResult(scene, problems + grid.problems, grid.warnings, grid.scale)
+    return PreflightResult(scene, problems + grid.problems, grid.warnings, grid.scale, grid.mismatches)

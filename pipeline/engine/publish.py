@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from models.atomic import partial_name, replace_durably
+from deeplab_common.atomic import partial_name, replace_durably
+from deeplab_common.version import software_version
 from models.checkpoint import CheckpointInfo
 from models.metadata import CRFParams
-from models.version import software_version
 from pipeline.engine.grid import has_image_pooling
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import inside

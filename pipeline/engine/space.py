@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import DataError
+from deeplab_common.errors import OutOfSpace
 from pipeline.engine.outdir import WORK_NAME
 from pipeline.io.sources import Source, source_id
 
@@ -62,7 +62,7 @@ def check_fits(
     free = bytes_free(out_dir)
     if needed > free:
         height, width = shape
-        raise DataError(
+        raise OutOfSpace(
             f"{source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
             f"{width}x{height} pixels, but {_size(free)} is free: refused before staging"
         )

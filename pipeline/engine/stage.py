@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from models.atomic import PARTIAL_PREFIX, replace_durably, write_text_atomically
+from deeplab_common.atomic import PARTIAL_PREFIX, replace_durably, write_text_atomically
 from pipeline.io.readers import describe, open_blocks
 from pipeline.io.sources import (
     Scene,

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from models.atomic import PARTIAL_PREFIX, atomic_output
+from deeplab_common.atomic import PARTIAL_PREFIX, atomic_output
 from models.metadata import ClassInfo
 from pipeline.io.labels import CONFIDENCE_SCALE, NODATA_LABEL
 from pipeline.io.sources import Scene, gdal_env

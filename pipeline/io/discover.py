@@ -6,7 +6,7 @@ import glob
 import os
 from pathlib import Path
 
-from models.errors import DataError
+from deeplab_common.errors import DataError
 from pipeline.io.slides import SLIDE_SUFFIXES
 from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
 

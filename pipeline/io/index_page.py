@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from pipeline.io.report import SceneReport
 
 INDEX_NAME = "index.html"

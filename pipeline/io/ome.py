@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from models.atomic import atomic_output, partial_name, replace_durably
+from deeplab_common.atomic import atomic_output, partial_name, replace_durably
 from models.metadata import ClassInfo
 from pipeline.io.labels import NODATA_LABEL
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from affine import Affine
 
-from models.errors import DataError
+from deeplab_common.errors import UnreadableScene
 from models.metadata import CheckpointMetadata
 from pipeline.io.publishers import GeoTiffPublisher, Publisher, SlidePublisher
 from pipeline.io.resolution import GridCheck, GridRules, check_raster, check_slide
@@ -159,7 +159,7 @@ def describe(source: Source, mpp: float | None = None) -> Scene:
     """What a scene is; ``mpp`` overrides a slide's µm/px. A local path that cannot be a file of any kind is
     refused here, one plain line, before a reader tries it."""
     if isinstance(source, Path) and (problem := local_file_problem(source)):
-        raise DataError(f"{source}: {problem}")
+        raise UnreadableScene(f"{source}: {problem}")
     return reader_for(source).describe(source, mpp)
 
 

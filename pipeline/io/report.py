@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from models.atomic import write_text_atomically
+from deeplab_common.atomic import write_text_atomically
 from models.metadata import CRFParams
 
 REPORT_NAME = "report.json"  # in every published scene's folder, renamed into place last

@@ -42,11 +42,13 @@ class GridCheck:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     scale: float = 1.0  # staged pixels per source pixel along each axis
+    mismatches: list[str] = field(default_factory=list)  # problems of the pixel size (or µm/px) alone
 
 
 def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -> GridCheck:
     """A georeferenced raster at its own pixel size, or resampled to the model's (--match-resolution)."""
     problems: list[str] = []
+    mismatches: list[str] = []
     warnings: list[str] = []
     if not scene.georeferenced and not rules.allow_ungeoreferenced:
         problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
@@ -61,7 +63,7 @@ def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -
         how = "coarser" if ratio > 1 else "finer"
         sizes = f"pixel size {scene_size:.3g} m is {factor:.3g}x {how} than the model's {model_size:.3g} m"
         if rules.match_resolution and factor > MAX_RESAMPLE:
-            problems.append(
+            mismatches.append(
                 f"{sizes}: --match-resolution resamples by at most {MAX_RESAMPLE:g}x; "
                 "use a model trained nearer it"
             )
@@ -72,7 +74,7 @@ def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -
                 "(--match-resolution)"
             )
         elif factor > MAX_RESAMPLE and not rules.force_resolution:
-            problems.append(
+            mismatches.append(
                 f"{sizes}: over {MAX_RESAMPLE:g}x, the model does not see objects at the scale it "
                 "learnt them; use a model trained nearer it (--force-resolution segments it anyway)"
             )
@@ -90,13 +92,14 @@ def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -
             "the checkpoint records no training pixel size: the scene's resolution could not be checked "
             "against the model's"
         )
-    return GridCheck(problems, warnings, scale)
+    return GridCheck(problems, warnings, scale, mismatches)
 
 
 def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
     """Slides always work at the model's µm/px: the pyramid level nearest it, the rest resampled."""
     assert scene.slide is not None, "a slide"
     problems: list[str] = []
+    mismatches: list[str] = []
     warnings: list[str] = []
     scale = 1.0
     model_mpp = metadata.pixel_size_m * 1e6 if metadata.pixel_size_m else None
@@ -105,7 +108,7 @@ def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
     elif model_mpp is None:
         warnings.append("the model has no training µm/px: the slide is segmented at its level 0")
     elif model_mpp / scene.slide.level_mpp(0) > MAX_SLIDE_DOWNSAMPLE:
-        problems.append(
+        mismatches.append(
             f"the model was trained at {model_mpp:.3g} µm/px, over {MAX_SLIDE_DOWNSAMPLE:g}x coarser than "
             f"the slide's {scene.slide.level_mpp(0):.3g} µm/px: not a model for slides"
         )
@@ -122,7 +125,7 @@ def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
                 f"level 0 is {scene.slide.level_mpp(0):.3g} µm/px, coarser than the model's {model_mpp:.3g}: "
                 "results may suffer"
             )
-    return GridCheck(problems, warnings, scale)
+    return GridCheck(problems, warnings, scale, mismatches)
 
 
 def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[str]:

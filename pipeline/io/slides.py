@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import DataError
+from deeplab_common.errors import SceneError, UnreadableScene
 
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})
 # tifffile logs what it finds wrong in a file (a bad page offset) before raising, straight to the terminal;
@@ -45,7 +45,7 @@ class SlideInfo:
 
     def level_mpp(self, level: int) -> float:
         if self.mpp is None:
-            raise DataError(f"{self.path}: no µm/px in the slide's metadata; pass --mpp")
+            raise SceneError(f"{self.path}: no µm/px in the slide's metadata; pass --mpp")
         return self.mpp * self.level_downsamples[level]
 
 
@@ -83,7 +83,7 @@ def open_slide(path: Path | str, prefer: str | None = None) -> Iterator[Any]:
     """A tiffslide (or OpenSlide) object whose tiles were proven decodable; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: slide does not exist")
+        raise UnreadableScene(f"{path}: slide does not exist")
     failures = []
     for reader in _readers(prefer):
         try:
@@ -102,7 +102,7 @@ def open_slide(path: Path | str, prefer: str | None = None) -> Iterator[Any]:
         finally:
             slide.close()
         return
-    raise DataError(f"{path}: not a readable slide ({'; '.join(failures)})")
+    raise UnreadableScene(f"{path}: not a readable slide ({'; '.join(failures)})")
 
 
 def _readers(prefer: str | None) -> list[str]:
@@ -132,7 +132,7 @@ def _probe(slide: Any) -> None:
 def describe_slide(path: Path | str, mpp: float | None = None) -> SlideInfo:
     """Levels and µm/px (``mpp`` overrides the metadata; it must be positive)."""
     if mpp is not None and not mpp > 0:
-        raise DataError(f"{path}: --mpp must be positive, got {mpp}")
+        raise SceneError(f"{path}: --mpp must be positive, got {mpp}")
     with open_slide(path) as slide:
         reader = type(slide).__module__.split(".")[0]
         properties = dict(slide.properties)
@@ -166,7 +166,7 @@ def working_scale(info: SlideInfo, target_mpp: float | None) -> float:
     if target_mpp is None:
         return 1.0
     if not target_mpp > 0:
-        raise DataError(f"{info.path}: the model's µm/px must be positive, got {target_mpp}")
+        raise SceneError(f"{info.path}: the model's µm/px must be positive, got {target_mpp}")
     return min(1.0, info.level_mpp(0) / target_mpp)
 
 

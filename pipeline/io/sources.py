@@ -28,9 +28,9 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from deeplab_common.digest import file_sha256
+from deeplab_common.errors import DataError, UnreadableScene
 from models.data import ground_pixel_size
-from models.digest import file_sha256
-from models.errors import DataError
 from pipeline.io.slides import SlideInfo
 
 Source = Path | str  # a local path, or a URL / GDAL virtual path (see is_remote)
@@ -77,7 +77,7 @@ def source_sha256(source: Source) -> str:
         return file_sha256(Path(source))
     text = str(source)
     if text.startswith("/vsi"):
-        raise DataError(
+        raise UnreadableScene(
             f"{text}: GDAL virtual paths cannot be checksummed; give the URL (s3://, https://...)"
         )
     import fsspec
@@ -88,9 +88,9 @@ def source_sha256(source: Source) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except ImportError as exc:
-        raise DataError(f"{text}: reading it needs an fsspec filesystem package ({exc})") from None
+        raise UnreadableScene(f"{text}: reading it needs an fsspec filesystem package ({exc})") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{text}: cannot be read ({exc})") from None
+        raise UnreadableScene(f"{text}: cannot be read ({exc})") from None
     return digest.hexdigest()
 
 
@@ -171,7 +171,7 @@ def local_file_problem(path: Path) -> str | None:
 def open_raster(path: Source) -> Iterator[DatasetReader]:
     path = as_source(path)
     if isinstance(path, Path) and (problem := local_file_problem(path)):
-        raise DataError(f"{path}: {problem}")
+        raise UnreadableScene(f"{path}: {problem}")
     # a remote folder is not listed to look for sidecar files (a bucket listing can be huge and slow)
     listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if isinstance(path, str) else {}
     try:
@@ -179,7 +179,7 @@ def open_raster(path: Source) -> Iterator[DatasetReader]:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             dataset = rasterio.open(path)
     except RasterioIOError as exc:
-        raise DataError(f"{path}: not a readable raster ({exc})") from None
+        raise UnreadableScene(f"{path}: not a readable raster ({exc})") from None
     with gdal_env(), dataset:
         yield dataset
 

@@ -24,8 +24,8 @@ from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from rio_stac.stac import get_dataset_geom
 
-from models.atomic import write_text_atomically
-from models.digest import file_sha256
+from deeplab_common.atomic import write_text_atomically
+from deeplab_common.digest import file_sha256
 from models.metadata import ClassInfo
 from pipeline.io.labels import NODATA_LABEL
 

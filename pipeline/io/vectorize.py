@@ -28,7 +28,7 @@ from rasterio.crs import CRS
 from rasterio.features import shapes, sieve
 from rasterio.transform import Affine
 
-from models.atomic import atomic_output
+from deeplab_common.atomic import atomic_output
 from models.metadata import ClassInfo
 from pipeline.io.labels import NODATA_LABEL
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import DeepLabError
+from deeplab_common.errors import ClusterError
 from pipeline.engine.grid import PendingCore, Tile
 from pipeline.engine.ledger import Ledger
 from pipeline.engine.plan import CoreDone
@@ -77,7 +77,7 @@ class _Upkeep:
         """Nothing runs: no actor can take the work until a node joins; wait, or fail after node_wait_s."""
         self.starved_since = self.starved_since or time.monotonic()
         if time.monotonic() - self.starved_since > self.node_wait_s:
-            raise DeepLabError(why())
+            raise ClusterError(why())
         time.sleep(_REFRESH_S)
         self.look_now()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.errors import DeepLabError
+from deeplab_common.errors import ClusterError
 from pipeline.engine.outdir import RAY_OWNER, RAY_PREFIX
 from pipeline.engine.workers import (
     WindowSpec,
@@ -162,7 +162,7 @@ def ray_session(
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
         except ray.exceptions.AuthenticationError as exc:
-            raise DeepLabError(
+            raise ClusterError(
                 f"the Ray cluster at {address} refused this client: {str(exc).splitlines()[0]} "
                 "It runs with token authentication: set RAY_AUTH_MODE=token and the cluster's token in "
                 "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token)"

@@ -14,7 +14,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from models.errors import DeepLabError
+from deeplab_common.errors import ClusterError
 from pipeline.ray.actor_pools import NodeInfo, live_nodes, lost_work_errors
 
 _PROBE = ".deeplab-storage-probe"
@@ -82,7 +82,7 @@ class StorageCheck:
             self.probe.unlink(missing_ok=True)
             self.probe = None
         if problems:
-            raise DeepLabError(
+            raise ClusterError(
                 "every Ray node must see the work folder and the checkpoint at the driver's paths "
                 "(put them on storage all nodes mount: NFS, EFS, Filestore, a shared volume): "
                 + "; ".join(problems)

@@ -94,7 +94,7 @@ def warmable(worker: type[_W], name: str, module: str, work_methods: tuple[str, 
 def shape_key(checkpoint_sha256: str, kind: str, shape: dict[str, Any]) -> str:
     """Short digest of what makes two runs' actors interchangeable: the weights, the kind, and the actor's
     resources, threads, device and precision (``shape``)."""
-    from models.version import software_version
+    from deeplab_common.version import software_version
 
     text = json.dumps([checkpoint_sha256, kind, shape, software_version()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

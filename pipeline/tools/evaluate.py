@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from deeplab_common.errors import ConfigError
 from models.checkpoint import LoadedModel
 from models.data import Pair, list_files, pair_by_stem, read_pair
-from models.errors import ConfigError
 from models.inference import check_image_fits, predict_image
 from models.metadata import CRFParams, InputScales, Tiling
 from models.metrics import SegmentationMetrics

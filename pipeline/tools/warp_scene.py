@@ -11,8 +11,8 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import calculate_default_transform, reproject
 
-from models.atomic import atomic_output
-from models.errors import DataError
+from deeplab_common.atomic import atomic_output
+from deeplab_common.errors import DataError
 from pipeline.io.sources import gdal_env
 
 BLOCK = 512
