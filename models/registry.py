@@ -17,6 +17,7 @@ from models.deeplab import DeepLab, V3PlusDecoder
 from models.efficientnet_lite import LITE_VARIANTS, EfficientNetLiteFeatures, load_imagenet
 from models.heads import ASPPv2
 from models.layers import apply_output_stride, replace_first_conv
+from models.tiny import build_tiny, max_tiny_rate
 
 PRETRAINED_CHOICES = ("none", "imagenet")
 
@@ -270,6 +271,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             16,
             _LITE,
             _max_v3_rate,
+        ),
+        Architecture(
+            "deeplabv2_tiny",
+            "DeepLab-v2 on three convolutions: a tiny model for tests and smoke checks (no weights shipped)",
+            build_tiny,
+            8,
+            _LITE,
+            max_tiny_rate,
+            global_context=False,
         ),
         Architecture(
             "deeplabv3plus_efficientnet_lite2",

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.engine.ledger import Ledger
-from pipeline.io.labels import NODATA_LABEL, result_key
+from pipeline.engine.ledger import Ledger, result_key
+from pipeline.io.labels import NODATA_LABEL
 
 
 def test_cores_are_recorded_and_survive_a_reopen(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def test_every_model_builds_and_runs_on_1_3_4_6_bands(architecture: str) -> None
         "deeplabv3_efficientnet_lite0",
         "deeplab_largefov_vgg16",
         "deeplabv3_resnet50",
+        "deeplabv2_tiny",
     ],
 )
 def test_output_stride_8_and_16(architecture: str) -> None:
