@@ -93,6 +93,47 @@ def buildings_v2_model() -> Path:
     return path
 
 
+def tiny_like(zoo_checkpoint: Path, out: Path, seed: int = 0) -> Path:
+    """A ``deeplabv2_tiny`` checkpoint with the metadata of a zoo model (classes and roles, bands, pixel size
+    or µm/px, CRF and its verdict), weights drawn from ``seed``: a real checkpoint file that the engine
+    preflights, tiles, runs and publishes as it does the zoo model, at a fraction of the cost. For the tests
+    of plumbing; what the masks hold means nothing."""
+    from models.checkpoint import read_metadata, save_checkpoint
+    from models.registry import build_model
+
+    zoo = read_metadata(zoo_checkpoint)
+    arch_args = {"num_classes": zoo.num_classes, "in_channels": zoo.num_bands}
+    metadata = zoo.model_copy(
+        update={
+            "architecture": "deeplabv2_tiny",
+            "arch_args": arch_args,
+            "tiling": None,
+            "tiling_tuning": None,
+            "tta": None,
+            "input_scales": None,
+            "training": {"note": f"untrained (seed {seed}); metadata of {zoo_checkpoint.name}"},
+            "metrics": {},
+            "weights_dtype": "float32",
+        }
+    )
+    torch.manual_seed(seed)
+    return save_checkpoint(out, build_model("deeplabv2_tiny", **arch_args), metadata)
+
+
+@pytest.fixture(scope="session")
+def tiny_buildings_model(tmp_path_factory: pytest.TempPathFactory, buildings_model: Path) -> Path:
+    """The tiny test model with the Kampala building models' metadata (RGB, 7.5 cm, background/building)."""
+    return tiny_like(buildings_model, tmp_path_factory.mktemp("tiny") / "tiny-buildings.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_slide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test model with the H&E slide model's metadata (its µm/px, classes and CRF verdict)."""
+    return tiny_like(
+        ZOO / "he-stain-cmu.safetensors", tmp_path_factory.mktemp("tiny") / "tiny-slide.safetensors"
+    )
+
+
 def kampala_chip(kampala: Path, stem: str = "OAM-1238456-1046532-21") -> tuple[Path, Path]:
     return kampala / "chips" / f"{stem}.tif", kampala / "masks" / f"{stem}.tif"
 

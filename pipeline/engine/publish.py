@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from deeplab_common import faults
 from deeplab_common.atomic import partial_name, replace_durably
 from deeplab_common.version import software_version
 from models.checkpoint import CheckpointInfo
@@ -65,8 +66,10 @@ def publish_scene(
         report_last = sorted(building.iterdir(), key=lambda built: (built.name == REPORT_NAME, built.name))
         for built in report_last:
             replace_durably(built, inside(out_dir, folder / built.name))
+            faults.passing("publish-rename")
     finally:
         shutil.rmtree(building, ignore_errors=True)
+    progress.stage(computed.name, "done", f"{report.total_seconds:.1f} s")  # every output in place
     return PublishedScene(
         source=computed.staged.planned.source,
         folder=folder,
@@ -160,7 +163,6 @@ def _publish_into(
     write_item(
         scene_item(_item_facts(details, loaded, plan), outputs, publisher.media_types), folder / ITEM_NAME
     )
-    progress.stage(name, "done", f"{total:.1f} s")
     return outputs, details
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from deeplab_common import faults
 from deeplab_common.atomic import PARTIAL_PREFIX, replace_durably, write_text_atomically
 from pipeline.io.readers import describe, open_blocks
 from pipeline.io.sources import (
@@ -126,6 +127,7 @@ def _copy_blocks(scene: Scene, scale: float, tile: int, image: Any, valid: Any) 
                 nonfinite += finite_only(block, block_valid)
                 image[:, top : top + height, left : left + width] = block
                 valid[top : top + height, left : left + width] = block_valid
+                faults.passing("stage-block")
     return nonfinite
 
 
