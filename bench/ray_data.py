@@ -40,7 +40,7 @@ from pipeline.engine.stage import StagedStores, stage_scene
 from pipeline.engine.workers import CRFWorker, ModelWorker, WindowSpec, window_batches
 from pipeline.io.labels import NODATA_LABEL
 from pipeline.ray.actor_pools import ActorPlan
-from pipeline.ray.scheduler import run_tiles
+from pipeline.ray.scheduler import CoreScheduler
 from pipeline.ray.session import actor_pools, ray_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 ledger = Ledger(ledger_folder, "bench", (height, width), args.tile)
                 started = time.perf_counter()
                 with actor_pools(ray, args.model, spec, WHOLE_GPU) as pools:
-                    run_tiles(ray, staged.image(), todo, ledger, spec, pools)
+                    CoreScheduler(ray, staged.image(), todo, ledger, spec, pools).run()
                 times["engine"].append(time.perf_counter() - started)
                 masks["engine"] = np.asarray(ledger.labels()[:])
                 started = time.perf_counter()

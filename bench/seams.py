@@ -24,7 +24,6 @@ from models.metadata import CheckpointMetadata
 from models.registry import build_model
 from pipeline.engine.grid import (
     DEFAULT_TILING,
-    PendingCore,
     Tile,
     core_of,
     cores_to_compute,
@@ -60,7 +59,7 @@ def predict_tiled(
     height, width = image.shape[-2:]
     planned = plan_tiles(height + shift, width + shift, tile, halo, cores_per_window)
     tiles = [_shifted(t, shift, height, width) for t in planned]
-    todo: list[PendingCore] = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
+    todo = [(t, None) for t in tiles if t.core_height > 0 and t.core_width > 0]
     labels = np.full((height, width), 255, np.uint8)
     for group in window_batches(todo, batch):
         results = worker.predict(read_windows(image, group), (1.0,), "max", False, context=context)

@@ -7,8 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,27 @@ def _require(path: Path) -> Path:
             f"real data not available: {path} is absent (expected ../shared/data beside the checkout)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The one multi-node Ray cluster of the session (tests take it through ``ray_cluster``): a head
+    without CPUs and two worker nodes of one CPU each, every node a `ray start` of its own on loopback with
+    token authentication. Started once; stopped at the end, by PID, with nothing of it left running."""
+    from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
+
+    root = Path(tmp_path_factory.mktemp("rc", numbered=True))  # short: Ray's socket paths fit 107 bytes
+    with LocalRayCluster(root, workers=[{"cpus": 1}, {"cpus": 1}]) as running:
+        yield running
+    assert running.pids() == [], "every process of every node is stopped"
+    assert not processes_mentioning(str(root)), "nothing of the cluster is left running"
+
+
+@pytest.fixture
+def ray_cluster(ray_cluster_session: Any) -> Any:
+    """The session's cluster with both worker nodes live (a test before may have killed one)."""
+    ray_cluster_session.restore()
+    return ray_cluster_session
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +147,12 @@ def tiny_buildings_model(tmp_path_factory: pytest.TempPathFactory, buildings_mod
 
 
 @pytest.fixture(scope="session")
+def tiny_landcover_model(tmp_path_factory: pytest.TempPathFactory, landcover_model: Path) -> Path:
+    """The tiny test model with the Dubai land-cover model's metadata (6 classes, its tuned CRF, on)."""
+    return tiny_like(landcover_model, tmp_path_factory.mktemp("tiny") / "tiny-landcover.safetensors")
+
+
+@pytest.fixture(scope="session")
 def tiny_slide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny test model with the H&E slide model's metadata (its µm/px, classes and CRF verdict)."""
     return tiny_like(
@@ -183,41 +209,28 @@ def tcga_slide(data_dir: Path) -> Path:
     return _require(data_dir / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs")
 
 
-def kill_mid_run(command: list[str], ledger: Path, cwd: Path, at_least: int = 5, timeout: float = 600) -> int:
-    """Start ``command`` in its own session, SIGKILL the whole session once ``ledger`` records ``at_least``
-    cores (no cleanup of any kind: the driver and the local Ray cluster it started go at once); returns
-    the cores recorded at the kill."""
-
-    def recorded() -> int:
-        return len(ledger.read_text().splitlines()) if ledger.exists() else 0
-
-    run = subprocess.Popen(
-        command, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + timeout
-    while recorded() < at_least and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    return recorded()
-
-
 def resume_after_kill(
     command_for: Callable[[Path], list[str]], scene_id: str, published: str, tmp_path: Path, cwd: Path
 ) -> tuple[Path, Path]:
-    """An uninterrupted run, then a run SIGKILLed mid-scene and run again; returns both scene folders.
+    """An uninterrupted run, then a run that crashes (SIGKILL, no cleanup of any kind) once 5 cores are on
+    record (``DEEPLAB_CRASH_AT``), then run again; returns both scene folders.
 
-    Checks what every resume must hold: killed mid-scene, nothing half-published, the re-run recomputes
-    exactly the cores the killed run had not recorded.
+    Checks what every resume must hold: nothing half-published, the re-run resumes exactly the cores the
+    crashed run recorded and computes the rest.
     """
+    from deeplab_common.faults import CRASH_ENV
+
     reference, out = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(command_for(reference), cwd=cwd, check=True, capture_output=True)
     total = json.loads((reference / scene_id / "report.json").read_text())["tiles"]["computed"]
-    done_before = kill_mid_run(command_for(out), out / ".work" / scene_id / "ledger.jsonl", cwd)
-    assert 5 <= done_before < total, "killed mid-scene"
+    crashed = subprocess.run(
+        command_for(out), cwd=cwd, capture_output=True, env=os.environ | {CRASH_ENV: "ledger-core:5"}
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    assert len((out / ".work" / scene_id / "ledger.jsonl").read_text().splitlines()) == 5 < total
     assert not (out / scene_id / published).exists(), "nothing half-published"
     subprocess.run(command_for(out), cwd=cwd, check=True, capture_output=True)
     report = json.loads((out / scene_id / "report.json").read_text())
-    assert report["tiles"]["resumed"] >= done_before
-    assert report["tiles"]["computed"] == total - report["tiles"]["resumed"]
+    assert report["tiles"]["resumed"] == 5
+    assert report["tiles"]["computed"] == total - 5
     return reference / scene_id, out / scene_id

@@ -180,7 +180,7 @@ def test_usage_errors_exit_2(tmp_path: Path, buildings_model: Path) -> None:
 
 @pytest.mark.slow
 def test_the_rayjob_entrypoint_publishes_a_folder_on_a_ray_cluster(
-    data_dir: Path, buildings_model: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    data_dir: Path, buildings_model: Path, tmp_path: Path, ray_cluster: LocalRayCluster
 ) -> None:
     """`infra/k8s/rayjob.yaml`'s entrypoint, as written, with its paths mapped onto this machine, run as a
     Ray job's driver: RAY_ADDRESS names the cluster (as `ray job submit` sets it)."""
@@ -199,10 +199,8 @@ def test_the_rayjob_entrypoint_publishes_a_folder_on_a_ray_cluster(
     argv = [paths.get(arg, arg) for arg in argv]
     assert argv[:2] == ["deeplab", "segment"]
     command = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())", *argv[1:]]
-    ray_root = tmp_path_factory.mktemp("rj", numbered=True)  # short: Ray's socket paths must fit 107 bytes
-    with LocalRayCluster(ray_root, workers=[], head_cpus=2) as cluster:
-        env = cluster.client_env() | {"RAY_ADDRESS": cluster.address}
-        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = ray_cluster.client_env() | {"RAY_ADDRESS": ray_cluster.address}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("tile-a", "tile-b"):
         with rasterio.open(published / name / "mask.tif") as mask:

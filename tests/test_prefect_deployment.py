@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,13 @@ import psutil
 import pytest
 import rasterio
 
+from bench.chaos import ray_dirs
 from flows.serve import free_port
 from flows.settings import prefect_environment
 from tests.conftest import ROOT, kampala_chip
 
 SERVE_READY_S = 300
 RUN_TIMEOUT_S = 600
-
-
-def _tmp_entries() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if not p.name.startswith("pytest-of-")}
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -125,7 +121,6 @@ def _check_mask(mask: Path, source: Path) -> None:
 def test_nightly_deployment_runs_skips_and_redoes(
     kampala: Path, landsat: Path, buildings_model: Path, tmp_path: Path
 ) -> None:
-    tmp_before = _tmp_entries()
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     chip = incoming / "kampala.tif"
@@ -181,7 +176,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
             r"\| kampala \| done \| 1 / 0 / 0 \| background [\d.,]+ ha, building [\d.,]+ ha", table["data"]
         )
         assert "| corrupt | failed |" in table["data"]
-        assert "landsat: segment (4 cores to compute, 0 resumed, 0 nodata)" in run["logs"], "engine progress"
+        assert "landsat: compute (4 cores to compute, 0 resumed, 0 nodata)" in run["logs"], "engine progress"
         assert "kampala: 1/1 cores" in " ".join(run["logs"])
         for scene in ("kampala", "landsat"):
             assert artifacts[f"quicklook-{scene}"]["data"].startswith("data:image/png;base64,")
@@ -217,4 +212,4 @@ def test_nightly_deployment_runs_skips_and_redoes(
         _stop(serve)
     assert serve.returncode == 0, log.read_text()[-4000:]
     assert not [pid for pid in started if _alive(pid)], "every process started is stopped"
-    assert _tmp_entries() <= tmp_before, f"left in /tmp: {_tmp_entries() - tmp_before}"
+    assert not ray_dirs(out), "the runs' Ray temp dirs, in the work folder or the system's, are removed"

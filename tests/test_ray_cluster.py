@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -23,14 +22,9 @@ SCENE_ID = "RGB.byte"
 OPTIONS = ["--tile", "128", "--halo", "32"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
-    # a short root: Ray's socket paths must stay under 107 bytes
-    root = Path(tmp_path_factory.mktemp("rc", numbered=True))
-    with LocalRayCluster(root, workers=[{"cpus": 1}, {"cpus": 1}]) as running:
-        yield running
-    assert running.pids() == [], "every process of every node is stopped"
-    assert not processes_mentioning(str(root)), "nothing of the cluster is left running"
+@pytest.fixture
+def cluster(ray_cluster: LocalRayCluster) -> LocalRayCluster:
+    return ray_cluster
 
 
 def _submit(cluster: LocalRayCluster, scene: Path, model: Path, out: Path) -> list[str]:
@@ -75,7 +69,7 @@ def _driver_pids(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_token_authentication_refuses_a_client_without_the_token(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
     env = cluster.client_env()
     env.pop("RAY_AUTH_TOKEN_PATH")
@@ -86,7 +80,7 @@ def test_token_authentication_refuses_a_client_without_the_token(
             "segment",
             str(landsat),
             "--model",
-            str(landcover_model),
+            str(tiny_landcover_model),
             "--out",
             str(tmp_path),
             "--ray-address",
@@ -104,7 +98,7 @@ def test_token_authentication_refuses_a_client_without_the_token(
 
 @pytest.mark.slow
 def test_a_node_that_cannot_see_the_work_folder_is_named(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
     """A worker node started without the shared folder (its own mount namespace, an empty tmpfs over it)."""
     shared = tmp_path / "shared"
@@ -114,7 +108,7 @@ def test_a_node_that_cannot_see_the_work_folder_is_named(
     cluster.add_worker("blind", {"cpus": 1, "hide": [str(shared)]})
     try:
         cluster.wait_for_nodes(4)
-        command = ["deeplab", "segment", str(landsat), "--model", str(landcover_model)]
+        command = ["deeplab", "segment", str(landsat), "--model", str(tiny_landcover_model)]
         command += ["--out", str(shared / "out"), "--ray-address", cluster.address, *OPTIONS]
         run = subprocess.run(command, env=cluster.client_env(), capture_output=True, text=True, timeout=600)
     finally:
@@ -129,11 +123,11 @@ def test_a_node_that_cannot_see_the_work_folder_is_named(
 
 @pytest.mark.slow
 def test_actor_pools_follow_nodes_that_join_and_leave(
-    cluster: LocalRayCluster, landcover_model: Path
+    cluster: LocalRayCluster, tiny_landcover_model: Path
 ) -> None:
     """What an autoscaler does to a running job: a node added gets actors, a node removed loses them."""
     probe = subprocess.Popen(
-        [sys.executable, "-m", "tests.pools_probe", cluster.address, str(landcover_model)],
+        [sys.executable, "-m", "tests.pools_probe", cluster.address, str(tiny_landcover_model)],
         cwd=ROOT,
         env=cluster.client_env(),
         stdin=subprocess.PIPE,
@@ -173,12 +167,17 @@ def test_actor_pools_follow_nodes_that_join_and_leave(
 
 @pytest.fixture(scope="module")
 def clean_run(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_cluster_session: LocalRayCluster,
+    landsat: Path,
+    tiny_landcover_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """The job run once without harm: the output folder every harmed run is compared with."""
+    cluster = ray_cluster_session
+    cluster.restore()
     clean = tmp_path_factory.mktemp("clean")
     run = subprocess.run(
-        _submit(cluster, landsat, landcover_model, clean),
+        _submit(cluster, landsat, tiny_landcover_model, clean),
         env=cluster.client_env(),
         capture_output=True,
         text=True,
@@ -189,7 +188,7 @@ def clean_run(
 
 @pytest.mark.slow
 def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
-    cluster: LocalRayCluster, clean_run: Path, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, clean_run: Path, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
     env = cluster.client_env()
     clean = clean_run
@@ -203,7 +202,7 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
 
     # a worker node lost mid-run: its raylet SIGKILLed (its actors go with it)
     lost_node = tmp_path / "lost-node"
-    job = _start(_submit(cluster, landsat, landcover_model, lost_node), env)
+    job = _start(_submit(cluster, landsat, tiny_landcover_model, lost_node), env)
     at_kill = _wait_for_cores(job, lost_node, 8)
     assert at_kill < total, "killed mid-run"
     cluster.kill_raylet("worker1")
@@ -218,7 +217,7 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
 
     # the driver lost mid-run (SIGKILL), the job submitted again: it resumes from the ledger
     lost_driver = tmp_path / "lost-driver"
-    job = _start(_submit(cluster, landsat, landcover_model, lost_driver), env)
+    job = _start(_submit(cluster, landsat, tiny_landcover_model, lost_driver), env)
     done_before = _wait_for_cores(job, lost_driver, 6)
     drivers = _driver_pids(lost_driver)
     assert drivers, "the job's driver is running"
@@ -228,7 +227,7 @@ def test_multi_node_job_survives_a_lost_node_and_a_lost_driver(
     assert job.returncode != 0, "the job failed with its driver"
     assert not (lost_driver / SCENE_ID / "mask.tif").exists()
     run = subprocess.run(
-        _submit(cluster, landsat, landcover_model, lost_driver), env=env, capture_output=True, text=True
+        _submit(cluster, landsat, tiny_landcover_model, lost_driver), env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = _report(lost_driver)
@@ -254,7 +253,7 @@ def _actor_pids(cluster: LocalRayCluster, kind: str) -> list[int]:
 
 @pytest.mark.slow
 def test_a_model_actor_and_a_crf_actor_killed_mid_run_change_nothing(
-    cluster: LocalRayCluster, clean_run: Path, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, clean_run: Path, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
     env = cluster.client_env()
     clean = clean_run
@@ -266,7 +265,7 @@ def test_a_model_actor_and_a_crf_actor_killed_mid_run_change_nothing(
         time.sleep(0.5)
 
     killed = tmp_path / "killed-actors"
-    job = _start(_submit(cluster, landsat, landcover_model, killed), env)
+    job = _start(_submit(cluster, landsat, tiny_landcover_model, killed), env)
     assert _wait_for_cores(job, killed, 4) < total, "killed mid-run"
     victims = [_actor_pids(cluster, "ModelActor")[:1], _actor_pids(cluster, "CRFActor")[:1]]
     assert all(victims), f"a model actor and a CRF actor are running: {victims}"

@@ -7,12 +7,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
+from pipeline.ray.local_cluster import LocalRayCluster
 from pipeline.ray.warm_actors import NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +26,11 @@ print(json.dumps(sorted(names)))
 """
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
-    # one node of 2 CPUs: a warm model actor without CRF holds both, so a run with the CRF must evict it
-    root = Path(tmp_path_factory.mktemp("wa", numbered=True))
-    with LocalRayCluster(root, workers=[], head_cpus=2) as running:
-        yield running
-    assert running.pids() == [], "every process of the cluster is stopped"
-    assert not processes_mentioning(str(root)), "nothing of the cluster is left running"
+@pytest.fixture
+def cluster(ray_cluster: LocalRayCluster) -> LocalRayCluster:
+    """The session's cluster: two worker nodes of one CPU each. A warm model actor without the CRF holds
+    its node's CPU, so a run with the CRF (a model and a CRF actor of half a CPU each) must evict it."""
+    return ray_cluster
 
 
 def _segment(cluster: LocalRayCluster, scene: Path, model: Path, out: Path, *extra: str) -> dict:
@@ -54,37 +50,44 @@ def _warm_actors(cluster: LocalRayCluster) -> list[str]:
 
 @pytest.mark.slow
 def test_a_second_run_takes_the_warm_model_actor_and_another_shape_evicts_it(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
-    first = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "120")
-    assert first["cluster"]["actors_started"] == {"model": 1}
+    nodes = len(cluster.workers)  # a model actor on each worker node
+    first = _segment(
+        cluster, landsat, tiny_landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "120"
+    )
+    assert first["cluster"]["actors_started"] == {"model": nodes}
     assert first["cluster"]["actors_reused"] == {}
     warm = _warm_actors(cluster)
-    assert len(warm) == 1 and warm[0].startswith("deeplab-model-"), warm
+    assert len(warm) == nodes and all(name.startswith("deeplab-model-") for name in warm), warm
 
-    second = _segment(cluster, landsat, landcover_model, tmp_path / "b", "--no-crf", "--keep-warm-s", "120")
+    second = _segment(
+        cluster, landsat, tiny_landcover_model, tmp_path / "b", "--no-crf", "--keep-warm-s", "120"
+    )
     assert second["cluster"]["actors_started"] == {}, "the model was not loaded again"
-    assert second["cluster"]["actors_reused"] == {"model": 1}
+    assert second["cluster"]["actors_reused"] == {"model": nodes}
     assert _warm_actors(cluster) == warm
     masks = [(tmp_path / run / landsat.stem / "mask.tif").read_bytes() for run in ("a", "b")]
     assert masks[0] == masks[1], "a warm actor computes what a new one does"
 
     # The CRF plan (a model and a CRF actor of half the node each) cannot be placed beside the warm actor,
-    # which holds both CPUs: the run stops it (idle) instead of waiting for its idle limit.
+    # which holds the node's CPU: the run stops it (idle) instead of waiting for its idle limit.
     started = time.monotonic()
-    third = _segment(cluster, landsat, landcover_model, tmp_path / "c")
+    third = _segment(cluster, landsat, tiny_landcover_model, tmp_path / "c")
     assert time.monotonic() - started < 110, "the run did not wait for the warm actor's idle limit"
-    assert third["cluster"]["actors_started"] == {"crf": 1, "model": 1}
+    assert third["cluster"]["actors_started"] == {"crf": nodes, "model": nodes}
     assert third["cluster"]["actors_reused"] == {}
     assert _warm_actors(cluster) == [], "evicted; and a run without --keep-warm-s leaves nothing up"
 
 
 @pytest.mark.slow
 def test_an_idle_warm_actor_ends_itself(
-    cluster: LocalRayCluster, landsat: Path, landcover_model: Path, tmp_path: Path
+    cluster: LocalRayCluster, landsat: Path, tiny_landcover_model: Path, tmp_path: Path
 ) -> None:
-    report = _segment(cluster, landsat, landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "3")
-    assert report["cluster"]["actors_started"] == {"model": 1}
+    report = _segment(
+        cluster, landsat, tiny_landcover_model, tmp_path / "a", "--no-crf", "--keep-warm-s", "3"
+    )
+    assert report["cluster"]["actors_started"] == {"model": len(cluster.workers)}
     deadline = time.monotonic() + 60
     while (left := _warm_actors(cluster)) and time.monotonic() < deadline:
         time.sleep(1)

@@ -127,13 +127,12 @@ def plan_scene(
         halo = model_halo(
             metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context, min(multiscale.scales)
         )
-    tiles = plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window)
     plan = ScenePlan(
         check=check,
         shape=shape,
         tiling=tiling,
         halo=halo,
-        tiles=tiles,
+        tiles=plan_tiles(shape[0], shape[1], tiling.tile, halo, tiling.cores_per_window),
         crf=crf,
         tta=metadata.views(options.tta),
         multiscale=multiscale,

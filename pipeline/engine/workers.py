@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -301,7 +302,7 @@ def labels_of(probabilities: np.ndarray, with_confidence: bool) -> np.ndarray:
     return np.stack(planes)
 
 
-def window_batches(todo: list[PendingCore], cores: int) -> list[list[WindowCores]]:
+def window_batches(todo: Sequence[PendingCore], cores: int) -> list[list[WindowCores]]:
     """The windows that ``todo``'s cores need, each once with its cores, in batches of one window shape
     (edge windows are smaller) holding about ``cores`` cores (at least one window), in scan order."""
     by_window: dict[tuple[int, int, int, int], WindowCores] = {}

@@ -18,7 +18,7 @@ from pipeline.engine.plan import CoreDone
 from pipeline.engine.scenes import ComputeRun, PlannedScene, StagedScene
 from pipeline.engine.workers import WindowSpec
 from pipeline.ray.actor_pools import ActorPools
-from pipeline.ray.scheduler import run_tiles, scene_context_sums
+from pipeline.ray.scheduler import CoreScheduler, scene_context_sums
 from pipeline.ray.session import KeptActors, RunStats, kept_actors, ray_session
 from pipeline.ray.storage import StorageCheck
 
@@ -97,7 +97,7 @@ class RayPass(CorePass):
 
     def compute_cores(self, staged: StagedScene, spec: WindowSpec, on_core: CoreDone) -> ComputeRun:
         options = self.compute.options
-        cores = run_tiles(
+        cores = CoreScheduler(
             self.compute.ray,
             self.image,
             staged.todo,
@@ -108,7 +108,7 @@ class RayPass(CorePass):
             on_core=on_core,
             stats=self.stats,
             before_work=self.storage.result,
-        )
+        ).run()
         return ComputeRun(
             cores=cores,
             runtimes=self.stats.runtimes,

@@ -78,6 +78,13 @@ def process_name(pid: int) -> str:
         return ""
 
 
+# Every node of this cluster shares one host, so nodes unpack a job's working dir into the same place: a
+# worker process that starts while another node unpacks it again can die before it registers, and its
+# raylet waits Ray's registration timeout (60 s) before it starts another. Machines of a real cluster
+# unpack their own copies; here the wait is cut to what a healthy worker needs to register.
+NODE_ENV = {"RAY_worker_register_timeout_seconds": "10"}
+
+
 @dataclass
 class RayNode:
     name: str
@@ -168,6 +175,25 @@ class LocalRayCluster:
         self.nodes.append(node)
         return node
 
+    def restore(self, timeout: float = 120.0) -> None:
+        """Every worker node of ``workers`` live again after a test killed or stopped some: each such node's
+        leftovers are stopped and the node started afresh under its name (a new Ray node), one at a time
+        (nodes starting together race for ports). Nodes a caller added beyond ``workers`` are its to stop."""
+        names = [f"worker{index + 1}" for index in range(len(self.workers))]
+        lost = [node for node in self.nodes if node.name in names and not self._running(node)]
+        live = 1 + len(self.workers) - len(lost)
+        for node in lost:
+            _signal_group(node.pgid, signal.SIGKILL)
+            node.process.wait(timeout=30)
+            self.nodes.remove(node)
+            self.add_worker(node.name, self.workers[names.index(node.name)])
+            live += 1
+            self.wait_for_nodes(live, timeout)
+
+    @staticmethod
+    def _running(node: RayNode) -> bool:
+        return not node.gone and node.process.poll() is None and node.raylet_pid() is not None
+
     def stop_node(self, name: str, grace: float = 20.0) -> None:
         node = next(n for n in self.nodes if n.name == name)
         node.gone = True
@@ -202,7 +228,7 @@ class LocalRayCluster:
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 command,
-                env=self.client_env(),
+                env=self.client_env() | NODE_ENV,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

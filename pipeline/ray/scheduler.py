@@ -85,37 +85,16 @@ class _Upkeep:
         self.starved_since = None
 
 
-def run_tiles(
-    ray: Any,
-    image: Any,
-    todo: list[PendingCore],
-    ledger: Ledger,
-    spec: WindowSpec,
-    pools: ActorPools,
-    *,
-    max_in_flight: int | None = None,
-    on_core: CoreDone | None = None,
-    stats: RunStats | None = None,
-    node_wait_s: float = 120.0,
-    before_work: Callable[[], None] | None = None,
-) -> int:
-    """Compute every core in ``todo`` on the actors of ``pools`` (left running), each written to the ledger
-    when done.
+class CoreScheduler:
+    """One scene's cores through the model actors of ``pools`` (left running) and, when the CRF runs on its
+    own actors, the CRF actors: batches queued, sent as actors free up, their results taken as they come,
+    each finished core written to the ledger.
 
     Windows in flight are bounded (``max_in_flight``, else twice what the actors can hold). Work on an actor
     or node that is lost is resubmitted to the remaining ones; the cores written never depend on which node
     computed them. ``stats`` receives windows per node, losses and each actor's peak RSS. ``before_work`` runs
     once the first actors are being created, before any window is sent (a check that may refuse the run).
     """
-    if not todo:
-        return 0
-    scheduler = _CoreScheduler(ray, image, todo, ledger, spec, pools, stats or RunStats(), on_core)
-    return scheduler.run(max_in_flight, _Upkeep(pools, node_wait_s, before_work))
-
-
-class _CoreScheduler:
-    """One scene's cores through the model actors and, when the CRF runs on its own actors, the CRF actors:
-    batches queued, sent as actors free up, their results taken as they come; lost work sent again."""
 
     def __init__(
         self,
@@ -125,11 +104,17 @@ class _CoreScheduler:
         ledger: Ledger,
         spec: WindowSpec,
         pools: ActorPools,
-        stats: RunStats,
-        on_core: CoreDone | None,
+        *,
+        max_in_flight: int | None = None,
+        on_core: CoreDone | None = None,
+        stats: RunStats | None = None,
+        node_wait_s: float = 120.0,
+        before_work: Callable[[], None] | None = None,
     ) -> None:
         self.ray, self.image, self.todo, self.ledger, self.spec = ray, image, todo, ledger, spec
-        self.pools, self.stats, self.on_core = pools, stats, on_core
+        self.pools, self.stats, self.on_core = pools, stats or RunStats(), on_core
+        self.max_in_flight = max_in_flight
+        self.upkeep = _Upkeep(pools, node_wait_s, before_work)
         self.lost = lost_work_errors(ray)
         self.batches = window_batches(todo, spec.batch_size)
         self.queue = deque(range(len(self.batches)))  # batch indices: a lost batch is sent again whole
@@ -138,13 +123,12 @@ class _CoreScheduler:
         self.crf_jobs: dict[Any, _CRFJob] = {}
         self.finished = 0
 
-    def run(self, max_in_flight: int | None, upkeep: _Upkeep) -> int:
-        self.upkeep = upkeep
+    def run(self) -> int:
+        """Every core of ``todo`` computed and written; returns how many."""
+        upkeep, batch_size = self.upkeep, self.spec.batch_size
         while self.finished < len(self.todo):
             upkeep.tick()
-            self.send_windows(
-                max_in_flight or max(self.pools.capacity(self.spec.batch_size), self.spec.batch_size)
-            )
+            self.send_windows(self.max_in_flight or max(self.pools.capacity(batch_size), batch_size))
             self.send_crf_jobs()
             if not self.model_jobs and not self.crf_jobs:
                 upkeep.starving(self.starved_line)
