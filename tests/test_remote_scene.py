@@ -29,12 +29,12 @@ def test_a_scene_over_http_gives_the_local_mask(kampala: Path, buildings_model: 
     chip = folder / "chip.tif"
     shutil.copy(kampala_chip(kampala)[0], chip)
     options = SegmentOptions(engine="local", crf=False)
-    local = run_batch(chip, buildings_model, tmp_path / "local", options).results[str(chip)]
+    (local,) = run_batch(chip, buildings_model, tmp_path / "local", options).results.values()
     with serving(folder) as base:
         url = f"{base}/chip.tif"
         scene = describe(url)
         assert scene.path == url and scene.scene_id == "chip" and scene.crs is not None
         assert source_sha256(url) == Manifest(tmp_path).checksum(url) == local.report.input_sha256
-        remote = run_batch(url, buildings_model, tmp_path / "remote", options).results[url]
+        (remote,) = run_batch(url, buildings_model, tmp_path / "remote", options).results.values()
     assert remote.report.scene == url
     assert remote.mask.read_bytes() == local.mask.read_bytes()

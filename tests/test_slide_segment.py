@@ -58,7 +58,7 @@ def _levels(path: Path) -> tuple[tuple[tuple[int, int], ...], float, np.ndarray]
 @pytest.mark.slow
 def test_cmu_slide_end_to_end(cmu_slide: Path, slide_model: Path, tmp_path: Path) -> None:
     options = SegmentOptions(engine="local", crf=False, vectorize=True, ome_zarr=True)
-    result = run_batch(cmu_slide, slide_model, tmp_path, options).results[str(cmu_slide)]
+    (result,) = run_batch(cmu_slide, slide_model, tmp_path, options).results.values()
     folder = tmp_path / "CMU-1-Small-Region"
     report = json.loads((folder / "report.json").read_text())
     scale = 0.499 / WORKING_MPP
