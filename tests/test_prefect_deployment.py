@@ -1,9 +1,11 @@
-"""`deeplab serve` + `prefect deployment run segment-scenes/nightly`, for real, three times.
+"""`deeplab serve` + `prefect deployment run segment-scenes/nightly`, for real, then the same flow twice more
+through `deeplab run-flow` against the same server.
 
 A real Prefect server (SQLite, free port, temporary PREFECT_HOME), the real work pool and worker, the
 deployments created from prefect.yaml by `prefect deploy`, and the real flow on Ray over two real scenes
-from ../shared/data plus a corrupt file. Then: a re-run skips both scenes (nothing staged, computed or
-rewritten), and after one input changes only that one is redone. Every process is stopped by its PID.
+from ../shared/data plus a corrupt file. Then, the flow function in a process of its own (no deployment, no
+worker): a re-run skips both scenes (nothing staged, computed or rewritten), and after one input changes
+only that one is redone. Every process is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -68,6 +70,17 @@ def _run_nightly(env: dict[str, str], incoming: Path) -> tuple[str, str]:
     match = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
     assert match, f"no flow run created:\n{done.stdout}\n{done.stderr}"
     return match.group(1), done.stdout
+
+
+def _run_flow(env: dict[str, str], incoming: Path, model: Path, out: Path, work: Path) -> str:
+    """`deeplab run-flow` on the server of ``env`` (PREFECT_API_URL): the flow in this new process, as
+    `make demo` runs it; returns the flow run's id, as the manifest records it."""
+    command = [sys.executable, "-m", "flows.cli", "run-flow", str(incoming), "--model", str(model)]
+    command += ["--out", str(out), "--work-dir", str(work), "--force-resolution"]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, f"the corrupt file fails the run:\n{done.stdout}\n{done.stderr}"
+    run_id: str = json.loads((out / "manifest.json").read_text())["runs"][-1]["flow_run_id"]
+    return run_id
 
 
 def _readback(env: dict[str, str], *run_ids: str) -> dict[str, Any]:
@@ -184,7 +197,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
         staged = _mtimes(out / ".work")
 
         # 2: nothing changed: both skipped, no byte rewritten, nothing staged or computed
-        second, _ = _run_nightly(env, incoming)
+        second = _run_flow(env, incoming, buildings_model, out, work)
         assert _readback(env, second)["runs"][second]["state"] == "FAILED"  # the corrupt file is still there
         outcomes = _last_run(out)
         assert outcomes["kampala"]["outcome"] == outcomes["landsat"]["outcome"] == "skipped"
@@ -195,7 +208,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
         with rasterio.open(chip, "r+") as dataset:
             pixels = dataset.read()
             dataset.write(255 - pixels)
-        third, _ = _run_nightly(env, incoming)
+        third = _run_flow(env, incoming, buildings_model, out, work)
         assert _readback(env, third)["runs"][third]["state"] == "FAILED"
         outcomes = _last_run(out)
         assert outcomes["kampala"]["outcome"] == "done"
