@@ -66,15 +66,29 @@ def test_config_hash_changes_with_results_not_with_runtime_options() -> None:
 
 def test_manifest_skips_only_current_complete_results(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
-    key = SceneKey("in", "ckpt", "cfg")
+    key = SceneKey(input_sha256="in", checkpoint_sha256="ckpt", config="cfg")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "mask.tif").write_bytes(b"m")
-    record = SceneRecord("/data/s.tif", "s", "done", key, outputs={"mask": "s/mask.tif"}, finished="t")
+    record = SceneRecord(
+        source="/data/s.tif",
+        scene_id="s",
+        outcome="done",
+        key=key,
+        outputs={"mask": "s/mask.tif"},
+        finished="t",
+    )
     assert manifest.current("/data/s.tif", key) is None
     manifest.record_scene(record)
     assert manifest.current("/data/s.tif", key) == record
-    assert manifest.current("/data/s.tif", SceneKey("changed", "ckpt", "cfg")) is None
-    manifest.record_scene(SceneRecord("/data/s.tif", "s", "failed", key, message="boom"))
+    assert (
+        manifest.current(
+            "/data/s.tif", SceneKey(input_sha256="changed", checkpoint_sha256="ckpt", config="cfg")
+        )
+        is None
+    )
+    manifest.record_scene(
+        SceneRecord(source="/data/s.tif", scene_id="s", outcome="failed", key=key, message="boom")
+    )
     assert manifest.current("/data/s.tif", key) == record, "a failure never replaces the last good result"
     (tmp_path / "s" / "mask.tif").unlink()
     assert manifest.current("/data/s.tif", key) is None, "a deleted output is redone"
@@ -147,13 +161,20 @@ def test_ray_workers_get_the_server_url(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_batch_table_and_artifact_keys(tmp_path: Path) -> None:
-    key = SceneKey("i", "c", "f")
+    key = SceneKey(input_sha256="i", checkpoint_sha256="c", config="f")
+    tiles = {"computed": 3, "skipped": 1, "resumed": 0}
     records = [
+        SceneRecord(source="/a.tif", scene_id="a", outcome="done", key=key, tiles=tiles, seconds=2.5),
         SceneRecord(
-            "/a.tif", "a", "done", key, tiles={"computed": 3, "skipped": 1, "resumed": 0}, seconds=2.5
+            source="/b.tif",
+            scene_id="b",
+            outcome="skipped",
+            key=key,
+            message="unchanged since t",
+            tiles={"computed": 0},
+            seconds=0.0,
         ),
-        SceneRecord("/b.tif", "b", "skipped", key, "unchanged since t", tiles={"computed": 0}, seconds=0.0),
-        SceneRecord("/c.tif", "c", "failed", message="/c.tif: not a | raster"),
+        SceneRecord(source="/c.tif", scene_id="c", outcome="failed", message="/c.tif: not a | raster"),
     ]
     table = batch_table(records, {"/a.tif": {"background": 20000.0, "building": 5000.0}})
     assert "| a | done | 3 / 1 / 0 | background 2.00 ha, building 0.50 ha | 2.5 |" in table

@@ -209,7 +209,11 @@ class Batch:
         plan = plan_scene(scene, self.checkpoint.metadata, self.options, self.out_dir)
         progress.stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
         checksum = self.manifest.checksum(source, keep=keep_checksum)
-        key = SceneKey(checksum, self.checkpoint.sha256, config_hash(as_planned(self.options, plan)))
+        key = SceneKey(
+            input_sha256=checksum,
+            checkpoint_sha256=self.checkpoint.sha256,
+            config=config_hash(as_planned(self.options, plan)),
+        )
         previous = self.manifest.current(str(source), key)
         if previous is not None:
             progress.stage(
@@ -264,15 +268,14 @@ class Batch:
         report, planned = published.report, computed.staged.planned
         outputs = {name: str(Path(planned.name) / file) for name, file in report.outputs.items()}
         record = SceneRecord(
-            str(planned.source),
-            planned.name,
-            "done",
-            planned.key,
-            "",
-            outputs,
-            report.tiles.model_dump(),
-            report.total_seconds,
-            now_iso(),
+            source=str(planned.source),
+            scene_id=planned.name,
+            outcome="done",
+            key=planned.key,
+            outputs=outputs,
+            tiles=report.tiles.model_dump(),
+            seconds=report.total_seconds,
+            finished=now_iso(),
         )
         self.manifest.record_scene(record)
         write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
@@ -284,15 +287,15 @@ class Batch:
         assert previous is not None
         no_work = {"computed": 0, "skipped": 0, "resumed": 0}
         return SceneRecord(
-            str(planned.source),
-            planned.name,
-            "skipped",
-            planned.key,
-            f"unchanged since {previous.finished}",
-            previous.outputs,
-            no_work,
-            0.0,
-            now_iso(),
+            source=str(planned.source),
+            scene_id=planned.name,
+            outcome="skipped",
+            key=planned.key,
+            message=f"unchanged since {previous.finished}",
+            outputs=previous.outputs,
+            tiles=no_work,
+            seconds=0.0,
+            finished=now_iso(),
         )
 
     def failed(
@@ -306,7 +309,9 @@ class Batch:
 
     def refused(self, source: Source, line: str) -> SceneRecord:
         """A scene that did not run (or broke), with the line that says why."""
-        return SceneRecord(str(source), source_id(source), "failed", message=line, finished=now_iso())
+        return SceneRecord(
+            source=str(source), scene_id=source_id(source), outcome="failed", message=line, finished=now_iso()
+        )
 
     def record_run(
         self, records: list[SceneRecord], started: str, seconds: float, run_id: str | None = None

@@ -41,14 +41,14 @@ def config_hash(options: SegmentOptions) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SceneKey:
     input_sha256: str
     checkpoint_sha256: str
     config: str
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class SceneRecord:
     """One scene's outcome in one run."""
 

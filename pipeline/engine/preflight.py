@@ -17,7 +17,7 @@ from pipeline.io.resolution import GridRules
 from pipeline.io.sources import Scene
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreflightResult:
     scene: Scene
     problems: list[str] = field(default_factory=list)
@@ -50,4 +50,10 @@ def preflight(
         problems.append(f"has complex ({scene.dtype}) samples: convert them to real values first")
     rules = GridRules(allow_ungeoreferenced, match_resolution, force_resolution)
     grid = reader_of(scene).check(scene, metadata, rules)
-    return PreflightResult(scene, problems + grid.problems, grid.warnings, grid.scale, grid.mismatches)
+    return PreflightResult(
+        scene=scene,
+        problems=problems + grid.problems,
+        warnings=grid.warnings,
+        scale=grid.scale,
+        mismatches=grid.mismatches,
+    )

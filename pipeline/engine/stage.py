@@ -30,7 +30,7 @@ from pipeline.io.sources import (
 MARKER = "staged.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StagedStores:
     scene: Scene
     folder: Path
@@ -77,7 +77,7 @@ def stage_scene(
     path = scene.path
     checksum = checksum or source_sha256(path)
     folder = Path(work_dir) / scene.scene_id
-    staged = StagedStores(scene, folder, tile, checksum, scale)
+    staged = StagedStores(scene=scene, folder=folder, tile=tile, checksum=checksum, scale=scale)
     height_px, width_px = staged.shape
     attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile, "scale": scale}
     recorded = _current_marker(folder, attributes)

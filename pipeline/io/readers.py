@@ -120,7 +120,18 @@ class SlideReader(SceneReader):
         info = describe_slide(source, mpp)
         width, height = info.level_dimensions[0]
         return Scene(
-            Path(source), height, width, 3, "uint8", None, Affine.identity(), None, True, 8, info, self.format
+            path=Path(source),
+            height=height,
+            width=width,
+            bands=3,
+            dtype="uint8",
+            crs=None,  # slide pixels are not on the Earth
+            transform=Affine.identity(),
+            nodata=None,
+            has_mask=True,  # the tissue mask
+            bits=8,
+            slide=info,
+            format=self.format,
         )
 
     @contextmanager

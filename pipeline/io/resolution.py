@@ -35,7 +35,7 @@ class GridRules:
     force_resolution: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GridCheck:
     """What a reader found: problems refuse the scene, warnings are reported, ``scale`` is the grid."""
 
@@ -92,7 +92,7 @@ def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -
             "the checkpoint records no training pixel size: the scene's resolution could not be checked "
             "against the model's"
         )
-    return GridCheck(problems, warnings, scale, mismatches)
+    return GridCheck(problems=problems, warnings=warnings, scale=scale, mismatches=mismatches)
 
 
 def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
@@ -125,7 +125,7 @@ def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
                 f"level 0 is {scene.slide.level_mpp(0):.3g} µm/px, coarser than the model's {model_mpp:.3g}: "
                 "results may suffer"
             )
-    return GridCheck(problems, warnings, scale, mismatches)
+    return GridCheck(problems=problems, warnings=warnings, scale=scale, mismatches=mismatches)
 
 
 def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[str]:

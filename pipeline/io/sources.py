@@ -94,7 +94,7 @@ def source_sha256(source: Source) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scene:
     path: Source
     height: int
