@@ -42,6 +42,18 @@ def _require(path: Path) -> Path:
     return path
 
 
+CLUSTER_FIXTURES = {"ray_cluster", "ray_cluster_session"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the session's Ray cluster run last, one after another, in their order: the cluster starts
+    for the first of them and is stopped at the end of the session, so no other test runs beside it (the
+    cluster launcher's `ray down` stops every Ray process of the machine, and refuses to while another runs;
+    the exposure test looks at what the engine's own cluster listens on)."""
+    on_cluster = [item for item in items if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    items[:] = [item for item in items if item not in on_cluster] + on_cluster
+
+
 @pytest.fixture(scope="session")
 def ray_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The one multi-node Ray cluster of the session (tests take it through ``ray_cluster``): a head

@@ -20,6 +20,10 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
 def _listening(pids: set[int]) -> list[tuple[int, str, str, int]]:
     """(pid, process name, address, port) of every listening TCP socket of these processes."""
     found = []
@@ -62,6 +66,9 @@ def test_the_engine_cluster_listens_on_loopback_only_and_refuses_clients_without
     # a user's RAY_AUTH_MODE=disabled is overridden, loudly: the cluster keeps its token
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     work = tmp_path_factory.mktemp("ex")
+    already = (
+        _children()
+    )  # processes this test did not start (another fixture's cluster, say) are not its own
     with pytest.warns(UserWarning, match="RAY_AUTH_MODE=disabled is ignored"):
         session = ray_session(work / ".work", num_cpus=2)
         ray = session.__enter__()
@@ -72,7 +79,7 @@ def test_the_engine_cluster_listens_on_loopback_only_and_refuses_clients_without
         # system's temp dir, with its owner recorded for a later run's clean-up
         owner = temp_dir / RAY_OWNER
         assert temp_dir.is_relative_to(work) or owner.read_text().startswith(f"{work}\n{os.getpid()}")
-        started = {child.pid for child in psutil.Process().children(recursive=True)} | {os.getpid()}
+        started = (_children() - already) | {os.getpid()}
         sockets = _listening(started)
         assert len(sockets) >= 5, sockets  # GCS, raylet, object manager, agents, workers
         exposed = [entry for entry in sockets if not _is_loopback(entry[2])]

@@ -3,9 +3,10 @@ through `deeplab run-flow` against the same server.
 
 A real Prefect server (SQLite, free port, temporary PREFECT_HOME), the real work pool and worker, the
 deployments created from prefect.yaml by `prefect deploy`, and the real flow on Ray over two real scenes
-from ../shared/data plus a corrupt file. Then, the flow function in a process of its own (no deployment, no
-worker): a re-run skips both scenes (nothing staged, computed or rewritten), and after one input changes
-only that one is redone. Every process is stopped by its PID.
+from ../shared/data plus a corrupt file, through the tiny model with the building model's metadata. Then
+the flow function in a process of its own (no deployment, no worker): a re-run skips both scenes (nothing
+staged, computed or rewritten), and after one input changes only that one is redone. Every process is
+stopped by its PID.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _run_flow(env: dict[str, str], incoming: Path, model: Path, out: Path, work:
     """`deeplab run-flow` on the server of ``env`` (PREFECT_API_URL): the flow in this new process, as
     `make demo` runs it; returns the flow run's id, as the manifest records it."""
     command = [sys.executable, "-m", "flows.cli", "run-flow", str(incoming), "--model", str(model)]
-    command += ["--out", str(out), "--work-dir", str(work), "--force-resolution"]
+    # --engine local: a runtime option, outside the result key, so these runs keep the deployment's keys
+    command += ["--out", str(out), "--work-dir", str(work), "--force-resolution", "--engine", "local"]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 1, f"the corrupt file fails the run:\n{done.stdout}\n{done.stderr}"
     run_id: str = json.loads((out / "manifest.json").read_text())["runs"][-1]["flow_run_id"]
@@ -132,7 +134,7 @@ def _check_mask(mask: Path, source: Path) -> None:
 
 @pytest.mark.slow
 def test_nightly_deployment_runs_skips_and_redoes(
-    kampala: Path, landsat: Path, buildings_model: Path, tmp_path: Path
+    kampala: Path, landsat: Path, tiny_buildings_model: Path, tmp_path: Path
 ) -> None:
     incoming = tmp_path / "incoming"
     incoming.mkdir()
@@ -146,7 +148,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
     log = tmp_path / "serve.log"
     serve_env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
     command = [sys.executable, "-m", "flows.cli", "serve", "--work-dir", str(work), "--port", str(port)]
-    command += ["--output", str(out), "--model", str(buildings_model), "--timezone", "Europe/Berlin"]
+    command += ["--output", str(out), "--model", str(tiny_buildings_model), "--timezone", "Europe/Berlin"]
     command += ["--options", '{"force_resolution": true}']  # the 300 m Landsat scene, the 7.5 cm model
     with open(log, "wb") as sink:
         serve = subprocess.Popen(
@@ -197,7 +199,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
         staged = _mtimes(out / ".work")
 
         # 2: nothing changed: both skipped, no byte rewritten, nothing staged or computed
-        second = _run_flow(env, incoming, buildings_model, out, work)
+        second = _run_flow(env, incoming, tiny_buildings_model, out, work)
         assert _readback(env, second)["runs"][second]["state"] == "FAILED"  # the corrupt file is still there
         outcomes = _last_run(out)
         assert outcomes["kampala"]["outcome"] == outcomes["landsat"]["outcome"] == "skipped"
@@ -208,7 +210,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
         with rasterio.open(chip, "r+") as dataset:
             pixels = dataset.read()
             dataset.write(255 - pixels)
-        third = _run_flow(env, incoming, buildings_model, out, work)
+        third = _run_flow(env, incoming, tiny_buildings_model, out, work)
         assert _readback(env, third)["runs"][third]["state"] == "FAILED"
         outcomes = _last_run(out)
         assert outcomes["kampala"]["outcome"] == "done"

@@ -107,10 +107,10 @@ def _segment(scene: Path, model: Path, out: Path, *extra: str) -> int:
 
 @pytest.mark.slow
 def test_landsat_scene_keeps_georeferencing_and_nodata(
-    landsat: Path, buildings_model: Path, tmp_path: Path
+    landsat: Path, tiny_buildings_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    assert _segment(landsat, buildings_model, out) == 0
+    assert _segment(landsat, tiny_buildings_model, out) == 0
     mask_path = out / "RGB.byte" / "mask.tif"
     with rasterio.open(landsat) as source, rasterio.open(mask_path) as mask:
         assert mask.crs == source.crs and mask.crs.to_epsg() == 32618
@@ -140,18 +140,18 @@ def test_landsat_scene_keeps_georeferencing_and_nodata(
     # Running again skips the unchanged scene: its outputs are left as they are.
     before = mask_path.read_bytes()
     stamp = mask_path.stat().st_mtime_ns
-    assert _segment(landsat, buildings_model, out) == 0
+    assert _segment(landsat, tiny_buildings_model, out) == 0
     assert mask_path.stat().st_mtime_ns == stamp
     # With an output gone, the scene is published again from its ledger: nothing is computed, same bytes.
     mask_path.unlink()
-    assert _segment(landsat, buildings_model, out) == 0
+    assert _segment(landsat, tiny_buildings_model, out) == 0
     again = json.loads((out / "RGB.byte" / "report.json").read_text())
     assert again["tiles"]["computed"] == 0 and again["tiles"]["resumed"] == report["tiles"]["computed"]
     assert mask_path.read_bytes() == before
 
     # The local engine runs the same workers in one process: the same mask, byte for byte.
     local = tmp_path / "local"
-    assert _segment(landsat, buildings_model, local, "--engine", "local") == 0
+    assert _segment(landsat, tiny_buildings_model, local, "--engine", "local") == 0
     assert (local / "RGB.byte" / "mask.tif").read_bytes() == before
 
 
@@ -186,7 +186,7 @@ def test_scene_context_is_computed_once_and_shared_by_both_engines(
 
 @pytest.mark.slow
 def test_a_batch_shares_its_actors_and_a_bad_scene_does_not_stop_it(
-    landsat: Path, buildings_model: Path, tmp_path: Path
+    landsat: Path, tiny_buildings_model: Path, tmp_path: Path
 ) -> None:
     """The scenes of one `deeplab segment` share the session's actors (one model load for the batch); a scene
     that fails is reported, the others are published, the exit code says something failed."""
@@ -197,7 +197,7 @@ def test_a_batch_shares_its_actors_and_a_bad_scene_does_not_stop_it(
     second.write_bytes(landsat.read_bytes())
     broken.write_text("not a GeoTIFF")
     out = tmp_path / "out"
-    command = ["segment", str(first), str(broken), str(second), "--model", str(buildings_model)]
+    command = ["segment", str(first), str(broken), str(second), "--model", str(tiny_buildings_model)]
     command += ["--force-resolution"]
     assert main([*command, "--out", str(out), "--tile", "256", "--halo", "32", "--no-crf"]) != 0
     reports = [json.loads((out / name / "report.json").read_text()) for name in ("a", "b")]
