@@ -62,8 +62,11 @@ def ray_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
 
     root = Path(tmp_path_factory.mktemp("rc", numbered=True))  # short: Ray's socket paths fit 107 bytes
-    with LocalRayCluster(root, workers=[{"cpus": 1}, {"cpus": 1}]) as running:
+    running = LocalRayCluster(root, workers=[{"cpus": 1}, {"cpus": 1}]).start()
+    try:
         yield running
+    finally:
+        running.stop(grace=5.0)  # what a node's processes did not finish by then is killed: a test's cluster
     assert running.pids() == [], "every process of every node is stopped"
     assert not processes_mentioning(str(root)), "nothing of the cluster is left running"
 

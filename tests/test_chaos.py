@@ -7,7 +7,6 @@ many as anyone wants: ``python -m bench.chaos``."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -86,28 +85,26 @@ def test_two_runs_into_one_folder_take_turns_and_no_wait_refuses(
 
 @pytest.mark.slow
 def test_a_driver_killed_alone_takes_its_ray_cluster_with_it(
-    data_dir: Path, buildings_model: Path, tmp_path: Path
+    crash_reference: tuple[Path, bytes], tiny_buildings_model: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL to the driver alone (not its process group): the engine's own Ray processes exit with it,
-    and the next run removes its Ray temp dir and resumes the cores it recorded."""
+    """The driver alone crashed (SIGKILL to it, not its process group) while its own local Ray cluster
+    computes: the engine's Ray processes exit with it, and the next run removes its Ray temp dir and resumes
+    the cores it recorded, to the mask of the uninterrupted (in-process) run."""
     from pipeline.ray.local_cluster import processes_mentioning
 
-    scene = scene_crop(data_dir, tmp_path / "in" / "scene.tif")
+    scene, expected = crash_reference
     out = tmp_path / "o"
-    on_ray = [arg if arg != "local" else "ray" for arg in segment_argv(scene, buildings_model, out)]
-    run = Watched.start(on_ray)
-    run.wait_for("cores (")
-    os.kill(run.process.pid, signal.SIGKILL)
-    run.process.wait()
+    on_ray = [arg if arg != "local" else "ray" for arg in segment_argv(scene, tiny_buildings_model, out)]
+    crashed = Watched.start(on_ray, env={CRASH_ENV: "ledger-core:5"})
+    assert crashed.process.wait(timeout=300) == -signal.SIGKILL, crashed.text()
     deadline = time.monotonic() + 60
     while processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not processes_mentioning(str(out)), "no Ray process outlives its driver"
     assert ray_dirs(out), "its Ray temp dir is left for the next run"
-    resumed = subprocess.run(segment_argv(scene, buildings_model, out), capture_output=True, text=True)
+    resumed = subprocess.run(on_ray, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "leftover(s) of an interrupted run" in resumed.stdout + resumed.stderr
     assert not debris(out)
-    reference = subprocess.run(segment_argv(scene, buildings_model, tmp_path / "ref"), capture_output=True)
-    assert reference.returncode == 0
-    assert (out / "scene" / "mask.tif").read_bytes() == (tmp_path / "ref" / "scene" / "mask.tif").read_bytes()
+    assert json.loads((out / "scene" / "report.json").read_text())["tiles"]["resumed"] == 5
+    assert (out / "scene" / "mask.tif").read_bytes() == expected, "the Ray engine's mask is the local one's"
