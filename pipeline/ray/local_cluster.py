@@ -81,8 +81,9 @@ def process_name(pid: int) -> str:
 # Every node of this cluster shares one host, so nodes unpack a job's working dir into the same place: a
 # worker process that starts while another node unpacks it again can die before it registers, and its
 # raylet waits Ray's registration timeout (60 s) before it starts another. Machines of a real cluster
-# unpack their own copies; here the wait is cut to what a healthy worker needs to register.
-NODE_ENV = {"RAY_worker_register_timeout_seconds": "10"}
+# unpack their own copies; here the wait is cut to a few times what a healthy worker needs to register
+# (about 2 s; a slower one is started again, not failed).
+NODE_ENV = {"RAY_worker_register_timeout_seconds": "5"}
 
 
 @dataclass
