@@ -110,8 +110,9 @@ class Batch:
         progress: Progress | None = None,
     ) -> None:
         self.out_dir = output_folder(out_dir)  # a file named as --out is a usage error, said at once
+        self.work_dir = self.out_dir / WORK_NAME  # staging, ledgers, ONNX exports, the run's Ray temp dir
         self.checkpoint = checkpoint
-        self.options = _for_output_folder(options, self.out_dir)
+        self.options = _for_output_folder(options, self.work_dir)
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir)
 
@@ -119,7 +120,7 @@ class Batch:
     def hold(self) -> Iterator[Batch]:
         """The run's hold on its output folder: waits for (or, with ``--no-wait``, refuses) another run
         writing there, then removes what dead runs left behind. Stages run inside it."""
-        folder = self.out_dir.name or str(self.out_dir)
+        folder = self._folder_name
         with output_lock(
             self.out_dir, self.options.wait, lambda line: self.progress.stage(folder, "waiting", line)
         ):
@@ -151,8 +152,7 @@ class Batch:
                 else:
                     planned.append(checked)
             needed = any(scene.unchanged_since is None for scene in planned)
-            work_dir = self.out_dir / WORK_NAME
-            with compute_for(self.options, work_dir, needed, worker_env) as compute:
+            with compute_for(self.options, self.work_dir, needed, worker_env) as compute:
                 outcomes = runner.each(
                     lambda scene: self.run_scene(scene, compute, runner), planned, [p.name for p in planned]
                 )
@@ -240,10 +240,11 @@ class Batch:
         check_fits(
             planned.source, plan.shape, scene.bands, scene.dtype, self.out_dir, self.options.probabilities
         )
-        work_dir = self.out_dir / WORK_NAME
-        inside(self.out_dir, work_dir / planned.name)  # a symlinked work folder must not carry writes away
+        inside(
+            self.out_dir, self.work_dir / planned.name
+        )  # a symlinked work folder must not carry writes away
         progress.stage(planned.name, "stage")
-        stores = stage_scene(scene, work_dir, plan.tiling.tile, planned.checksum, plan.check.scale)
+        stores = stage_scene(scene, self.work_dir, plan.tiling.tile, planned.checksum, plan.check.scale)
         ledger = Ledger(
             stores.folder,
             _ledger_key(planned),
@@ -367,11 +368,11 @@ def run_batch(
     return Batch(out_dir, info, options, progress).run(inputs, worker_env=worker_env)
 
 
-def _for_output_folder(options: SegmentOptions, out_dir: Path) -> SegmentOptions:
+def _for_output_folder(options: SegmentOptions, work_dir: Path) -> SegmentOptions:
     """``options`` with what depends on the run's output folder filled in: where ONNX exports are kept."""
     if options.onnx_cache is not None:
         return options
-    return options.model_copy(update={"onnx_cache": str(onnx_cache(Path(out_dir) / WORK_NAME))})
+    return options.model_copy(update={"onnx_cache": str(onnx_cache(work_dir))})
 
 
 def _ledger_key(planned: PlannedScene) -> str:

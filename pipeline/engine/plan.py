@@ -121,9 +121,9 @@ def plan_scene(
     crf = (options.crf_params or metadata.crf) if use_crf else None
     tiling = resolve_tiling(metadata, options.tile, options.cores_per_window)
     multiscale = metadata.multiscale(options.scales, options.fuse)
+    scene_context = options.context == "scene" and has_image_pooling(metadata)  # else it changes nothing
     halo = options.halo
     if halo is None:
-        scene_context = options.context == "scene"
         halo = model_halo(
             metadata, crf.sigma_alpha if crf else None, tiling.tile, scene_context, min(multiscale.scales)
         )
@@ -138,7 +138,7 @@ def plan_scene(
         multiscale=multiscale,
         crf_backend=crf_backend(options) if crf else None,
         crf_reason=crf_reason,
-        scene_context=options.context == "scene" and has_image_pooling(metadata),
+        scene_context=scene_context,
     )
     if options.tile is None and (warning := window_warning(metadata, plan.window, options.context)):
         check.warnings.append(warning)
