@@ -49,6 +49,11 @@ class UnreadableScene(SceneError):
     """The scene is missing, or not a raster or slide its readers can open, or cannot be checksummed."""
 
 
+class UnreachableObject(UnreadableScene):
+    """A remote scene cannot be read: no credentials, access denied, no such object, or the store did not
+    answer within the bounded retries."""
+
+
 class UnsafeSceneId(SceneError):
     """The scene's id (its file stem) cannot name a folder under ``--out`` (empty, ``..``, a separator)."""
 

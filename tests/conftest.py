@@ -249,3 +249,25 @@ def resume_after_kill(
     assert report["tiles"]["resumed"] == 5
     assert report["tiles"]["computed"] == total - 5
     return reference / scene_id, out / scene_id
+
+
+@pytest.fixture(scope="session")
+def s3_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One moto S3 server for the session (its own process, a free loopback port)."""
+    from tests.s3_server import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_session: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
+    """The S3 server, with this test's process environment pointed at it as a user would point theirs
+    (``AWS_ENDPOINT_URL`` and keys), and a bucket of its own named after the test."""
+    for name, value in s3_session.environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    s3_session.create_bucket(bucket)
+    s3_session.bucket = bucket
+    return s3_session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_config_hash_changes_with_results_not_with_runtime_options() -> None:
 
 def test_manifest_skips_only_current_complete_results(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
-    key = SceneKey(input_sha256="in", checkpoint_sha256="ckpt", config="cfg")
+    key = SceneKey(input_identity="in", checkpoint_sha256="ckpt", config="cfg")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "mask.tif").write_bytes(b"m")
     record = SceneRecord(
@@ -82,7 +83,7 @@ def test_manifest_skips_only_current_complete_results(tmp_path: Path) -> None:
     assert manifest.current("/data/s.tif", key) == record
     assert (
         manifest.current(
-            "/data/s.tif", SceneKey(input_sha256="changed", checkpoint_sha256="ckpt", config="cfg")
+            "/data/s.tif", SceneKey(input_identity="changed", checkpoint_sha256="ckpt", config="cfg")
         )
         is None
     )
@@ -96,21 +97,23 @@ def test_manifest_skips_only_current_complete_results(tmp_path: Path) -> None:
     assert manifest.read()["runs"][0]["scenes"][0]["scene_id"] == "s"
 
 
-def test_manifest_checksum_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
+def test_manifest_identity_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
     scene = tmp_path / "in" / "s.tif"
     scene.parent.mkdir()
     scene.write_bytes(b"abc")
     manifest = Manifest(tmp_path / "out")
-    first = manifest.checksum(scene)
+    first = manifest.input_identity(scene)
     cached = manifest.read()["checksums"][str(scene)]
-    assert cached["sha256"] == first
-    # Same size and mtime: the cache answers without reading (a rewrite that keeps both is not seen).
+    assert first == f"sha256:{cached['sha256']}"
+    # Same size and mtime: the cache answers without reading (a rewrite that keeps both is not seen,
+    # unless the run verifies its inputs).
     stat = scene.stat()
     scene.write_bytes(b"xyz")
     os.utime(scene, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert manifest.checksum(scene) == first
+    assert manifest.input_identity(scene) == first
+    assert manifest.input_identity(scene, verify=True) == f"sha256:{hashlib.sha256(b'xyz').hexdigest()}"
     scene.write_bytes(b"abcd")
-    assert manifest.checksum(scene) != first
+    assert manifest.input_identity(scene) != first
 
 
 def test_unreadable_manifest_is_a_clear_error(tmp_path: Path) -> None:
@@ -161,7 +164,7 @@ def test_ray_workers_get_the_server_url(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_batch_table_and_artifact_keys(tmp_path: Path) -> None:
-    key = SceneKey(input_sha256="i", checkpoint_sha256="c", config="f")
+    key = SceneKey(input_identity="i", checkpoint_sha256="c", config="f")
     tiles = {"computed": 3, "skipped": 1, "resumed": 0}
     records = [
         SceneRecord(source="/a.tif", scene_id="a", outcome="done", key=key, tiles=tiles, seconds=2.5),

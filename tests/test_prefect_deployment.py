@@ -223,7 +223,7 @@ def test_nightly_deployment_runs_skips_and_redoes(
         }
         assert now["kampala/report.json"] != published["kampala/report.json"]
         report = json.loads((out / "kampala" / "report.json").read_text())
-        assert report["input_sha256"] == hashlib.sha256(chip.read_bytes()).hexdigest()
+        assert report["input_identity"] == "sha256:" + hashlib.sha256(chip.read_bytes()).hexdigest()
     finally:
         _stop(serve)
     assert serve.returncode == 0, log.read_text()[-4000:]

@@ -18,7 +18,7 @@ def test_landsat_is_staged_exactly_with_its_nodata_mask(landsat: Path, tmp_path:
         np.testing.assert_array_equal(valid[:], source.dataset_mask() > 0)
     assert 0 < count_valid(staged) < 791 * 718  # the rotated footprint leaves a nodata collar
     marker = json.loads((staged.folder / MARKER).read_text())
-    assert marker["checksum"] == staged.checksum and marker["tile"] == 256
+    assert marker["input"] == staged.input_identity and marker["tile"] == 256
     assert not list(staged.folder.glob(".staging*"))
 
 

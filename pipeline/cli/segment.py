@@ -53,6 +53,9 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     failures = 0
     refusals: set[str] = set()
     for planned in Batch(out, checkpoint_info(Path(model)), options).plan(scenes):
+        if isinstance(planned, SceneRecord) and planned.outcome == "skipped":
+            console.print(f"{planned.source}: {planned.message}: a run would skip it", highlight=False)
+            continue
         if isinstance(planned, SceneRecord):
             failures += 1
             if planned.message not in refusals:  # one line for the scenes of one id clash
@@ -60,8 +63,6 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
             refusals.add(planned.message)
             continue
         lines = planned.plan.describe(count_nodata_cores(planned.scene, planned.plan))
-        if planned.unchanged_since is not None:
-            lines.append(f"  unchanged since {planned.unchanged_since.finished}: a run would skip it")
         for line in lines:
             table_console().print(line, highlight=False, soft_wrap=True)
     return 1 if failures else 0

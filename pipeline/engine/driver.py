@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from deeplab_common.errors import UnsafeSceneId
+from deeplab_common.errors import UnreadableScene, UnsafeSceneId
 from models.checkpoint import CheckpointInfo, checkpoint_info
 from models.runtime import onnx_cache
 from pipeline.engine.compute import Compute, compute_for
@@ -40,7 +40,7 @@ from pipeline.engine.stage import stage_scene
 from pipeline.io.discover import discover_scenes, refused_scenes
 from pipeline.io.index_page import write_index_page
 from pipeline.io.readers import describe
-from pipeline.io.sources import Source, scene_id_problem, source_id
+from pipeline.io.sources import Source, local_file_problem, scene_id_problem, source_id
 from pipeline.io.stac import write_catalog
 
 CATALOG_TITLE = "deeplab-pipeline outputs"
@@ -151,8 +151,7 @@ class Batch:
                     records[source] = checked
                 else:
                     planned.append(checked)
-            needed = any(scene.unchanged_since is None for scene in planned)
-            with compute_for(self.options, self.work_dir, needed, worker_env) as compute:
+            with compute_for(self.options, self.work_dir, bool(planned), worker_env) as compute:
                 outcomes = runner.each(
                     lambda scene: self.run_scene(scene, compute, runner), planned, [p.name for p in planned]
                 )
@@ -167,7 +166,7 @@ class Batch:
 
     def plan(self, inputs: str | Path | Sequence[str | Path]) -> list[PlannedScene | SceneRecord]:
         """The dry run: every scene of ``inputs`` discovered and preflighted as ``run`` would, writing nothing
-        (input checksums are taken from the manifest's cache, or computed and not kept). Refused scenes come
+        (input identities are taken from the manifest's cache, or computed and not kept). Refused scenes come
         back as their failed records."""
         found, refused = self.discover(inputs)
         runner = StageRunner(self.progress)
@@ -176,8 +175,6 @@ class Batch:
 
     def run_scene(self, planned: PlannedScene, compute: Compute, runner: StageRunner) -> SceneOutcome:
         """One planned scene through stage -> compute -> publish; any failure is the scene's record."""
-        if planned.unchanged_since is not None:
-            return SceneOutcome(record=self.skipped(planned))
         stage: StageName = "stage"
         try:
             staged = runner.stage(
@@ -199,34 +196,43 @@ class Batch:
         refused = refused_scenes(scenes)
         return [scene for scene in scenes if scene not in refused], refused
 
-    def preflight(self, source: Source, progress: Progress, keep_checksum: bool = True) -> PlannedScene:
+    def preflight(
+        self, source: Source, progress: Progress, keep_identity: bool = True
+    ) -> PlannedScene | SceneRecord:
         """Check the scene against the checkpoint (raises on problems), plan it on the free space of the
-        output folder, key it, and find whether it is unchanged since its last published result."""
+        output folder, key it, and find whether it is unchanged since its last published result.
+
+        A scene whose identity, checkpoint and options are those of its published result is skipped before
+        it is even opened (its skipped record comes back): a nightly run over unchanged remote scenes costs
+        one HEAD request each."""
         clock = time.perf_counter()
         if problem := scene_id_problem(source):  # refused in discovery already; here for direct callers
             raise UnsafeSceneId(f"{source}: {problem}")
+        if isinstance(source, Path) and (problem := local_file_problem(source)):
+            raise UnreadableScene(f"{source}: {problem}")
+        identity = self.manifest.input_identity(source, keep=keep_identity, verify=self.options.verify_inputs)
+        requested = config_hash(self.options)
+        if (
+            previous := self.manifest.unchanged(str(source), identity, self.checkpoint.sha256, requested)
+        ) is not None:
+            return self.skipped(source, previous, progress)
         scene = describe(source, self.options.mpp)
         plan = plan_scene(scene, self.checkpoint.metadata, self.options, self.out_dir)
         progress.stage(scene.scene_id, "preflight", "; ".join(plan.check.warnings))
-        checksum = self.manifest.checksum(source, keep=keep_checksum)
         key = SceneKey(
-            input_sha256=checksum,
+            input_identity=identity,
             checkpoint_sha256=self.checkpoint.sha256,
             config=config_hash(as_planned(self.options, plan)),
         )
-        previous = self.manifest.current(str(source), key)
-        if previous is not None:
-            progress.stage(
-                scene.scene_id, "unchanged", f"same key as the result of {previous.finished}: skipped"
-            )
+        if (previous := self.manifest.current(str(source), key)) is not None:
+            return self.skipped(source, previous, progress)
         return PlannedScene(
             source=source,
             scene=scene,
             checkpoint=self.checkpoint,
             plan=plan,
-            checksum=checksum,
+            input_identity=identity,
             key=key,
-            unchanged_since=previous,
             seconds=time.perf_counter() - clock,
         )
 
@@ -244,7 +250,7 @@ class Batch:
             self.out_dir, self.work_dir / planned.name
         )  # a symlinked work folder must not carry writes away
         progress.stage(planned.name, "stage")
-        stores = stage_scene(scene, self.work_dir, plan.tiling.tile, planned.checksum, plan.check.scale)
+        stores = stage_scene(scene, self.work_dir, plan.tiling.tile, planned.input_identity, plan.check.scale)
         ledger = Ledger(
             stores.folder,
             _ledger_key(planned),
@@ -273,6 +279,7 @@ class Batch:
             scene_id=planned.name,
             outcome="done",
             key=planned.key,
+            options=config_hash(self.options),
             outputs=outputs,
             tiles=report.tiles.model_dump(),
             seconds=report.total_seconds,
@@ -282,19 +289,16 @@ class Batch:
         write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
         return SceneOutcome(record=record, published=published)
 
-    def skipped(self, planned: PlannedScene) -> SceneRecord:
+    def skipped(self, source: Source, previous: SceneRecord, progress: Progress) -> SceneRecord:
         """An unchanged scene keeps its outputs, under its last record's."""
-        previous = planned.unchanged_since
-        assert previous is not None
-        no_work = {"computed": 0, "skipped": 0, "resumed": 0}
-        return SceneRecord(
-            source=str(planned.source),
-            scene_id=planned.name,
+        progress.stage(
+            source_id(source), "unchanged", f"same key as the result of {previous.finished}: skipped"
+        )
+        return replace(
+            previous,
             outcome="skipped",
-            key=planned.key,
             message=f"unchanged since {previous.finished}",
-            outputs=previous.outputs,
-            tiles=no_work,
+            tiles={"computed": 0, "skipped": 0, "resumed": 0},
             seconds=0.0,
             finished=now_iso(),
         )
@@ -379,7 +383,7 @@ def _ledger_key(planned: PlannedScene) -> str:
     """What makes a core's result: every input of its computation. A change to any starts the ledger over."""
     plan = planned.plan
     return result_key(
-        input=planned.checksum,
+        input=planned.input_identity,
         checkpoint=planned.checkpoint.sha256,
         tile=plan.tiling.tile,
         halo=plan.halo,

@@ -1,8 +1,10 @@
 """The output folder's manifest: every run's scenes, keys and outcomes, and what a re-run may skip.
 
-A scene's result is keyed by (input checksum, checkpoint sha256, config hash). A run skips a scene whose
+A scene's result is keyed by (input identity, checkpoint sha256, config hash). A run skips a scene whose
 last successful result has the same key and whose published files are all still there; anything else is
-redone. Input checksums are cached by (size, mtime): a nightly run does not re-read unchanged scenes.
+redone. A local input's identity is its sha256, cached by (size, mtime): a nightly run does not re-read
+unchanged scenes; a remote object's is its ETag (or version id) and size, from one HEAD request.
+``--verify-inputs`` hashes every input's whole content instead, ignoring the cache.
 
 The manifest is one JSON file, rewritten atomically under an exclusive lock, so concurrent runs into one
 output folder never lose each other's records.
@@ -23,7 +25,7 @@ from typing import Any, Literal
 from deeplab_common.atomic import write_text_atomically
 from deeplab_common.errors import UnreadableManifest
 from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_added, neutral_value
-from pipeline.io.sources import Source, source_sha256
+from pipeline.io.sources import Source, content_identity, source_identity, source_sha256
 
 MANIFEST_NAME = "manifest.json"
 
@@ -43,7 +45,7 @@ def config_hash(options: SegmentOptions) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class SceneKey:
-    input_sha256: str
+    input_identity: str  # ``sha256:...`` or a remote object's ``etag:...;size:...`` (see source_identity)
     checkpoint_sha256: str
     config: str
 
@@ -56,6 +58,7 @@ class SceneRecord:
     scene_id: str
     outcome: Outcome
     key: SceneKey | None = None
+    options: str = ""  # config_hash of the options as given: a re-run with the same ones skips unopened
     message: str = ""
     outputs: dict[str, str] | None = None  # name -> path relative to the output folder
     tiles: dict[str, int] | None = None
@@ -101,25 +104,31 @@ class Manifest:
             yield data
             write_text_atomically(self.path, json.dumps(data, indent=2))
 
-    def checksum(self, source: Source, keep: bool = True) -> str:
-        """The sha256, from the cache while size and mtime are unchanged (URLs are read every time); a new
-        one is kept in the cache unless ``keep`` is False (a dry run writes nothing)."""
+    def input_identity(self, source: Source, keep: bool = True, verify: bool = False) -> str:
+        """The scene's identity in its key. A local file's sha256 comes from the cache while its size and
+        mtime are unchanged, and a new one is kept there unless ``keep`` is False (a dry run writes
+        nothing); ``verify`` hashes the content whatever the cache says (remote objects too)."""
         if not isinstance(source, Path):
-            return source_sha256(source)
+            return source_identity(source, verify=verify)
         stat = source.stat()
         cached = self.read()["checksums"].get(str(source))
-        if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
-            return str(cached["sha256"])
+        if (
+            not verify
+            and cached
+            and cached["size"] == stat.st_size
+            and cached["mtime_ns"] == stat.st_mtime_ns
+        ):
+            return content_identity(str(cached["sha256"]))
         digest = source_sha256(source)
         if not keep:
-            return digest
+            return content_identity(digest)
         with self._locked() as data:
             data["checksums"][str(source)] = {
                 "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns,
                 "sha256": digest,
             }
-        return digest
+        return content_identity(digest)
 
     def current(self, source: str, key: SceneKey) -> SceneRecord | None:
         """The last successful record of ``source`` if it has this key and its outputs all exist."""
@@ -127,11 +136,27 @@ class Manifest:
         if entry is None:
             return None
         record = SceneRecord.from_json(entry)
-        if record.key != key or not record.outputs:
+        return record if record.key == key and self._outputs_exist(record) else None
+
+    def unchanged(
+        self, source: str, input_identity: str, checkpoint_sha256: str, options: str
+    ) -> SceneRecord | None:
+        """The last successful record of ``source`` if it came from this input, checkpoint and options (as
+        given, before planning) and its outputs all exist: the scene can be skipped without opening it."""
+        entry = self.read()["scenes"].get(source)
+        if entry is None:
             return None
-        if not all((self.out_dir / path).is_file() for path in record.outputs.values()):
+        record = SceneRecord.from_json(entry)
+        if record.key is None or record.options != options:
             return None
-        return record
+        if (record.key.input_identity, record.key.checkpoint_sha256) != (input_identity, checkpoint_sha256):
+            return None
+        return record if self._outputs_exist(record) else None
+
+    def _outputs_exist(self, record: SceneRecord) -> bool:
+        return bool(record.outputs) and all(
+            (self.out_dir / path).is_file() for path in (record.outputs or {}).values()
+        )
 
     def record_scene(self, record: SceneRecord) -> None:
         """Remember a scene's successful result (failures live in the run records only)."""

@@ -129,6 +129,12 @@ class SegmentOptions(BaseModel):
         description="when another run is writing into --out, wait for it to finish (--no-wait: refuse at "
         "once, exit code 3)",
     )
+    verify_inputs: bool = runtime_field(
+        False,
+        description="identify every input by a sha256 of its whole content: local files whatever their size "
+        "and mtime say, remote objects by reading every byte (default: the cached sha256 of a local file, "
+        "a remote object's ETag and size)",
+    )
     amp: bool = Field(True, description="mixed precision on CUDA")
     match_resolution: bool = Field(False, description="resample scenes to the model's training pixel size")
     force_resolution: bool = runtime_field(

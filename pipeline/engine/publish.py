@@ -97,7 +97,7 @@ def _publish_into(
         plan.shape,
         plan.check.scale,
         loaded.metadata.classes,
-        _provenance(loaded, options, plan, planned.checksum),
+        _provenance(loaded, options, plan, planned.input_identity),
         staged.stores.folder / "pyramid",
         staged.stores.image(),
     )
@@ -138,7 +138,7 @@ def _publish_into(
         windows=staged.windows,  # computed this run
     )
     details = _report(
-        publisher, publication, loaded, labels, options, plan, planned.checksum, timings, total, tiles
+        publisher, publication, loaded, labels, options, plan, planned.input_identity, timings, total, tiles
     )
     nonfinite = staged.stores.nonfinite
     if nonfinite:
@@ -173,7 +173,7 @@ def _report(
     labels: Any,
     options: SegmentOptions,
     plan: ScenePlan,
-    checksum: str,
+    input_identity: str,
     timings: dict[str, float],
     total: float,
     tiles: TileCounts,
@@ -190,7 +190,7 @@ def _report(
     class_pixels = per_row.sum(0)
     report = SceneReport(
         scene=str(scene.path),
-        input_sha256=checksum,
+        input_identity=input_identity,
         shape=[scene.height, scene.width],
         crs=scene.crs.to_string() if scene.crs else None,
         pixel_size_m=scene.pixel_size_m(),
@@ -246,14 +246,14 @@ def _item_facts(details: SceneReport, loaded: CheckpointInfo, plan: ScenePlan) -
             **({"crf_backend": details.crf_backend} if details.crf_backend else {}),
             "scales": details.scales,
             "tta": details.tta,
-            "input_sha256": details.input_sha256,
+            "input_identity": details.input_identity,
         },
         software_version=details.software_version,
     )
 
 
 def _provenance(
-    loaded: CheckpointInfo, options: SegmentOptions, plan: ScenePlan, checksum: str
+    loaded: CheckpointInfo, options: SegmentOptions, plan: ScenePlan, input_identity: str
 ) -> dict[str, str]:
     metadata = loaded.metadata
     return {
@@ -269,6 +269,6 @@ def _provenance(
         "DEEPLAB_SCALES": ",".join(f"{s:g}" for s in plan.multiscale.scales),
         "DEEPLAB_FUSE": plan.multiscale.fuse,
         "DEEPLAB_TTA": plan.tta,
-        "DEEPLAB_INPUT_SHA256": checksum,
+        "DEEPLAB_INPUT": input_identity,
         "DEEPLAB_VERSION": software_version(),
     }

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from models.checkpoint import CheckpointInfo
 from pipeline.engine.grid import PendingCore, count_windows
 from pipeline.engine.ledger import Ledger
-from pipeline.engine.manifest import SceneKey, SceneRecord
+from pipeline.engine.manifest import SceneKey
 from pipeline.engine.plan import ScenePlan
 from pipeline.engine.stage import StagedStores
 from pipeline.io.sources import Scene, Source
@@ -23,9 +23,10 @@ class PlannedScene:
     scene: Scene
     checkpoint: CheckpointInfo
     plan: ScenePlan
-    checksum: str  # the input's sha256
+    input_identity: (
+        str  # the input's sha256, or a remote object's ETag and size (``sources.source_identity``)
+    )
     key: SceneKey
-    unchanged_since: SceneRecord | None = None
     seconds: float  # the preflight's
 
     @property

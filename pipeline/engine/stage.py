@@ -2,7 +2,7 @@
 
 Chunks are the tile cores, so later reads of a core plus halo touch at most nine chunks and writes of one
 core never overlap another's. Memory is bounded by one chunk whatever the scene size. The stores are built
-under a temporary name and renamed into place, with a marker that records the input's checksum; staging
+under a temporary name and renamed into place, with a marker that records the input's identity; staging
 again with the same input and tile reuses them.
 """
 
@@ -24,7 +24,7 @@ from pipeline.io.sources import (
     Scene,
     Source,
     resampled_shape,
-    source_sha256,
+    source_identity,
 )
 
 MARKER = "staged.json"
@@ -35,7 +35,7 @@ class StagedStores:
     scene: Scene
     folder: Path
     tile: int
-    checksum: str
+    input_identity: str  # sources.source_identity
     scale: float = 1.0  # staged pixels per source pixel (--match-resolution)
     nonfinite: int = 0  # pixels with a NaN or infinite sample, staged as nodata
 
@@ -70,16 +70,25 @@ class StagedStores:
 
 
 def stage_scene(
-    path: Source | Scene, work_dir: Path | str, tile: int, checksum: str | None = None, scale: float = 1.0
+    path: Source | Scene,
+    work_dir: Path | str,
+    tile: int,
+    input_identity: str | None = None,
+    scale: float = 1.0,
 ) -> StagedStores:
     """Stage ``path`` (or an already described scene, e.g. a slide with its --mpp) on the grid ``scale``."""
     scene = path if isinstance(path, Scene) else describe(path)
     path = scene.path
-    checksum = checksum or source_sha256(path)
+    input_identity = input_identity or source_identity(path)
     folder = Path(work_dir) / scene.scene_id
-    staged = StagedStores(scene=scene, folder=folder, tile=tile, checksum=checksum, scale=scale)
+    staged = StagedStores(scene=scene, folder=folder, tile=tile, input_identity=input_identity, scale=scale)
     height_px, width_px = staged.shape
-    attributes: dict[str, Any] = {"source": str(path), "checksum": checksum, "tile": tile, "scale": scale}
+    attributes: dict[str, Any] = {
+        "source": str(path),
+        "input": input_identity,
+        "tile": tile,
+        "scale": scale,
+    }
     recorded = _current_marker(folder, attributes)
     if recorded is not None:
         return replace(staged, nonfinite=int(recorded.get("nonfinite", 0)))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from deeplab_common.errors import DataError
+from pipeline.io.objects import is_listing, is_object_url, list_objects
 from pipeline.io.slides import SLIDE_SUFFIXES
 from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
 
@@ -22,7 +23,9 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     raster is reported by its preflight rather than silently dropped (so is a listed scene that is
     missing). ``exclude`` (the output folder) is never searched by a folder or a glob; a file named in it
     explicitly is a scene like any other. A folder that does not exist is an error.
-    URLs (``s3://``, ``https://``...) are scenes as given: listing a bucket is left to the caller.
+    An object URL is a scene as given; a prefix (``s3://bucket/incoming/``) contributes its raster objects
+    as a folder does, and a glob (``s3://bucket/**/*.tif``) its matches; a listing that finds none is an
+    error, since a bucket has no folders to tell a wrong prefix by.
     """
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
     found: list[Path] = []
@@ -30,7 +33,9 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     remote: list[str] = []
     excluded = exclude.resolve() if exclude else None
     for entry in entries:
-        if is_remote(entry):
+        if is_object_url(entry) and is_listing(entry):
+            remote += _listed_rasters(entry)
+        elif is_remote(entry):
             remote.append(entry)
         elif _GLOB_CHARS & set(entry):
             matches = [Path(p) for p in glob.glob(entry, recursive=True)]
@@ -51,6 +56,19 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     unique |= {_absolute(p): None for p in named}
     unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
+
+
+def _listed_rasters(listing: str) -> list[str]:
+    """The raster objects of a remote prefix or glob (hidden names left out, as in a folder)."""
+    found = [
+        url
+        for url in list_objects(listing)
+        if PurePosixPath(url).suffix.lower() in RASTER_SUFFIXES
+        and not PurePosixPath(url).name.startswith(".")
+    ]
+    if not found:
+        raise DataError(f"{listing}: no raster objects (by suffix: {', '.join(sorted(RASTER_SUFFIXES))})")
+    return found
 
 
 def _inside(path: Path, folder: Path | None) -> bool:

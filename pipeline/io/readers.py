@@ -26,7 +26,6 @@ from pipeline.io.sources import (
     Scene,
     Source,
     as_source,
-    is_remote,
     local_file_problem,
     open_raster,
     sample_bits,
@@ -105,8 +104,8 @@ class GeoTiffReader(SceneReader):
 
 
 class SlideReader(SceneReader):
-    """A whole-slide image (SVS, NDPI, MRXS, ...) through tiffslide, OpenSlide as the fallback; the tissue
-    mask is its valid-data mask."""
+    """A whole-slide image (SVS, NDPI, MRXS, ...) through tiffslide, OpenSlide as the fallback (local files);
+    the tissue mask is its valid-data mask. A slide in a bucket is read in place by tiffslide."""
 
     format = "slide"
     publisher = SlidePublisher()
@@ -114,13 +113,13 @@ class SlideReader(SceneReader):
 
     @classmethod
     def accepts(cls, source: Source) -> bool:
-        return not is_remote(source) and is_slide(source)
+        return is_slide(source)
 
     def describe(self, source: Source, mpp: float | None = None) -> Scene:
         info = describe_slide(source, mpp)
         width, height = info.level_dimensions[0]
         return Scene(
-            path=Path(source),
+            path=as_source(source),
             height=height,
             width=width,
             bands=3,

@@ -46,7 +46,7 @@ class SceneReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     scene: str
-    input_sha256: str
+    input_identity: str  # sha256:... of the content, or a remote object's etag:...;size:...
     shape: list[int]
     crs: str | None
     pixel_size_m: float | None

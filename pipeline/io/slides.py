@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from deeplab_common.errors import SceneError, UnreadableScene
+from pipeline.io import objects
 
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"})
 # tifffile logs what it finds wrong in a file (a bad page offset) before raising, straight to the terminal;
@@ -31,7 +32,7 @@ _PROBE_PX = 16
 
 @dataclass(frozen=True)
 class SlideInfo:
-    path: Path
+    path: Path | str  # a local file, or an object URL
     reader: str  # "tiffslide" or "openslide": whichever decoded it
     level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level, as OpenSlide gives them
     level_downsamples: tuple[float, ...]
@@ -65,7 +66,7 @@ def is_slide(path: Path | str) -> bool:
     suffix = Path(str(path)).suffix.lower()
     if suffix in SLIDE_SUFFIXES:
         return True
-    if suffix not in {".tif", ".tiff"} or not Path(path).is_file():
+    if suffix not in {".tif", ".tiff"} or objects.is_object_url(path) or not Path(path).is_file():
         return False
     try:
         import tifffile
@@ -80,12 +81,19 @@ def is_slide(path: Path | str) -> bool:
 
 @contextmanager
 def open_slide(path: Path | str, prefer: str | None = None) -> Iterator[Any]:
-    """A tiffslide (or OpenSlide) object whose tiles were proven decodable; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableScene(f"{path}: slide does not exist")
+    """A tiffslide (or OpenSlide) object whose tiles were proven decodable; errors name the file.
+
+    A remote slide (``s3://...``) is read in place by tiffslide over fsspec (served by obstore), range by
+    range; OpenSlide reads local files only."""
+    remote = objects.is_object_url(path)
+    if remote:
+        objects.head(str(path))  # no credentials, access denied, no such object: said plainly first
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise UnreadableScene(f"{path}: slide does not exist")
     failures = []
-    for reader in _readers(prefer):
+    for reader in ["tiffslide"] if remote else _readers(prefer):
         try:
             slide = _open_with(reader, path)
         except Exception as exc:
@@ -110,12 +118,15 @@ def _readers(prefer: str | None) -> list[str]:
     return sorted(order, key=lambda name: name != prefer) if prefer else order
 
 
-def _open_with(reader: str, path: Path) -> Any:
+def _open_with(reader: str, path: Path | str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if reader == "tiffslide":
             import tiffslide
 
+            if isinstance(path, str):
+                url, storage_options = objects.fsspec_url(path)
+                return tiffslide.TiffSlide(url, storage_options=storage_options)
             return tiffslide.TiffSlide(path)
         import openslide
 
@@ -138,7 +149,7 @@ def describe_slide(path: Path | str, mpp: float | None = None) -> SlideInfo:
         properties = dict(slide.properties)
         found = _number(properties, "mpp-x")
         return SlideInfo(
-            path=Path(path),
+            path=path if objects.is_object_url(path) else Path(path),
             reader=reader,
             level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
             level_downsamples=tuple(float(d) for d in slide.level_downsamples),

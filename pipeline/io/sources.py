@@ -1,13 +1,13 @@
 """Sources and the one Scene type that describes them; rasters through rasterio/GDAL, blocks on a grid.
 
-A scene is a local path or a URL GDAL reads (``s3://``, ``gs://``, ``az://``, ``http(s)://``, or a
-``/vsi...`` path); URLs stay strings throughout, since ``Path`` would fold their ``//``.
+A scene is a local path or a URL read in place (``s3://``, ``gs://``, ``az://``, ``http(s)://``, or GDAL's
+``/vsis3/``-style paths: ``pipeline.io.objects``); URLs stay strings throughout, since ``Path`` would fold
+their ``//``.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import stat
@@ -29,8 +29,9 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from deeplab_common.digest import file_sha256
-from deeplab_common.errors import DataError, UnreadableScene
+from deeplab_common.errors import ConfigError, DataError, UnreadableScene
 from models.data import ground_pixel_size
+from pipeline.io import objects
 from pipeline.io.slides import SlideInfo
 
 Source = Path | str  # a local path, or a URL / GDAL virtual path (see is_remote)
@@ -71,27 +72,39 @@ def scene_id_problem(source: Source) -> str | None:
     return None
 
 
+def object_url(source: Source) -> objects.ObjectUrl | None:
+    """The object a remote source names (None for a local path, or a GDAL path such as ``/vsizip/``)."""
+    if not is_remote(source):
+        return None
+    try:
+        return objects.ObjectUrl.parse(str(source))
+    except ConfigError:
+        return None
+
+
 def source_sha256(source: Source) -> str:
-    """The sha256 of the scene's bytes; URLs are streamed through fsspec (``s3://`` needs ``s3fs``...)."""
+    """The sha256 of the scene's whole content (a remote object is streamed: every byte is read)."""
     if not is_remote(source):
         return file_sha256(Path(source))
-    text = str(source)
-    if text.startswith("/vsi"):
+    if object_url(source) is None:
         raise UnreadableScene(
-            f"{text}: GDAL virtual paths cannot be checksummed; give the URL (s3://, https://...)"
+            f"{source}: only files and object URLs (s3://, gs://, az://, https://, /vsis3/...) can be "
+            "identified; copy it out of the archive"
         )
-    import fsspec
+    return objects.sha256(str(source))
 
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(text, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except ImportError as exc:
-        raise UnreadableScene(f"{text}: reading it needs an fsspec filesystem package ({exc})") from None
-    except (OSError, ValueError) as exc:
-        raise UnreadableScene(f"{text}: cannot be read ({exc})") from None
-    return digest.hexdigest()
+
+def content_identity(sha256: str) -> str:
+    return f"sha256:{sha256}"
+
+
+def source_identity(source: Source, verify: bool = False) -> str:
+    """What a result of the scene is keyed by: a local file's content hash; a remote object's ETag (or
+    version id) and size, from one HEAD request, so a nightly run over unchanged objects reads none of
+    them; the content hash of either when ``verify``."""
+    if verify or not is_remote(source) or object_url(source) is None:
+        return content_identity(source_sha256(source))
+    return objects.head(str(source)).identity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,8 +152,17 @@ class Scene:
 GDAL_CACHE_MB = 256
 
 
-def gdal_env() -> rasterio.Env:
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+def gdal_env(source: Source | None = None) -> rasterio.Env:
+    """GDAL's settings for reading ``source``: a fixed block cache, and for a remote object the
+    credentials, retries and timeouts of ``objects.gdal_options``."""
+    remote = objects.gdal_options() if source is not None and is_remote(source) else {}
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **remote)
+
+
+def gdal_path(source: Source) -> Source:
+    """The path GDAL opens: an object URL as GDAL's ``/vsis3/``-style path; anything else as given."""
+    url = object_url(source)
+    return url.gdal_path if url is not None else source
 
 
 def local_file_problem(path: Path) -> str | None:
@@ -172,16 +194,17 @@ def open_raster(path: Source) -> Iterator[DatasetReader]:
     path = as_source(path)
     if isinstance(path, Path) and (problem := local_file_problem(path)):
         raise UnreadableScene(f"{path}: {problem}")
-    # a remote folder is not listed to look for sidecar files (a bucket listing can be huge and slow)
-    listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if isinstance(path, str) else {}
-    try:
-        with warnings.catch_warnings(), rasterio.Env(**listing):
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            dataset = rasterio.open(path)
-    except RasterioIOError as exc:
-        raise UnreadableScene(f"{path}: not a readable raster ({exc})") from None
-    with gdal_env(), dataset:
-        yield dataset
+    if object_url(path) is not None:
+        objects.head(str(path))  # no credentials, access denied, no such object: said plainly, before GDAL
+    with gdal_env(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                dataset = rasterio.open(gdal_path(path))
+        except RasterioIOError as exc:
+            raise UnreadableScene(f"{path}: not a readable raster ({exc})") from None
+        with dataset:
+            yield dataset
 
 
 def sample_bits(dataset: DatasetReader) -> int | None:

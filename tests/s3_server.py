@@ -1,0 +1,99 @@
+"""A real S3-API server for the tests: moto's server (``moto_server``) in its own process on a free loopback
+port, with the variables a user's run reads (``AWS_ENDPOINT_URL``, keys, region) to reach it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import obstore
+from obstore.store import S3Store
+
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    bucket: str = ""  # the current test's bucket (tests/conftest.py: s3)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What a client needs to reach this server, as a user sets it for their own endpoint."""
+        return KEYS | {"AWS_ENDPOINT_URL": self.endpoint}
+
+    def create_bucket(self, name: str) -> str:
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()  # moto accepts an unsigned CreateBucket
+        return f"s3://{name}"
+
+    def store(self, bucket: str) -> S3Store:
+        return S3Store(
+            bucket,
+            config={
+                "endpoint": self.endpoint,
+                "access_key_id": KEYS["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": KEYS["AWS_SECRET_ACCESS_KEY"],
+                "region": KEYS["AWS_REGION"],
+            },
+            client_options={"allow_http": True},
+        )
+
+    def upload(self, bucket: str, key: str, path: Path) -> str:
+        obstore.put(self.store(bucket), key, path.read_bytes())
+        return f"s3://{bucket}/{key}"
+
+
+@contextmanager
+def s3_server(log: Path) -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port until the block ends."""
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    port = free_port()
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(endpoint, process, log)
+        yield S3Server(endpoint, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_up(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s")

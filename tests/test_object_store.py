@@ -1,0 +1,156 @@
+"""Scenes read in place from an S3-API server (moto's, started on loopback): listings, identity by ETag, the
+same masks as local files, and one plain line for what goes wrong remotely."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from deeplab_common.errors import UnreachableObject
+from pipeline.engine.driver import run_batch
+from pipeline.engine.options import SegmentOptions
+from pipeline.io import objects
+from pipeline.io.discover import discover_scenes
+from pipeline.io.readers import describe
+from pipeline.io.sources import source_identity
+from tests.conftest import kampala_chip
+from tests.s3_server import free_port
+
+STEMS = ("OAM-1238456-1046532-21", "OAM-1238457-1046532-21")
+LOCAL = SegmentOptions(engine="local", crf=False)
+
+
+def test_object_urls_and_their_gdal_names() -> None:
+    url = objects.ObjectUrl.parse("s3://bucket/in/a.tif")
+    assert (url.bucket, url.key, url.gdal_path) == ("bucket", "in/a.tif", "/vsis3/bucket/in/a.tif")
+    assert objects.ObjectUrl.parse("/vsis3/bucket/in/a.tif") == url
+    assert objects.ObjectUrl.parse("/vsigs/b/k.tif").url == "gs://b/k.tif"
+    assert objects.ObjectUrl.parse("abfs://c/k.tif").gdal_path == "/vsiaz/c/k.tif"
+    https = objects.ObjectUrl.parse("/vsicurl/https://host/x/y.tif")
+    assert (https.base, https.key, https.gdal_path) == (
+        "https://host",
+        "x/y.tif",
+        "/vsicurl/https://host/x/y.tif",
+    )
+    assert not objects.is_object_url("/vsizip/a.zip/b.tif") and not objects.is_object_url("ftp://h/a.tif")
+    assert objects.is_listing("s3://b/in/") and objects.is_listing("s3://b/**/*.tif")
+    assert not objects.is_listing("s3://b/in/a.tif")
+
+
+def test_globs_match_as_in_a_shell() -> None:
+    deep = objects._glob_regex("in/**/*.tif")
+    assert deep.fullmatch("in/a.tif") and deep.fullmatch("in/2026/12/a.tif")
+    assert not deep.fullmatch("in/a.tiff") and not deep.fullmatch("out/a.tif")
+    flat = objects._glob_regex("in/scene-?[0-9].tif")
+    assert flat.fullmatch("in/scene-a1.tif") and not flat.fullmatch("in/x/scene-a1.tif")
+
+
+def test_gdal_gets_the_endpoint_under_its_own_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "acct")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    options = objects.gdal_options()
+    assert options["AWS_S3_ENDPOINT"] == "127.0.0.1:9000" and options["AWS_HTTPS"] == "NO"
+    assert options["AWS_VIRTUAL_HOSTING"] == "FALSE" and options["AZURE_STORAGE_ACCOUNT"] == "acct"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.org")  # the S3-only variable wins
+    assert objects.gdal_options()["AWS_S3_ENDPOINT"] == "s3.example.org"
+    assert objects.gdal_options()["AWS_HTTPS"] == "YES"
+    assert int(objects.gdal_options()["GDAL_HTTP_MAX_RETRY"]) == objects.MAX_RETRIES
+
+
+def _upload_chips(s3: object, kampala: Path, prefix: str) -> list[str]:
+    return [
+        s3.upload(s3.bucket, f"{prefix}{stem}.tif", kampala_chip(kampala, stem)[0])  # type: ignore[attr-defined]
+        for stem in STEMS
+    ]
+
+
+def test_a_prefix_and_a_glob_list_the_rasters(s3: object, kampala: Path, tmp_path: Path) -> None:
+    urls = _upload_chips(s3, kampala, "incoming/2026-12-01/")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a raster")
+    s3.upload(s3.bucket, "incoming/2026-12-01/notes.txt", notes)  # type: ignore[attr-defined]
+    s3.upload(s3.bucket, "incoming/top.tif", kampala_chip(kampala)[0])  # type: ignore[attr-defined]
+    bucket = f"s3://{s3.bucket}"  # type: ignore[attr-defined]
+    assert discover_scenes(f"{bucket}/incoming/2026-12-01/") == sorted(urls)
+    assert discover_scenes(f"{bucket}/incoming/") == [f"{bucket}/incoming/top.tif"]  # a folder's own files
+    assert discover_scenes(f"{bucket}/**/*-21.tif") == sorted(urls)
+    assert discover_scenes(f"/vsis3/{s3.bucket}/incoming/*.tif") == [f"/vsis3/{s3.bucket}/incoming/top.tif"]  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="no raster objects"):
+        discover_scenes(f"{bucket}/nothing-here/")
+
+
+def test_scenes_in_a_bucket_give_the_local_masks_and_skip_by_etag(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path
+) -> None:
+    urls = _upload_chips(s3, kampala, "in/")
+    local_folder = tmp_path / "local-in"
+    local_folder.mkdir()
+    for stem in STEMS:
+        shutil.copy(kampala_chip(kampala, stem)[0], local_folder)
+    local = run_batch(local_folder, tiny_buildings_model, tmp_path / "local", LOCAL)
+    remote = run_batch(f"s3://{s3.bucket}/in/", tiny_buildings_model, tmp_path / "remote", LOCAL)  # type: ignore[attr-defined]
+    assert [r.outcome for r in remote.records] == ["done", "done"]
+    for stem, url in zip(STEMS, urls, strict=True):
+        mine, theirs = tmp_path / "remote" / stem / "mask.tif", tmp_path / "local" / stem / "mask.tif"
+        with rasterio.open(mine) as a, rasterio.open(theirs) as b:
+            assert np.array_equal(a.read(), b.read()) and a.transform == b.transform and a.crs == b.crs
+        report = json.loads((tmp_path / "remote" / stem / "report.json").read_text())
+        assert report["scene"] == url and report["input_identity"].startswith("etag:")
+        assert report["input_identity"] == objects.head(url).identity
+    assert local.records[0].key is not None and local.records[0].key.input_identity.startswith("sha256:")
+
+    again = run_batch(f"s3://{s3.bucket}/in/", tiny_buildings_model, tmp_path / "remote", LOCAL)  # type: ignore[attr-defined]
+    assert [r.outcome for r in again.records] == ["skipped", "skipped"]
+
+    # the same key, new content: a new ETag, so the scene is redone, never taken for the old one
+    s3.upload(s3.bucket, f"in/{STEMS[0]}.tif", kampala_chip(kampala, "OAM-1238448-1046528-21")[0])  # type: ignore[attr-defined]
+    replaced = run_batch(f"s3://{s3.bucket}/in/", tiny_buildings_model, tmp_path / "remote", LOCAL)  # type: ignore[attr-defined]
+    assert [r.outcome for r in replaced.records] == ["done", "skipped"]
+
+
+def test_verify_inputs_hashes_the_whole_object(s3: object, kampala: Path) -> None:
+    (url, _) = _upload_chips(s3, kampala, "v/")
+    digest = __import__("hashlib").sha256(kampala_chip(kampala, STEMS[0])[0].read_bytes()).hexdigest()
+    assert source_identity(url, verify=True) == f"sha256:{digest}"
+    assert source_identity(url).startswith("etag:")
+
+
+def test_a_slide_in_a_bucket_is_read_in_place(s3: object, cmu_slide: Path) -> None:
+    url = s3.upload(s3.bucket, "slides/CMU-1-Small-Region.svs", cmu_slide)  # type: ignore[attr-defined]
+    remote, local = describe(url), describe(cmu_slide)
+    assert remote.format == "slide" and remote.path == url
+    assert remote.slide is not None and local.slide is not None
+    assert (
+        remote.slide.level_dimensions == local.slide.level_dimensions and remote.slide.mpp == local.slide.mpp
+    )
+    from pipeline.io.readers import open_blocks
+
+    with open_blocks(remote, 1.0) as far, open_blocks(local, 1.0) as near:
+        assert np.array_equal(far.read_block(512, 512, 256, 256), near.read_block(512, 512, 256, 256))
+
+
+def test_what_goes_wrong_remotely_is_one_line_naming_the_scene(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (good, _) = _upload_chips(s3, kampala, "ok/")
+    missing = f"s3://{s3.bucket}/ok/missing.tif"  # type: ignore[attr-defined]
+    no_bucket = "s3://no-such-bucket-here/x.tif"
+    batch = run_batch([good, missing, no_bucket], tiny_buildings_model, tmp_path / "out", LOCAL)
+    outcomes = {r.source: r for r in batch.records}
+    assert outcomes[good].outcome == "done"
+    for url in (missing, no_bucket):
+        line = outcomes[url].message.split(" (details:")[0]
+        assert outcomes[url].outcome == "failed" and url in line and "\n" not in line
+        assert "no such object" in line or "NoSuchBucket" in line or "not found" in line.lower()
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")  # moto checks no signature: deny by policy instead
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(UnreachableObject, match="did not answer") as refused:
+        objects.head(good)
+    assert good in str(refused.value) and "\n" not in str(refused.value)
