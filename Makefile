@@ -1,11 +1,14 @@
 # make demo: create .venv, install, segment the real Kampala scene (as published, EPSG:4326, and warped to its UTM
 #            zone, EPSG:32636) and the CMU-1 slide end to end with the segment-scenes Prefect flow (local Prefect
 #            server on SQLite under work/, local Ray cluster). bench/pins.py runs the same scenes and options.
+#            Without ../shared/data the inputs are fetched from their public origins first (sha256-pinned,
+#            `deeplab fetch-demo work/data`).
 # make test: create .venv, install, run ruff, mypy and the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data
+DATA ?= $(if $(wildcard ../shared/data/kampala-buildings),../shared/data,work/data)
+FETCHED := work/data
 DEMO_OUT ?= demo-out
 STAMP := $(VENV)/.installed
 DEMO_UTM := work/demo/kampala_utm36n.tif
@@ -20,11 +23,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO_UTM): $(STAMP)
+$(FETCHED)/kampala-buildings/scene/kampala_z21_rgb.tif $(FETCHED)/wsi/CMU-1-Small-Region.svs: | $(STAMP)
+	$(BIN)/deeplab fetch-demo $(FETCHED)
+
+$(DEMO_UTM): $(STAMP) $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif
 	mkdir -p $(dir $@)
 	$(BIN)/deeplab warp $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif --crs EPSG:32636 --out $@
 
-demo: $(STAMP) $(DEMO_UTM)
+demo: $(STAMP) $(DEMO_UTM) $(DATA)/wsi/CMU-1-Small-Region.svs
 	$(BIN)/deeplab run-flow $(DATA)/kampala-buildings/scene/kampala_z21_rgb.tif \
 		--model models/zoo/buildings-kampala.safetensors --out $(DEMO_OUT) --vectorize
 	$(BIN)/deeplab run-flow $(DEMO_UTM) \

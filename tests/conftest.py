@@ -37,7 +37,9 @@ def shared_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(
-            f"real data not available: {path} is absent (expected ../shared/data beside the checkout)"
+            f"real data not available: {path} is absent (expected ../shared/data beside the checkout, or "
+            "DEEPLAB_DATA; `deeplab fetch-demo DIR` fetches the demo's Kampala chips and scene and the CMU-1 "
+            "slide from their public origins into DIR: then run with DEEPLAB_DATA=DIR)"
         )
     return path
 

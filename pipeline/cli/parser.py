@@ -57,7 +57,3 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
 """`deeplab segment`: the batch driver over the scenes given, with the engine's options as flags; and
-`deeplab warp`, which puts a scene on a projected grid first."""
+`deeplab warp`, which puts a scene on a projected grid first, and `deeplab fetch-demo`, which fetches the
+demo's inputs where ../shared/data is absent."""
 
 from __future__ import annotations
 
@@ -92,6 +93,24 @@ def add_segment_command(commands: Any) -> None:
     warp.add_argument("--crs", required=True, help="the target CRS: EPSG:32636, a WKT or PROJ string")
     warp.add_argument("--out", type=Path, required=True, help="the GeoTIFF to write")
     warp.set_defaults(handler=_cmd_warp)
+
+    fetch = commands.add_parser(
+        "fetch-demo",
+        help="fetch the demo inputs from their public origins (sha256-pinned), assemble the Kampala scene",
+    )
+    fetch.add_argument("target", type=Path, help="folder to lay them out in, as ../shared/data is")
+    fetch.add_argument(
+        "--mirror", help="fetch <mirror>/<origin name>/<file> instead of each file's public origin"
+    )
+    fetch.set_defaults(handler=_cmd_fetch_demo)
+
+
+def _cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from pipeline.tools.fetch_demo import fetch_demo
+
+    for path in fetch_demo(args.target, args.mirror, progress=console.is_terminal):
+        console.print(f"ready: {path}", highlight=False, soft_wrap=True)
+    return 0
 
 
 def _cmd_warp(args: argparse.Namespace) -> int:
