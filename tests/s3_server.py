@@ -62,8 +62,10 @@ class S3Server:
 
 
 @contextmanager
-def s3_server(log: Path) -> Iterator[S3Server]:
-    """moto's S3 server on a free loopback port until the block ends."""
+def s3_server(log: Path, unauthenticated_actions: int | None = None) -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port until the block ends. With ``unauthenticated_actions``,
+    the server checks credentials after that many requests (moto's IAM knows no key: every signed request
+    is then refused with 403, as is an anonymous one)."""
     binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     port = free_port()
     with open(log, "wb") as output:
@@ -71,7 +73,13 @@ def s3_server(log: Path) -> Iterator[S3Server]:
             [binary, "-H", "127.0.0.1", "-p", str(port)],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=os.environ | {"MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+            env=os.environ
+            | {"MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+            | (
+                {"INITIAL_NO_AUTH_ACTION_COUNT": str(unauthenticated_actions)}
+                if unauthenticated_actions is not None
+                else {}
+            ),
         )
     endpoint = f"http://127.0.0.1:{port}"
     try:

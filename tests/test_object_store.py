@@ -19,7 +19,7 @@ from pipeline.io.discover import discover_scenes
 from pipeline.io.readers import describe
 from pipeline.io.sources import source_identity
 from tests.conftest import kampala_chip
-from tests.s3_server import free_port
+from tests.s3_server import free_port, s3_server
 
 STEMS = ("OAM-1238456-1046532-21", "OAM-1238457-1046532-21")
 LOCAL = SegmentOptions(engine="local", crf=False)
@@ -154,3 +154,24 @@ def test_what_goes_wrong_remotely_is_one_line_naming_the_scene(
     with pytest.raises(UnreachableObject, match="did not answer") as refused:
         objects.head(good)
     assert good in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_access_denied_is_one_line_and_the_batch_goes_on(
+    kampala: Path, tiny_buildings_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that checks credentials (after the two requests that set up its bucket): the scene in it
+    fails with one line, signed or anonymous, and the local scene beside it is segmented."""
+    local = kampala_chip(kampala)[0]
+    with s3_server(tmp_path / "moto.log", unauthenticated_actions=2) as server:
+        server.create_bucket("locked")
+        url = server.upload("locked", "x.tif", local)
+        for name, value in server.environment.items():
+            monkeypatch.setenv(name, value)
+        batch = run_batch([url, local], tiny_buildings_model, tmp_path / "out", LOCAL)
+        monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+        with pytest.raises(UnreachableObject, match="anonymous request"):
+            objects.head(url)
+    outcome = {r.source: r for r in batch.records}
+    assert outcome[str(local)].outcome == "done" and outcome[url].outcome == "failed"
+    line = outcome[url].message.split(" (details:")[0]
+    assert line.startswith(f"{url}: access denied") and "\n" not in line

@@ -55,7 +55,9 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     refusals: set[str] = set()
     for planned in Batch(out, checkpoint_info(Path(model)), options).plan(scenes):
         if isinstance(planned, SceneRecord) and planned.outcome == "skipped":
-            console.print(f"{planned.source}: {planned.message}: a run would skip it", highlight=False)
+            console.print(
+                f"{planned.source}: {planned.message}: a run would skip it", highlight=False, soft_wrap=True
+            )
             continue
         if isinstance(planned, SceneRecord):
             failures += 1

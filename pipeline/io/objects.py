@@ -127,6 +127,10 @@ class ObjectInfo:
         return f"modified:{self.last_modified};size:{self.size}"
 
 
+def _anonymous() -> bool:
+    return os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in {"YES", "TRUE", "1"}
+
+
 def _env(*names: str) -> str | None:
     return next((os.environ[name] for name in names if os.environ.get(name)), None)
 
@@ -160,7 +164,7 @@ def _store(scheme: str, bucket: str, environment: tuple[tuple[str, str], ...]) -
     options, retry = _client_options(url), _retry()
     if scheme == "s3":
         config: S3Config = {}
-        if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in {"YES", "TRUE", "1"}:
+        if _anonymous():
             config["skip_signature"] = True  # GDAL's name for an anonymous bucket, in obstore's words
         provider = _aws_profile_provider()
         return S3Store(
@@ -204,7 +208,9 @@ def describe_failure(url: str, error: Exception) -> str:
     if isinstance(error, store_errors.NotFoundError):
         return f"{url}: no such object"
     if isinstance(error, store_errors.PermissionDeniedError):
-        return f"{url}: access denied (the credentials in use may not read it) [{detail}]"
+        if _anonymous():
+            return f"{url}: access denied to an anonymous request (AWS_NO_SIGN_REQUEST is set) [{detail}]"
+        return f"{url}: access denied (no credentials accepted for it, or they may not read it) [{detail}]"
     if isinstance(error, store_errors.UnauthenticatedError):
         return f"{url}: the store refused the credentials (none found, or wrong) [{detail}]"
     text = str(error)
