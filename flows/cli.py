@@ -14,7 +14,10 @@ from flows.settings import DEFAULT_WORK_DIR
 from pipeline.cli import build_parser, console
 from pipeline.cli import main as engine_main
 from pipeline.cli.flags import add_option_flags, options_from_args
+from pipeline.engine.manifest import MANIFEST_NAME
 from pipeline.engine.options import SegmentOptions
+from pipeline.engine.outputs import output_for
+from pipeline.io.sources import as_source
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -69,7 +72,8 @@ def _cmd_run_flow(args: argparse.Namespace) -> int:
             APILogHandler().flush()  # the run's last log lines reach the server before it stops
     finally:
         services.stop()
-    summary = json.loads((args.out / "manifest.json").read_text())["runs"][-1] if state.is_final() else {}
+    manifest = output_for(args.out, options.scratch).folder / MANIFEST_NAME  # a bucket's: its scratch copy
+    summary = json.loads(manifest.read_text())["runs"][-1] if state.is_final() and manifest.is_file() else {}
     for scene in summary.get("scenes", []):
         note = f": {scene['message']}" if scene["message"] else ""
         console.print(f"{scene['scene_id']}: {scene['outcome']}{note}", highlight=False, soft_wrap=True)
@@ -117,7 +121,7 @@ def add_flow_commands(commands: Any) -> None:
     )
     run.add_argument("scenes", nargs="+", help="scene files, folders or globs")
     run.add_argument("--model", type=Path, required=True)
-    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--out", type=as_source, required=True, help="output folder, or a bucket prefix")
     run.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="PREFECT_HOME and logs go here")
     add_option_flags(run)
     run.set_defaults(handler=_cmd_run_flow)

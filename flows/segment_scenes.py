@@ -27,6 +27,7 @@ from models.checkpoint import checkpoint_info
 from pipeline.engine.driver import Batch, BatchResult
 from pipeline.engine.options import SegmentOptions
 from pipeline.io.report import SceneReport
+from pipeline.io.sources import as_source
 
 SCENE_THREADS = 4  # scenes in flight at once (preflight, staging and publishing overlap)
 
@@ -57,13 +58,13 @@ def segment_scenes(
     takes them. Scenes unchanged since their last successful result are skipped.
     """
     info = checkpoint_info(Path(model).resolve())  # a bad checkpoint fails the run at once, naming it
-    batch = Batch(Path(output), info, options or SegmentOptions())
+    batch = Batch(as_source(output), info, options or SegmentOptions())
     # one writer per output folder: a second run waits (or is refused, --no-wait); the compute backend starts
     # in this, the flow's main thread (Ray's signal handlers need it), and only when a scene has work
     result = batch.run(input, TaskStages(), worker_environment())
     _artifacts(batch, result)
     summary = {
-        "output": str(batch.out_dir),
+        "output": batch.output.location,
         "done": [r.scene_id for r in result.records if r.outcome == "done"],
         "skipped": [r.scene_id for r in result.records if r.outcome == "skipped"],
         "failed": {r.source: r.message for r in result.failed},
@@ -81,13 +82,13 @@ def _artifacts(batch: Batch, result: BatchResult) -> None:
     """The run's table of scenes (class areas of skipped ones too, from their reports), and each scene
     published this run's quicklook, on the flow run."""
     areas = {
-        record.source: SceneReport.read(batch.out_dir / record.outputs["report"]).areas_m2()
+        record.source: SceneReport.read(batch.output.local(record.outputs["report"])).areas_m2()
         for record in result.records
         if record.outputs and "report" in record.outputs
     }
     table = batch_table(result.records, areas)
     create_markdown_artifact(
-        markdown=f"# segment-scenes into `{batch.out_dir}`\n\n{table}",
+        markdown=f"# segment-scenes into `{batch.output.location}`\n\n{table}",
         key="segment-scenes-report",
         description=f"scenes of flow run {result.run.get('flow_run_id')}",
     )

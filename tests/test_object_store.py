@@ -175,3 +175,74 @@ def test_access_denied_is_one_line_and_the_batch_goes_on(
     assert outcome[str(local)].outcome == "done" and outcome[url].outcome == "failed"
     line = outcome[url].message.split(" (details:")[0]
     assert line.startswith(f"{url}: access denied") and "\n" not in line
+
+
+def test_outputs_in_a_bucket_are_published_whole_and_resume_from_any_machine(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path
+) -> None:
+    """Scenes from a bucket into a bucket: every output, the manifest, the catalog and index.html land
+    under the prefix, with the pixels of a local run; a re-run from a new scratch folder (another machine)
+    skips every scene by the bucket's manifest and listing; no lock is left behind."""
+    import pystac
+
+    _upload_chips(s3, kampala, "in/")
+    bucket = f"s3://{s3.bucket}"  # type: ignore[attr-defined]
+    out = f"{bucket}/results/nightly"
+    first = run_batch(
+        f"{bucket}/in/", tiny_buildings_model, out, LOCAL.model_copy(update={"scratch": str(tmp_path / "a")})
+    )
+    assert [r.outcome for r in first.records] == ["done", "done"]
+    published = objects.list_tree(out)
+    for stem in STEMS:
+        assert {
+            f"{stem}/{name}" for name in ("mask.tif", "quicklook.png", "report.json", "item.json")
+        } <= set(published)
+    assert {"manifest.json", "catalog.json", "index.html"} <= set(published) and ".lock.json" not in published
+    catalog = pystac.Catalog.from_dict(json.loads(objects.get_bytes(f"{out}/catalog.json")))
+    assert sorted(link.target for link in catalog.get_item_links()) == [f"./{s}/item.json" for s in STEMS]
+    local = run_batch(f"{bucket}/in/", tiny_buildings_model, tmp_path / "local", LOCAL)
+    scratch_mask = tmp_path / "b" / "mask.tif"
+    scratch_mask.parent.mkdir()
+    scratch_mask.write_bytes(objects.get_bytes(f"{out}/{STEMS[0]}/mask.tif"))
+    with rasterio.open(scratch_mask) as a, rasterio.open(tmp_path / "local" / STEMS[0] / "mask.tif") as b:
+        assert np.array_equal(a.read(), b.read())
+    assert local.records[0].outcome == "done"
+
+    elsewhere = LOCAL.model_copy(update={"scratch": str(tmp_path / "c")})
+    again = run_batch(f"{bucket}/in/", tiny_buildings_model, out, elsewhere)
+    assert [r.outcome for r in again.records] == ["skipped", "skipped"]
+    runs = json.loads(objects.get_bytes(f"{out}/manifest.json"))["runs"]
+    assert [run["outcome"] for run in runs] == ["completed", "completed"]
+
+
+def test_a_scene_republished_without_an_output_loses_it_in_the_bucket(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path
+) -> None:
+    (url, _) = _upload_chips(s3, kampala, "in/")
+    out = f"s3://{s3.bucket}/out"  # type: ignore[attr-defined]
+    scratch = {"scratch": str(tmp_path / "s")}
+    run_batch(url, tiny_buildings_model, out, LOCAL.model_copy(update=scratch | {"probabilities": True}))
+    assert f"{STEMS[0]}/probabilities.tif" in objects.list_tree(out)
+    run_batch(url, tiny_buildings_model, out, LOCAL.model_copy(update=scratch))
+    keys = set(objects.list_tree(out))
+    assert f"{STEMS[0]}/probabilities.tif" not in keys and f"{STEMS[0]}/mask.tif" in keys
+
+
+def test_one_writer_per_prefix_and_a_dead_runs_lock_is_taken_over(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path
+) -> None:
+    import time
+
+    from deeplab_common.errors import OutputBusy
+
+    (url, _) = _upload_chips(s3, kampala, "in/")
+    out = f"s3://{s3.bucket}/locked"  # type: ignore[attr-defined]
+    held = {"owner": "pid 1 on elsewhere", "renewed": "now", "expires_unix": time.time() + 600}
+    s3.store(s3.bucket).put("locked/.lock.json", json.dumps(held).encode())  # type: ignore[attr-defined]
+    options = LOCAL.model_copy(update={"scratch": str(tmp_path / "s"), "wait": False})
+    with pytest.raises(OutputBusy, match="pid 1 on elsewhere"):
+        run_batch(url, tiny_buildings_model, out, options)
+    dead = held | {"expires_unix": time.time() - 1}  # its run died a lease ago
+    s3.store(s3.bucket).put("locked/.lock.json", json.dumps(dead).encode())  # type: ignore[attr-defined]
+    assert run_batch(url, tiny_buildings_model, out, options).records[0].outcome == "done"
+    assert ".lock.json" not in objects.list_tree(out)

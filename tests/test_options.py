@@ -86,6 +86,7 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "onnx_cache",
         "force_resolution",
         "verify_inputs",
+        "scratch",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing (the

@@ -23,6 +23,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args.scenes, args.model, args.out, options)
     batch = run_batch(args.scenes, args.model, args.out, options, ConsoleProgress(console))
+    where = str(args.out).rstrip("/")  # a bucket's scenes are named where they are published
     reported: set[str] = set()
     for record in batch.records:
         result = batch.results.get(record.source)
@@ -35,7 +36,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         else:
             tiles, files = result.report.tiles, ", ".join(result.report.outputs.values())
             console.print(
-                f"{record.source}: {result.folder}/ {files} ({tiles.computed} tiles computed, "
+                f"{record.source}: {where}/{result.folder.name}/ {files} ({tiles.computed} tiles computed, "
                 f"{tiles.skipped} skipped, {tiles.resumed} resumed; {result.report.total_seconds:.1f} s)",
                 soft_wrap=True,
                 highlight=False,
@@ -83,7 +84,12 @@ def add_segment_command(commands: Any) -> None:
         help="scenes: files, folders, globs, or URLs GDAL reads (s3://, https://); slides too",
     )
     segment.add_argument("--model", type=Path, required=True)
-    segment.add_argument("--out", type=Path, required=True)
+    segment.add_argument(
+        "--out",
+        type=as_source,
+        required=True,
+        help="output folder, or a bucket prefix (s3://bucket/prefix, gs://, az://) built in --scratch",
+    )
     add_option_flags(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)

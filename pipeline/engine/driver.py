@@ -31,7 +31,8 @@ from pipeline.engine.grid import PLAN_VERSION, cores_to_compute
 from pipeline.engine.ledger import Ledger, result_key
 from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash, now_iso
 from pipeline.engine.options import SegmentOptions
-from pipeline.engine.outdir import WORK_NAME, clean_debris, inside, output_folder, output_lock
+from pipeline.engine.outdir import WORK_NAME, clean_debris, inside
+from pipeline.engine.outputs import output_for
 from pipeline.engine.plan import Progress, Silent, as_planned, plan_scene
 from pipeline.engine.publish import PublishedScene, publish_scene
 from pipeline.engine.scenes import ComputedScene, PlannedScene, StagedScene
@@ -104,26 +105,25 @@ class Batch:
 
     def __init__(
         self,
-        out_dir: Path,
+        out: Path | str,
         checkpoint: CheckpointInfo,
         options: SegmentOptions,
         progress: Progress | None = None,
     ) -> None:
-        self.out_dir = output_folder(out_dir)  # a file named as --out is a usage error, said at once
+        self.output = output_for(out, options.scratch)  # a local folder, or a bucket built in scratch
+        self.out_dir = self.output.folder  # where the run writes its files
         self.work_dir = self.out_dir / WORK_NAME  # staging, ledgers, ONNX exports, the run's Ray temp dir
         self.checkpoint = checkpoint
         self.options = _for_output_folder(options, self.work_dir)
         self.progress = progress or Silent()
-        self.manifest = Manifest(self.out_dir)
+        self.manifest = Manifest(self.out_dir, self.output.exists)
 
     @contextmanager
     def hold(self) -> Iterator[Batch]:
         """The run's hold on its output folder: waits for (or, with ``--no-wait``, refuses) another run
         writing there, then removes what dead runs left behind. Stages run inside it."""
         folder = self._folder_name
-        with output_lock(
-            self.out_dir, self.options.wait, lambda line: self.progress.stage(folder, "waiting", line)
-        ):
+        with self.output.hold(self.options.wait, lambda line: self.progress.stage(folder, "waiting", line)):
             removed = clean_debris(self.out_dir)
             if removed:
                 self.progress.stage(folder, "cleaned", f"{len(removed)} leftover(s) of an interrupted run")
@@ -287,6 +287,7 @@ class Batch:
         )
         self.manifest.record_scene(record)
         write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
+        self.output.scene_published(planned.name, list(outputs.values()))
         return SceneOutcome(record=record, published=published)
 
     def skipped(self, source: Source, previous: SceneRecord, progress: Progress) -> SceneRecord:
@@ -336,13 +337,15 @@ class Batch:
             "outcome": "failed" if failed else "completed",
         }
         self.manifest.record_run(run, records)
+        self.output.before_pages()
         write_catalog(self.out_dir, CATALOG_TITLE)
         write_index_page(self.out_dir, CATALOG_TITLE)
+        self.output.run_recorded()
         return run
 
     @property
     def _folder_name(self) -> str:
-        return self.out_dir.name or str(self.out_dir)
+        return Path(self.output.location).name or self.output.location
 
     def _checked(
         self, source: Source, runner: StageRunner, dry_run: bool = False
@@ -359,7 +362,7 @@ class Batch:
 def run_batch(
     inputs: str | Path | Sequence[str | Path],
     model: Path | CheckpointInfo,
-    out_dir: Path,
+    out_dir: Path | str,
     options: SegmentOptions,
     progress: Progress | None = None,
     worker_env: dict[str, str] | None = None,

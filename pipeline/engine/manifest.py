@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -79,9 +79,12 @@ def now_iso() -> str:
 
 
 class Manifest:
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, exists: Callable[[str], bool] | None = None) -> None:
+        """The manifest in ``out_dir``; ``exists`` says whether a published output (a path relative to
+        ``--out``) is there, when ``--out`` is not ``out_dir`` itself (a bucket)."""
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / MANIFEST_NAME
+        self._exists = exists or (lambda relative: (self.out_dir / relative).is_file())
 
     def read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -154,9 +157,7 @@ class Manifest:
         return record if self._outputs_exist(record) else None
 
     def _outputs_exist(self, record: SceneRecord) -> bool:
-        return bool(record.outputs) and all(
-            (self.out_dir / path).is_file() for path in (record.outputs or {}).values()
-        )
+        return bool(record.outputs) and all(self._exists(path) for path in (record.outputs or {}).values())
 
     def record_scene(self, record: SceneRecord) -> None:
         """Remember a scene's successful result (failures live in the run records only)."""

@@ -129,6 +129,11 @@ class SegmentOptions(BaseModel):
         description="when another run is writing into --out, wait for it to finish (--no-wait: refuse at "
         "once, exit code 3)",
     )
+    scratch: str | None = runtime_field(
+        None,
+        description="with --out in a bucket: the local folder its files are built in before upload, kept for "
+        "resuming (default: DEEPLAB_SCRATCH, else <temp>/deeplab-scratch/<hash of --out>)",
+    )
     verify_inputs: bool = runtime_field(
         False,
         description="identify every input by a sha256 of its whole content: local files whatever their size "

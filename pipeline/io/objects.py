@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -337,3 +338,65 @@ def fsspec_url(text: str) -> tuple[str, dict[str, Any]]:
     url = ObjectUrl.parse(text)
     register(url.scheme)
     return url.url, {"client_options": _client_options(url), "retry_config": _retry()}
+
+
+def list_tree(text: str) -> dict[str, ObjectInfo]:
+    """Every object under a prefix, at any depth, by its key relative to the prefix (paged listings: one
+    request per thousand objects)."""
+    url = ObjectUrl.parse(text)
+    prefix = url.key.rstrip("/") + "/" if url.key.strip("/") else ""
+    found: dict[str, ObjectInfo] = {}
+    try:
+        for batch in obstore.list(store_for(url), prefix=prefix or None):
+            for meta in batch:
+                found[meta["path"][len(prefix) :]] = ObjectInfo(
+                    url=url.child(meta["path"]).url,
+                    size=int(meta["size"]),
+                    etag=meta.get("e_tag"),
+                    version=meta.get("version"),
+                    last_modified=meta["last_modified"].isoformat(),
+                )
+    except Exception as error:
+        raise _unreachable(text, error) from None
+    return found
+
+
+def get_bytes(text: str) -> bytes:
+    url = ObjectUrl.parse(text)
+    try:
+        return bytes(obstore.get(store_for(url), url.key).bytes())
+    except Exception as error:
+        raise _unreachable(text, error) from None
+
+
+def put_file(text: str, path: Path) -> None:
+    """Upload a local file (multipart when large: obstore splits it)."""
+    url = ObjectUrl.parse(text)
+    try:
+        with open(path, "rb") as handle:
+            obstore.put(store_for(url), url.key, handle)
+    except Exception as error:
+        raise _unreachable(text, error) from None
+
+
+def delete(text: str) -> None:
+    url = ObjectUrl.parse(text)
+    try:
+        obstore.delete(store_for(url), url.key)
+    except Exception as error:
+        raise _unreachable(text, error) from None
+
+
+def put_if(text: str, data: bytes, etag: str | None) -> str | None:
+    """A conditional write: create the object only if it does not exist (``etag`` None: If-None-Match), or
+    replace it only if it is still the version with ``etag`` (If-Match). The new ETag, or None when the
+    condition failed (someone else wrote first)."""
+    url = ObjectUrl.parse(text)
+    mode: Any = "create" if etag is None else {"e_tag": etag}
+    try:
+        result = obstore.put(store_for(url), url.key, data, mode=mode)
+    except (store_errors.AlreadyExistsError, store_errors.PreconditionError):
+        return None
+    except Exception as error:
+        raise _unreachable(text, error) from None
+    return str(result["e_tag"])
