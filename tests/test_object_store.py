@@ -246,3 +246,36 @@ def test_one_writer_per_prefix_and_a_dead_runs_lock_is_taken_over(
     s3.store(s3.bucket).put("locked/.lock.json", json.dumps(dead).encode())  # type: ignore[attr-defined]
     assert run_batch(url, tiny_buildings_model, out, options).records[0].outcome == "done"
     assert ".lock.json" not in objects.list_tree(out)
+
+
+def test_a_run_killed_while_writing_a_bucket_resumes_and_loses_nothing(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL mid-compute (no cleanup of any kind): nothing of the scene is in the bucket, its lock is
+    left; the next run waits out the dead run's lease, takes the prefix over and resumes the cores on
+    record in its scratch folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from deeplab_common.faults import CRASH_ENV
+    from pipeline.engine.lease import LEASE_ENV
+
+    (url, _) = _upload_chips(s3, kampala, "in/")
+    out = f"s3://{s3.bucket}/killed"  # type: ignore[attr-defined]
+    monkeypatch.setenv(LEASE_ENV, "2")
+    scratch = tmp_path / "scratch"
+    command = [sys.executable, "-m", "pipeline.cli", "segment", url, "--model", str(tiny_buildings_model)]
+    command += ["--out", out, "--engine", "local", "--no-crf", "--tile", "128", "--scratch", str(scratch)]
+    crashed = subprocess.run(command, capture_output=True, env=os.environ | {CRASH_ENV: "ledger-core:2"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    left = objects.list_tree(out)
+    assert ".lock.json" in left and not [key for key in left if key.startswith(STEMS[0])]
+    resumed = run_batch(
+        url, tiny_buildings_model, out, LOCAL.model_copy(update={"scratch": str(scratch), "tile": 128})
+    )
+    assert resumed.records[0].outcome == "done"
+    report = json.loads(objects.get_bytes(f"{out}/{STEMS[0]}/report.json"))
+    assert report["tiles"]["resumed"] == 2 and report["tiles"]["computed"] == 2
+    assert ".lock.json" not in objects.list_tree(out)

@@ -24,9 +24,10 @@ from deeplab_common.errors import OutputBusy, OutputFolderError, UnreachableObje
 from pipeline.io import objects
 
 LOCK_OBJECT = ".lock.json"
-LEASE_S = 60.0  # a dead run's lock is taken over this long after its last renewal
-RENEW_EVERY_S = LEASE_S / 4
-POLL_S = 2.0  # how often a waiting run looks again
+LEASE_ENV = "DEEPLAB_LEASE_S"
+LEASE_S = 60.0  # a dead run's lock is taken over this long after its last renewal (DEEPLAB_LEASE_S)
+RENEWALS_PER_LEASE = 4
+POLL_S = 1.0  # how often a waiting run looks again
 
 
 class LeaseLost(OutputFolderError):
@@ -36,10 +37,10 @@ class LeaseLost(OutputFolderError):
 class PrefixLease:
     """The lease on one prefix; ``hold`` it for the run, and ``check`` before each upload."""
 
-    def __init__(self, prefix: str, lease_s: float = LEASE_S) -> None:
+    def __init__(self, prefix: str, lease_s: float | None = None) -> None:
         self.prefix = prefix.rstrip("/")
         self.url = f"{self.prefix}/{LOCK_OBJECT}"
-        self.lease_s = lease_s
+        self.lease_s = lease_s or float(os.environ.get(LEASE_ENV, LEASE_S))
         self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._etag: str | None = None
         self._lost: str | None = None
@@ -99,7 +100,7 @@ class PrefixLease:
             raise LeaseLost(f"{self.prefix}: {self._lost}; this run stopped before writing beside it")
 
     def _renew(self) -> None:
-        while not self._stop.wait(RENEW_EVERY_S * self.lease_s / LEASE_S):
+        while not self._stop.wait(self.lease_s / RENEWALS_PER_LEASE):
             try:
                 etag = objects.put_if(self.url, self._record(), self._etag)
             except UnreachableObject:
