@@ -15,6 +15,7 @@ stage as a Prefect task. So they share one sequence and one set of protections:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,8 +44,12 @@ from pipeline.io.index_page import write_index_page
 from pipeline.io.readers import describe
 from pipeline.io.sources import Source, local_file_problem, scene_id_problem, source_id
 from pipeline.io.stac import write_catalog
+from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
 
 CATALOG_TITLE = "deeplab-pipeline outputs"
+STAC_FOLDER = "stac"  # under the work folder: a VRT per STAC Item, which the scene is read through
+# what a run takes: files, folders, globs, URLs, prefixes, STAC documents, and STAC API searches
+Inputs = str | Path | StacSearch | Sequence[str | Path | StacSearch]
 # A run's stages, by the one name each has in code, progress lines, failure lines, reports and Prefect tasks.
 StageName = Literal["discover", "preflight", "stage", "compute", "publish"]
 
@@ -131,7 +136,7 @@ class Batch:
 
     def run(
         self,
-        inputs: str | Path | Sequence[str | Path],
+        inputs: Inputs,
         runner: StageRunner | None = None,
         worker_env: dict[str, str] | None = None,
     ) -> BatchResult:
@@ -164,11 +169,15 @@ class Batch:
             run = self.record_run(ordered, started, time.perf_counter() - clock, runner.run_id)
         return BatchResult(ordered, results, run)
 
-    def plan(self, inputs: str | Path | Sequence[str | Path]) -> list[PlannedScene | SceneRecord]:
+    def plan(self, inputs: Inputs) -> list[PlannedScene | SceneRecord]:
         """The dry run: every scene of ``inputs`` discovered and preflighted as ``run`` would, writing nothing
-        (input identities are taken from the manifest's cache, or computed and not kept). Refused scenes come
-        back as their failed records."""
-        found, refused = self.discover(inputs)
+        (input identities are taken from the manifest's cache, or computed and not kept; STAC Items' VRTs go
+        to a temporary folder). Refused scenes come back as their failed records."""
+        with tempfile.TemporaryDirectory(prefix="deeplab-plan-") as stac_folder:
+            return self._plan(inputs, Path(stac_folder))
+
+    def _plan(self, inputs: Inputs, stac_folder: Path) -> list[PlannedScene | SceneRecord]:
+        found, refused = self.discover(inputs, stac_folder)
         runner = StageRunner(self.progress)
         checked = [self._checked(source, runner, dry_run=True) for source in found]
         return [self.refused(source, line) for source, line in refused.items()] + checked
@@ -189,11 +198,27 @@ class Batch:
         except Exception as error:
             return SceneOutcome(record=self.failed(planned.source, stage, error))
 
-    def discover(self, inputs: str | Path | Sequence[str | Path]) -> tuple[list[Source], dict[Source, str]]:
-        """The scenes to run, and those refused before any work (unsafe or clashing ids) with their line."""
-        entries = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-        scenes = discover_scenes([str(entry) for entry in entries], exclude=self.out_dir)
-        refused = refused_scenes(scenes)
+    def discover(
+        self, inputs: Inputs, stac_folder: Path | None = None
+    ) -> tuple[list[Source], dict[Source, str]]:
+        """The scenes to run, and those refused before any work (unsafe or clashing ids, STAC Items without
+        the model's bands) with their line. STAC Items become VRTs in ``stac_folder`` (the work folder's)."""
+        entries = [inputs] if isinstance(inputs, str | Path | StacSearch) else list(inputs)
+        stac_items: list[Any] = []
+        plain: list[str] = []
+        for entry in entries:
+            if isinstance(entry, StacSearch):
+                stac_items += entry.items()
+            elif is_stac_document(str(entry)):
+                stac_items += read_items(str(entry))
+            else:
+                plain.append(str(entry))
+        scenes = discover_scenes(plain, exclude=self.out_dir) if plain else []
+        bands = [band.name for band in self.checkpoint.metadata.bands]
+        folder = stac_folder or self.work_dir / STAC_FOLDER
+        vrts, unusable = scenes_of_items(stac_items, bands, self.options.assets, folder)
+        scenes += vrts
+        refused: dict[Source, str] = {**unusable, **refused_scenes(scenes)}
         return [scene for scene in scenes if scene not in refused], refused
 
     def preflight(
@@ -360,7 +385,7 @@ class Batch:
 
 
 def run_batch(
-    inputs: str | Path | Sequence[str | Path],
+    inputs: Inputs,
     model: Path | CheckpointInfo,
     out_dir: Path | str,
     options: SegmentOptions,

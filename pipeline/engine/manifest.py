@@ -25,7 +25,14 @@ from typing import Any, Literal
 from deeplab_common.atomic import write_text_atomically
 from deeplab_common.errors import UnreadableManifest
 from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_added, neutral_value
-from pipeline.io.sources import Source, content_identity, source_identity, source_sha256
+from pipeline.io.sources import (
+    Source,
+    combined_identity,
+    content_identity,
+    source_identity,
+    source_sha256,
+    vrt_sources,
+)
 
 MANIFEST_NAME = "manifest.json"
 
@@ -113,6 +120,12 @@ class Manifest:
         nothing); ``verify`` hashes the content whatever the cache says (remote objects too)."""
         if not isinstance(source, Path):
             return source_identity(source, verify=verify)
+        if source.suffix.lower() == ".vrt":  # a VRT is what it reads: each source's identity counts
+            parts = [self.input_identity(part, keep, verify) for part in vrt_sources(source)]
+            return combined_identity(self._file_identity(source, keep, verify), parts)
+        return self._file_identity(source, keep, verify)
+
+    def _file_identity(self, source: Path, keep: bool, verify: bool) -> str:
         stat = source.stat()
         cached = self.read()["checksums"].get(str(source))
         if (

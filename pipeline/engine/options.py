@@ -129,6 +129,11 @@ class SegmentOptions(BaseModel):
         description="when another run is writing into --out, wait for it to finish (--no-wait: refuse at "
         "once, exit code 3)",
     )
+    assets: tuple[str, ...] | None = runtime_field(
+        None,
+        description="STAC inputs: the assets to stack as the model's bands, in its band order (default: by "
+        "the bands' common names, else a visual asset)",
+    )
     scratch: str | None = runtime_field(
         None,
         description="with --out in a bucket: the local folder its files are built in before upload, kept for "

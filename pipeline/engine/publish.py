@@ -249,6 +249,7 @@ def _item_facts(details: SceneReport, loaded: CheckpointInfo, plan: ScenePlan) -
             "input_identity": details.input_identity,
         },
         software_version=details.software_version,
+        derived_from=plan.check.scene.derived_from,
     )
 
 

@@ -307,9 +307,8 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def gdal_options() -> dict[str, str]:
     """GDAL's configuration for remote reads: each cloud's standard variables under GDAL's names where they
-    differ (the rest GDAL reads itself), bounded retries and timeouts, and no folder listings on open."""
+    differ (the rest GDAL reads itself), bounded retries and timeouts."""
     options = {
-        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # a bucket listing per open is slow and needless
         "GDAL_HTTP_MAX_RETRY": str(MAX_RETRIES),
         "GDAL_HTTP_RETRY_DELAY": "1",
         "GDAL_HTTP_TIMEOUT": str(REQUEST_TIMEOUT_S),

@@ -30,6 +30,7 @@ from pipeline.io.sources import (
     open_raster,
     sample_bits,
 )
+from pipeline.io.stac_input import STAC_ITEM_TAG
 
 
 class SceneReader(ABC):
@@ -87,6 +88,7 @@ class GeoTiffReader(SceneReader):
                 has_mask=any(alpha) or any(flag.name == "per_dataset" for flag in flags),
                 bits=sample_bits(dataset),
                 format=self.format,
+                derived_from=dataset.tags().get(STAC_ITEM_TAG),
             )
 
     @contextmanager

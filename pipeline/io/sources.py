@@ -8,6 +8,7 @@ their ``//``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -107,6 +108,31 @@ def source_identity(source: Source, verify: bool = False) -> str:
     return objects.head(str(source)).identity
 
 
+def vrt_sources(path: Path) -> list[Source]:
+    """The files a local VRT reads (its ``SourceFilename`` elements), as sources: local paths resolved
+    against the VRT's folder when relative, GDAL and object paths as written."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError) as error:
+        raise UnreadableScene(f"{path}: not a readable VRT ({error})") from None
+    found: dict[Source, None] = {}
+    for element in root.iter("SourceFilename"):
+        name = (element.text or "").strip()
+        source = as_source(name)
+        if isinstance(source, Path) and element.get("relativeToVRT") == "1":
+            source = path.parent / source
+        found[source] = None
+    return list(found)
+
+
+def combined_identity(own: str, parts: list[str]) -> str:
+    """One identity for a file made of others (a VRT): its own content and each part's identity."""
+    digest = hashlib.sha256("\n".join([own, *parts]).encode()).hexdigest()
+    return f"sha256+sources:{digest}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Scene:
     path: Source
@@ -121,6 +147,7 @@ class Scene:
     bits: int | None = None  # significant bits per sample (GDAL NBITS), None for floats
     slide: SlideInfo | None = None  # a whole-slide image: the grid is level 0, µm/px in here
     format: str = "geotiff"  # the reader that described it (``pipeline.io.readers``)
+    derived_from: str | None = None  # the STAC Item a scene VRT was made from (``stac_input``)
 
     @property
     def full_scale(self) -> float | None:
@@ -153,10 +180,12 @@ GDAL_CACHE_MB = 256
 
 
 def gdal_env(source: Source | None = None) -> rasterio.Env:
-    """GDAL's settings for reading ``source``: a fixed block cache, and for a remote object the
-    credentials, retries and timeouts of ``objects.gdal_options``."""
-    remote = objects.gdal_options() if source is not None and is_remote(source) else {}
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **remote)
+    """GDAL's settings for reading ``source``: a fixed block cache; the credentials, retries and timeouts
+    of ``objects.gdal_options`` (a local VRT may read remote objects); and, for a remote scene or a VRT,
+    no folder listing on open (a bucket listing per file opened is slow and needless)."""
+    listing = source is not None and (is_remote(source) or Path(str(source)).suffix.lower() == ".vrt")
+    no_listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if listing else {}
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **objects.gdal_options(), **no_listing)
 
 
 def gdal_path(source: Source) -> Source:

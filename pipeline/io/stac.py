@@ -64,6 +64,7 @@ class ItemFacts:
     georeferenced: bool  # the mask has a CRS: the Item gets a footprint and the projection fields
     processing: Mapping[str, Any]  # deeplab:* fields: model, checkpoint, its sha256, CRF, input sha256
     software_version: str
+    derived_from: str | None = None  # the STAC Item the scene was read from: linked as ``derived_from``
 
 
 def multihash_sha256(path: Path) -> str:
@@ -111,6 +112,8 @@ def scene_item(facts: ItemFacts, files: Mapping[str, Path], media_types: Mapping
         _add_asset(item, name, path, media_types[name], facts)
     item.add_link(pystac.Link(pystac.RelType.ROOT, f"../{CATALOG_NAME}", pystac.MediaType.JSON))
     item.add_link(pystac.Link(pystac.RelType.PARENT, f"../{CATALOG_NAME}", pystac.MediaType.JSON))
+    if facts.derived_from:
+        item.add_link(pystac.Link("derived_from", facts.derived_from, pystac.MediaType.GEOJSON, "source Item"))
     return item
 
 
