@@ -13,11 +13,12 @@ from typing import Any
 from flows.settings import DEFAULT_WORK_DIR
 from pipeline.cli import build_parser, console
 from pipeline.cli import main as engine_main
-from pipeline.cli.flags import add_option_flags, options_from_args
+from pipeline.cli.flags import add_option_flags, add_search_flags, options_from_args, search_from_args
 from pipeline.engine.manifest import MANIFEST_NAME
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outputs import output_for
 from pipeline.io.sources import as_source
+from pipeline.io.stac_input import StacSearch
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -31,6 +32,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # validated now, not when the first run starts: a wrong name or value is a usage error
         options = SegmentOptions.model_validate_json(args.options)
         parameters["options"] = options.model_dump(mode="json", exclude_unset=True)
+    if args.search is not None:  # validated now too; a relative datetime (P1D) is made absolute each run
+        parameters["search"] = StacSearch.model_validate_json(args.search).model_dump(
+            mode="json", exclude_none=True
+        )
     config = ServeConfig(
         work_dir=args.work_dir,
         host=args.host,
@@ -65,7 +70,12 @@ def _cmd_run_flow(args: argparse.Namespace) -> int:
             from flows.segment_scenes import segment_scenes
 
             state = segment_scenes(
-                [str(p) for p in args.scenes], str(args.out), str(args.model), options, return_state=True
+                [str(p) for p in args.scenes],
+                str(args.out),
+                str(args.model),
+                options,
+                search=search_from_args(args),
+                return_state=True,
             )
             from prefect.logging.handlers import APILogHandler
 
@@ -111,6 +121,11 @@ def add_flow_commands(commands: Any) -> None:
         help="default engine options of the deployments, JSON with the option names of `deeplab segment`, "
         'e.g. \'{"tile": 256, "crf": false}\'',
     )
+    serve.add_argument(
+        "--search",
+        help="a STAC API search as the deployments' input, JSON with the fields of --stac-* of `deeplab "
+        'segment`, e.g. \'{"url": "https://stac.example.org", "collections": ["drone"], "datetime": "P1D"}\'',
+    )
     serve.add_argument("--concurrency-limit", type=int, default=1, help="flow runs at once (0: no limit)")
     serve.add_argument("--no-worker", action="store_true", help="deploy only; workers run elsewhere")
     serve.set_defaults(handler=_cmd_serve)
@@ -119,11 +134,12 @@ def add_flow_commands(commands: Any) -> None:
         "run-flow",
         help="run the segment-scenes flow now, here (on PREFECT_API_URL, else a local Prefect server)",
     )
-    run.add_argument("scenes", nargs="+", help="scene files, folders or globs")
+    run.add_argument("scenes", nargs="*", type=as_source, help="as `deeplab segment` takes them")
     run.add_argument("--model", type=Path, required=True)
     run.add_argument("--out", type=as_source, required=True, help="output folder, or a bucket prefix")
     run.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="PREFECT_HOME and logs go here")
     add_option_flags(run)
+    add_search_flags(run)
     run.set_defaults(handler=_cmd_run_flow)
 
 

@@ -19,7 +19,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from deeplab_common.errors import DeepLabError
+from deeplab_common.errors import ConfigError, DeepLabError
 from flows.artifacts import artifact_key, batch_table, thumbnail_data_url
 from flows.settings import worker_environment
 from flows.stage_tasks import TaskStages
@@ -28,6 +28,7 @@ from pipeline.engine.driver import Batch, BatchResult
 from pipeline.engine.options import SegmentOptions
 from pipeline.io.report import SceneReport
 from pipeline.io.sources import as_source
+from pipeline.io.stac_input import StacSearch
 
 SCENE_THREADS = 4  # scenes in flight at once (preflight, staging and publishing overlap)
 
@@ -47,21 +48,27 @@ class ScenesFailed(DeepLabError):
     task_runner=ThreadPoolTaskRunner(max_workers=SCENE_THREADS),  # type: ignore[arg-type]
 )
 def segment_scenes(
-    input: str | list[str],
+    input: str | list[str] | None,
     output: str,
     model: str,
     options: SegmentOptions | None = None,
+    search: StacSearch | None = None,
 ) -> dict[str, Any] | State:
-    """Segment every scene of ``input`` (a folder, a glob, or a list of paths) into ``output``.
+    """Segment every scene of ``input`` (folders, globs, files, URLs, bucket prefixes, STAC files) and of
+    ``search`` (a STAC API search) into ``output`` (a folder or a bucket prefix).
 
     ``model`` is a checkpoint (.safetensors); ``options`` are the engine's options, as ``deeplab segment``
-    takes them. Scenes unchanged since their last successful result are skipped.
+    takes them. Scenes unchanged since their last successful result are skipped. A nightly deployment
+    searches a window back from its run (``search.datetime`` ``P1D``: the last day's Items).
     """
     info = checkpoint_info(Path(model).resolve())  # a bad checkpoint fails the run at once, naming it
     batch = Batch(as_source(output), info, options or SegmentOptions())
     # one writer per output folder: a second run waits (or is refused, --no-wait); the compute backend starts
     # in this, the flow's main thread (Ray's signal handlers need it), and only when a scene has work
-    result = batch.run(input, TaskStages(), worker_environment())
+    entries: list[str | StacSearch] = [input] if isinstance(input, str) else list(input or [])
+    if not entries and search is None:
+        raise ConfigError("segment-scenes: no input: give input (scenes) or search (a STAC API search)")
+    result = batch.run(entries + ([search] if search else []), TaskStages(), worker_environment())
     _artifacts(batch, result)
     summary = {
         "output": batch.output.location,

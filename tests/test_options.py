@@ -87,6 +87,7 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "force_resolution",
         "verify_inputs",
         "scratch",
+        "assets",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing (the

@@ -136,6 +136,23 @@ def test_a_search_of_a_stac_api_gives_the_masks_of_the_stacked_files(
     # a window that holds one Item
     later = search.model_copy(update={"datetime": "2026-12-02T00:00:00Z/2026-12-05T00:00:00Z"})
     assert [r.scene_id for r in run_batch(later, tiny_buildings_model, out, LOCAL).records] == [STEMS[1]]
+    # the same search from the command line, into a fresh folder
+    from pipeline.cli.parser import main
+
+    command = ["segment", "--stac-url", api.url, "--stac-collections", COLLECTION]
+    command += ["--stac-datetime", "2026-12-02/2026-12-05", "--stac-bbox", "32.5", "0.3", "32.7", "0.4"]
+    command += [
+        "--model",
+        str(tiny_buildings_model),
+        "--out",
+        str(tmp_path / "cli"),
+        "--engine",
+        "local",
+        "--no-crf",
+    ]
+    assert main(command) == 0
+    assert sorted(p.parent.name for p in (tmp_path / "cli").glob("*/item.json")) == [STEMS[1]]
+    assert main(["segment", "--model", str(tiny_buildings_model), "--out", str(tmp_path / "none")]) == 2
 
 
 def test_a_relative_window_is_made_absolute_each_run() -> None:

@@ -1,16 +1,20 @@
-"""Command-line flags generated from ``SegmentOptions``: one flag per field, named as the field, with the
-field's help, default and bounds."""
+"""Command-line flags generated from pydantic models (``SegmentOptions``, ``StacSearch``): one flag per field,
+named as the field (behind a prefix where one is given), with the field's help, default and bounds."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from pipeline.engine.options import SegmentOptions
+from pipeline.io.stac_input import StacSearch
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def flag_of(name: str) -> str:
@@ -35,16 +39,31 @@ def _json_of(model: type[BaseModel]) -> Any:
 
 def _default_text(field: FieldInfo) -> str:
     default = field.default
-    if default is None or isinstance(default, bool) or "(default" in (field.description or ""):
+    if (
+        field.is_required()
+        or default is None
+        or isinstance(default, bool)
+        or "(default" in (field.description or "")
+    ):
         return ""
     return f" (default: {default})"
 
 
-def _arguments(name: str, field: FieldInfo) -> dict[str, Any]:
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+_json_object.__name__ = "JSON object"  # argparse names the type in its error message
+
+
+def _arguments(name: str, field: FieldInfo, dest: str) -> dict[str, Any]:
     """argparse's keywords for one field; every default is SUPPRESS: the model alone holds defaults."""
     kind = _without_none(field.annotation)
     keywords: dict[str, Any] = {
-        "dest": name,
+        "dest": dest,
         "default": argparse.SUPPRESS,
         "help": (field.description or "") + _default_text(field),
     }
@@ -54,25 +73,55 @@ def _arguments(name: str, field: FieldInfo) -> dict[str, Any]:
         keywords["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
     elif get_origin(kind) is Literal:
         keywords["choices"] = list(get_args(kind))
-    elif get_origin(kind) is tuple:
+    elif get_origin(kind) in (tuple, list):
         keywords |= {"type": get_args(kind)[0], "nargs": "+"}
+    elif get_origin(kind) is dict:
+        keywords |= {"type": _json_object, "metavar": "JSON"}
     elif isinstance(kind, type) and issubclass(kind, BaseModel):
         keywords |= {"type": _json_of(kind), "metavar": "JSON"}
     elif kind in (int, float, str):
         keywords["type"] = kind
     else:
-        raise TypeError(f"SegmentOptions.{name}: no flag for a field of type {field.annotation}")
+        raise TypeError(f"{name}: no flag for a field of type {field.annotation}")
     return keywords
 
 
+def add_model_flags(
+    parser: argparse.ArgumentParser, model: type[BaseModel], title: str, prefix: str = ""
+) -> None:
+    """Every field of ``model`` as a flag of ``parser`` (``--PREFIX-NAME``), in the model's order."""
+    group = parser.add_argument_group(title)
+    for name, field in model.model_fields.items():
+        group.add_argument(flag_of(prefix + name), **_arguments(name, field, prefix + name))
+
+
+def model_from_args(args: argparse.Namespace, model: type[Model], prefix: str = "") -> Model:
+    """``model`` from the flags given (the others keep the model's defaults)."""
+    given = {
+        name: getattr(args, prefix + name) for name in model.model_fields if hasattr(args, prefix + name)
+    }
+    return model(**given)
+
+
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """Every ``SegmentOptions`` field as a flag of ``parser``, in the model's order."""
-    group = parser.add_argument_group("engine options (SegmentOptions)")
-    for name, field in SegmentOptions.model_fields.items():
-        group.add_argument(flag_of(name), **_arguments(name, field))
+    """Every ``SegmentOptions`` field as a flag of ``parser``."""
+    add_model_flags(parser, SegmentOptions, "engine options (SegmentOptions)")
 
 
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
-    """``SegmentOptions`` from the flags given (the others keep the model's defaults)."""
-    given = {name: getattr(args, name) for name in SegmentOptions.model_fields if hasattr(args, name)}
-    return SegmentOptions(**given)
+    return model_from_args(args, SegmentOptions)
+
+
+STAC_PREFIX = "stac_"
+
+
+def add_search_flags(parser: argparse.ArgumentParser) -> None:
+    """A STAC API search as the run's input: ``--stac-url`` and the search's fields (``StacSearch``)."""
+    add_model_flags(parser, StacSearch, "STAC API search (an input besides the scenes)", STAC_PREFIX)
+
+
+def search_from_args(args: argparse.Namespace) -> StacSearch | None:
+    """The search the flags describe; None without ``--stac-url``."""
+    if not hasattr(args, STAC_PREFIX + "url"):
+        return None
+    return model_from_args(args, StacSearch, STAC_PREFIX)

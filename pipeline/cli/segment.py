@@ -9,8 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli.console import console, table_console
-from pipeline.cli.flags import add_option_flags, options_from_args
+from pipeline.cli.flags import add_option_flags, add_search_flags, options_from_args, search_from_args
 from pipeline.io.sources import as_source
+
+
+def run_inputs(args: argparse.Namespace) -> list[Any]:
+    """The scenes given, and the STAC API search when ``--stac-url`` is; at least one of them."""
+    from deeplab_common.errors import ConfigError
+
+    search = search_from_args(args)
+    inputs: list[Any] = list(args.scenes) + ([search] if search is not None else [])
+    if not inputs:
+        raise ConfigError("no input: give scenes (files, folders, globs, URLs, STAC files) or --stac-url")
+    return inputs
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -20,9 +31,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.engine.driver import run_batch
 
     options = options_from_args(args)
+    inputs = run_inputs(args)
     if args.dry_run:
-        return _dry_run(args.scenes, args.model, args.out, options)
-    batch = run_batch(args.scenes, args.model, args.out, options, ConsoleProgress(console))
+        return _dry_run(inputs, args.model, args.out, options)
+    batch = run_batch(inputs, args.model, args.out, options, ConsoleProgress(console))
     where = str(args.out).rstrip("/")  # a bucket's scenes are named where they are published
     reported: set[str] = set()
     for record in batch.records:
@@ -75,13 +87,16 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
 def add_segment_command(commands: Any) -> None:
     """`segment`: scenes, model, output folder, every SegmentOptions field as a flag, --dry-run."""
     segment = commands.add_parser(
-        "segment", help="segment scenes and slides (files, folders, globs, URLs) into masks"
+        "segment",
+        help="segment scenes and slides (files, folders, globs, URLs, bucket prefixes, STAC) into masks",
     )
     segment.add_argument(
         "scenes",
-        nargs="+",
+        nargs="*",
         type=as_source,
-        help="scenes: files, folders, globs, or URLs GDAL reads (s3://, https://); slides too",
+        help="scenes: files, folders, globs, URLs (s3://, gs://, az://, https://, /vsis3/...), bucket "
+        "prefixes (s3://bucket/incoming/) and globs (s3://bucket/**/*.tif), STAC Items, ItemCollections and "
+        "catalogs (.json files or URLs); slides too",
     )
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument(
@@ -91,6 +106,7 @@ def add_segment_command(commands: Any) -> None:
         help="output folder, or a bucket prefix (s3://bucket/prefix, gs://, az://) built in --scratch",
     )
     add_option_flags(segment)
+    add_search_flags(segment)
     segment.add_argument("--dry-run", action="store_true", help="print the plan of each scene and stop")
     segment.set_defaults(handler=_cmd_segment)
 

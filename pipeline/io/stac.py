@@ -113,7 +113,9 @@ def scene_item(facts: ItemFacts, files: Mapping[str, Path], media_types: Mapping
     item.add_link(pystac.Link(pystac.RelType.ROOT, f"../{CATALOG_NAME}", pystac.MediaType.JSON))
     item.add_link(pystac.Link(pystac.RelType.PARENT, f"../{CATALOG_NAME}", pystac.MediaType.JSON))
     if facts.derived_from:
-        item.add_link(pystac.Link("derived_from", facts.derived_from, pystac.MediaType.GEOJSON, "source Item"))
+        item.add_link(
+            pystac.Link("derived_from", facts.derived_from, pystac.MediaType.GEOJSON, "source Item")
+        )
     return item
 
 
