@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,21 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> LoadedMod
         raise CheckpointError(f"{path}: weights do not fit {metadata.architecture}: {summary}") from None
     model.eval().to(device)
     return LoadedModel(model=model, metadata=metadata, path=path, sha256=file_sha256(path))
+
+
+SHIPPED_FOLDER = "deeplab-checkpoints"  # under the node's temp folder: shipped checkpoints, by sha256
+
+
+def checkpoint_on_this_node(data: bytes, sha256: str) -> Path:
+    """A checkpoint shipped as bytes (a cluster node without the driver's files), kept as a file named by its
+    sha256 in this node's temp folder, written once per node (atomically: actors may start together)."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"shipped checkpoint {sha256[:12]}...: its bytes arrived changed")
+    path = Path(tempfile.gettempdir()) / SHIPPED_FOLDER / f"{sha256}.safetensors"
+    if not path.is_file() or path.stat().st_size != len(data):
+        with atomic_output(path) as temp:
+            temp.write_bytes(data)
+    return path
 
 
 def update_metadata(path: Path, **changes: object) -> CheckpointMetadata:

@@ -57,13 +57,29 @@ def test_pool_stats_by_node() -> None:
 
 
 def test_a_node_reports_what_it_cannot_see(tmp_path: Path) -> None:
-    probe, checkpoint = tmp_path / "probe", tmp_path / "model.safetensors"
+    probe = tmp_path / "probe"
     probe.write_text("token")
-    checkpoint.write_bytes(b"weights")
     digest = hashlib.sha256(b"weights").hexdigest()
-    assert sees(str(probe), "token", str(checkpoint), digest) == []
-    problems = sees(str(probe), "another", str(checkpoint), "0" * 64)
-    assert "holds another probe" in problems[0] and "differs from the driver's" in problems[1]
-    problems = sees(str(tmp_path / "missing" / "probe"), "token", str(tmp_path / "none"), digest)
-    assert problems[0].startswith(f"cannot read {tmp_path / 'missing'}")
-    assert problems[1].startswith(f"cannot read {tmp_path / 'none'}")
+    assert sees(str(probe), "token", b"weights", digest) == []
+    assert sees(None, "token", b"weights", digest) == []  # a bucket --out: no folder to see
+    problems = sees(str(probe), "another", b"weights", "0" * 64)
+    assert "holds another probe" in problems[0] and "arrived changed" in problems[1]
+    problems = sees(str(tmp_path / "missing" / "probe"), "token", b"weights", digest)
+    assert problems == [f"cannot read {tmp_path / 'missing'}: No such file or directory"]
+
+
+def test_a_shipped_checkpoint_is_kept_once_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deeplab_common.errors import CheckpointError
+    from models.checkpoint import checkpoint_on_this_node
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    digest = hashlib.sha256(b"weights").hexdigest()
+    path = checkpoint_on_this_node(b"weights", digest)
+    assert path.read_bytes() == b"weights" and path.is_relative_to(tmp_path) and digest in path.name
+    stamp = path.stat().st_mtime_ns
+    assert checkpoint_on_this_node(b"weights", digest) == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(CheckpointError, match="arrived changed"):
+        checkpoint_on_this_node(b"weight5", digest)

@@ -85,13 +85,19 @@ class Compute(ABC):
     name: ClassVar[str]
 
     def __init__(
-        self, options: SegmentOptions, work_dir: Path, worker_env: dict[str, str] | None = None
+        self,
+        options: SegmentOptions,
+        work_dir: Path,
+        worker_env: dict[str, str] | None = None,
+        shared_work_dir: bool = True,
     ) -> None:
         """``work_dir``: the run's ``OUT/.work``; ``worker_env``: variables every worker process needs (a
-        cluster's workers do not inherit the driver's environment)."""
+        cluster's workers do not inherit the driver's environment); ``shared_work_dir``: whether a driver
+        resubmitted on another node must find ``work_dir`` there (a local ``--out``; not a bucket's)."""
         self.options = options
         self.work_dir = work_dir
         self.worker_env = worker_env
+        self.shared_work_dir = shared_work_dir
         self.turn = threading.Lock()
 
     def __enter__(self) -> Self:
@@ -220,11 +226,15 @@ def compute_class(name: str) -> type[Compute]:
 
 @contextmanager
 def compute_for(
-    options: SegmentOptions, work_dir: Path, needed: bool, worker_env: dict[str, str] | None = None
+    options: SegmentOptions,
+    work_dir: Path,
+    needed: bool,
+    worker_env: dict[str, str] | None = None,
+    shared_work_dir: bool = True,
 ) -> Iterator[Compute]:
     """The run's backend, chosen once: ``options.engine``'s, entered (a cluster starts or is joined) only
     when a scene has work; a run that skips every scene starts nothing. Call it from the main thread: Ray's
     signal handlers need it."""
     backend = compute_class(options.engine) if needed else LocalCompute
-    with backend(options, work_dir, worker_env) as compute:
+    with backend(options, work_dir, worker_env, shared_work_dir) as compute:
         yield compute

@@ -156,7 +156,9 @@ class Batch:
                     records[source] = checked
                 else:
                     planned.append(checked)
-            with compute_for(self.options, self.work_dir, bool(planned), worker_env) as compute:
+            with compute_for(
+                self.options, self.work_dir, bool(planned), worker_env, self.output.shared_work_dir
+            ) as compute:
                 outcomes = runner.each(
                     lambda scene: self.run_scene(scene, compute, runner), planned, [p.name for p in planned]
                 )

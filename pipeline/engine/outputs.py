@@ -40,6 +40,9 @@ class Output(ABC):
 
     folder: Path
     location: str  # as the user named it
+    # whether a cluster's nodes must see the work folder: a driver resubmitted on another node resumes
+    # from it and publishes there (a local folder), or keeps its own scratch and publishes to a bucket
+    shared_work_dir: bool = True
 
     @abstractmethod
     def hold(self, wait: bool, on_wait: Callable[[str], None]) -> AbstractContextManager[None]:
@@ -82,6 +85,8 @@ class LocalOutput(Output):
 
 
 class BucketOutput(Output):
+    shared_work_dir = False
+
     def __init__(self, url: str, scratch: Path) -> None:
         self.prefix = objects.ObjectUrl.parse(url).url.rstrip("/")
         if self.prefix.startswith(("http://", "https://")):

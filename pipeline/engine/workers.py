@@ -74,8 +74,9 @@ class ModelWorker(MemoryReporting):
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | bytes,
         *,
+        checkpoint_sha256: str | None = None,
         device: str = "auto",
         threads: int | None = None,
         amp: bool = False,
@@ -83,11 +84,13 @@ class ModelWorker(MemoryReporting):
         runtime: str | None = None,
         onnx_cache: str | None = None,
     ) -> None:
-        """``runtime``: the forward pass's runtime (None: ``choose_runtime``'s for this device and model);
-        ``onnx_cache``: the folder ONNX Runtime's export is kept in (None: ``runtime.onnx_cache()``)."""
+        """``checkpoint``: its path, or its bytes shipped to a node that cannot see the driver's files (then
+        with ``checkpoint_sha256``: kept on the node by it, once); ``runtime``: the forward pass's runtime
+        (None: ``choose_runtime``'s for this device and model); ``onnx_cache``: the folder ONNX Runtime's
+        export is kept in (None: ``runtime.onnx_cache()``)."""
         import torch
 
-        from models.checkpoint import load_checkpoint
+        from models.checkpoint import checkpoint_on_this_node, load_checkpoint
         from models.inference import pick_device
         from models.optimize import for_inference
         from models.runtime import choose_runtime, runtime_for
@@ -96,6 +99,10 @@ class ModelWorker(MemoryReporting):
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors: choose deliberately
         self.device = pick_device(device)
+        if isinstance(checkpoint, bytes):
+            if checkpoint_sha256 is None:
+                raise ValueError("a shipped checkpoint needs its sha256")
+            checkpoint = str(checkpoint_on_this_node(checkpoint, checkpoint_sha256))
         self.loaded = loaded or load_checkpoint(Path(checkpoint), device=self.device)
         # BatchNorm folded, channels last: 1.5-1.8x faster on CPU, the same outputs up to float rounding
         self.model = for_inference(self.loaded.model)

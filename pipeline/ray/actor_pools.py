@@ -174,6 +174,7 @@ class ActorPools:
         self.max_restarts = max_restarts
         self.keep_warm_s = keep_warm_s
         self.known_sha256 = checkpoint_sha256
+        self._shipped: Any = None  # the checkpoint's bytes in Ray's object store, put once
         self.members: list[Member] = []
         self.placed: dict[str, NodeInfo] = {}  # nodes whose actors were created, by id
         self.plans: dict[str, ActorPlan] = {}
@@ -220,6 +221,13 @@ class ActorPools:
         from models.checkpoint import file_sha256
 
         return self.known_sha256 or file_sha256(Path(self.checkpoint))
+
+    def shipped(self) -> Any:
+        """The checkpoint's bytes in Ray's object store: a node fetches them once, however many of its
+        actors load them, and needs no path of the driver's (``checkpoint.checkpoint_on_this_node``)."""
+        if self._shipped is None:
+            self._shipped = self.ray.put(Path(self.checkpoint).read_bytes())
+        return self._shipped
 
     def _shape_key(self, node: NodeInfo, kind: str) -> str:
         plan = self.plans[node.node_id]
@@ -272,7 +280,8 @@ class ActorPools:
             )
             spec = self.spec
             handle = model_cls.remote(
-                self.checkpoint,
+                self.shipped(),  # resolved on the node: its bytes, fetched there once
+                checkpoint_sha256=self.checkpoint_sha256,
                 device=spec.device,
                 threads=plan.model_threads,
                 amp=spec.amp,

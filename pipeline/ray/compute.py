@@ -29,9 +29,13 @@ class RayCompute(Compute):
     name = "ray"
 
     def __init__(
-        self, options: SegmentOptions, work_dir: Path, worker_env: dict[str, str] | None = None
+        self,
+        options: SegmentOptions,
+        work_dir: Path,
+        worker_env: dict[str, str] | None = None,
+        shared_work_dir: bool = True,
     ) -> None:
-        super().__init__(options, work_dir, worker_env)
+        super().__init__(options, work_dir, worker_env, shared_work_dir)
         self._stack = ExitStack()
         self.ray: Any = None
         self.actors: KeptActors | None = None
@@ -60,13 +64,14 @@ class RayCompute(Compute):
     @contextmanager
     def workers(self, staged: StagedScene, spec: WindowSpec) -> Iterator[CorePass]:
         checkpoint = staged.planned.checkpoint
-        # started before the first window is sent, so that it runs while the actors load their models
-        storage = StorageCheck(self.ray, staged.stores.folder, checkpoint.path, checkpoint.sha256)
         stats = RunStats()
         actors = self._kept()
         pools = actors.pools(
             checkpoint.path, checkpoint.sha256, spec, self.options.gpus_per_model_actor, stats.pools
         )
+        # started before the first window is sent, so that it runs while the actors load their models
+        folder = staged.stores.folder if self.shared_work_dir else None
+        storage = StorageCheck(self.ray, folder, pools.shipped(), checkpoint.sha256)
         try:
             yield RayPass(self, pools, stats, storage, staged.stores.image())
         finally:
