@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.tiny_like import tiny_like
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPLAB_DATA", ROOT.parent / "shared" / "data"))
 ZOO = ROOT / "models" / "zoo"
@@ -130,33 +132,6 @@ def buildings_v2_model() -> Path:
     return path
 
 
-def tiny_like(zoo_checkpoint: Path, out: Path, seed: int = 0) -> Path:
-    """A ``deeplabv2_tiny`` checkpoint with the metadata of a zoo model (classes and roles, bands, pixel size
-    or µm/px, CRF and its verdict), weights drawn from ``seed``: a real checkpoint file that the engine
-    preflights, tiles, runs and publishes as it does the zoo model, at a fraction of the cost. For the tests
-    of plumbing; what the masks hold means nothing."""
-    from models.checkpoint import read_metadata, save_checkpoint
-    from models.registry import build_model
-
-    zoo = read_metadata(zoo_checkpoint)
-    arch_args = {"num_classes": zoo.num_classes, "in_channels": zoo.num_bands}
-    metadata = zoo.model_copy(
-        update={
-            "architecture": "deeplabv2_tiny",
-            "arch_args": arch_args,
-            "tiling": None,
-            "tiling_tuning": None,
-            "tta": None,
-            "input_scales": None,
-            "training": {"note": f"untrained (seed {seed}); metadata of {zoo_checkpoint.name}"},
-            "metrics": {},
-            "weights_dtype": "float32",
-        }
-    )
-    torch.manual_seed(seed)
-    return save_checkpoint(out, build_model("deeplabv2_tiny", **arch_args), metadata)
-
-
 @pytest.fixture(scope="session")
 def tiny_buildings_model(tmp_path_factory: pytest.TempPathFactory, buildings_model: Path) -> Path:
     """The tiny test model with the Kampala building models' metadata (RGB, 7.5 cm, background/building)."""
@@ -256,7 +231,7 @@ def resume_after_kill(
 @pytest.fixture(scope="session")
 def s3_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One moto S3 server for the session (its own process, a free loopback port)."""
-    from tests.s3_server import s3_server
+    from bench.s3_server import s3_server
 
     with s3_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
         yield server

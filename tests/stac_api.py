@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.s3_server import free_port
+from bench.s3_server import free_port
 
-POSTGIS_HINT = "apt-get install postgresql postgresql-15-postgis-3 (.ci/run does)"
+POSTGIS_HINT = "apt-get install postgresql postgresql-postgis (.ci/run does)"
 
 
 def postgres_bin() -> Path | None:

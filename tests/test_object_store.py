@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from bench.s3_server import free_port, s3_server
 from deeplab_common.errors import UnreachableObject
 from pipeline.engine.driver import run_batch
 from pipeline.engine.options import SegmentOptions
@@ -19,7 +20,6 @@ from pipeline.io.discover import discover_scenes
 from pipeline.io.readers import describe
 from pipeline.io.sources import source_identity
 from tests.conftest import kampala_chip
-from tests.s3_server import free_port, s3_server
 
 STEMS = ("OAM-1238456-1046532-21", "OAM-1238457-1046532-21")
 LOCAL = SegmentOptions(engine="local", crf=False)
@@ -161,7 +161,7 @@ def test_access_denied_is_one_line_and_the_batch_goes_on(
 ) -> None:
     """A server that checks credentials (after the two requests that set up its bucket): the scene in it
     fails with one line, signed or anonymous, and the local scene beside it is segmented."""
-    local = kampala_chip(kampala)[0]
+    local = kampala_chip(kampala)[0].resolve()  # as discovery names it (../shared may be a link)
     with s3_server(tmp_path / "moto.log", unauthenticated_actions=2) as server:
         server.create_bucket("locked")
         url = server.upload("locked", "x.tif", local)

@@ -39,12 +39,12 @@ from pipeline.engine.publish import PublishedScene, publish_scene
 from pipeline.engine.scenes import ComputedScene, PlannedScene, StagedScene
 from pipeline.engine.space import check_fits
 from pipeline.engine.stage import stage_scene
-from pipeline.io.discover import discover_scenes, refused_scenes
+from pipeline.io.discover import discover_inputs
 from pipeline.io.index_page import write_index_page
 from pipeline.io.readers import describe
 from pipeline.io.sources import Source, local_file_problem, scene_id_problem, source_id
 from pipeline.io.stac import write_catalog
-from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
+from pipeline.io.stac_input import StacSearch
 
 CATALOG_TITLE = "deeplab-pipeline outputs"
 STAC_FOLDER = "stac"  # under the work folder: a VRT per STAC Item, which the scene is read through
@@ -206,22 +206,9 @@ class Batch:
         """The scenes to run, and those refused before any work (unsafe or clashing ids, STAC Items without
         the model's bands) with their line. STAC Items become VRTs in ``stac_folder`` (the work folder's)."""
         entries = [inputs] if isinstance(inputs, str | Path | StacSearch) else list(inputs)
-        stac_items: list[Any] = []
-        plain: list[str] = []
-        for entry in entries:
-            if isinstance(entry, StacSearch):
-                stac_items += entry.items()
-            elif is_stac_document(str(entry)):
-                stac_items += read_items(str(entry))
-            else:
-                plain.append(str(entry))
-        scenes = discover_scenes(plain, exclude=self.out_dir) if plain else []
         bands = [band.name for band in self.checkpoint.metadata.bands]
         folder = stac_folder or self.work_dir / STAC_FOLDER
-        vrts, unusable = scenes_of_items(stac_items, bands, self.options.assets, folder)
-        scenes += vrts
-        refused: dict[Source, str] = {**unusable, **refused_scenes(scenes)}
-        return [scene for scene in scenes if scene not in refused], refused
+        return discover_inputs(entries, self.out_dir, bands, self.options.assets, folder)
 
     def preflight(
         self, source: Source, progress: Progress, keep_identity: bool = True

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from deeplab_common.errors import DataError
 from pipeline.io.objects import is_listing, is_object_url, list_objects
 from pipeline.io.slides import SLIDE_SUFFIXES
 from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
+from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
 _GLOB_CHARS = frozenset("*?[")
@@ -56,6 +59,32 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     unique |= {_absolute(p): None for p in named}
     unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
+
+
+def discover_inputs(
+    entries: Sequence[str | Path | StacSearch],
+    exclude: Path | None,
+    bands: Sequence[str],
+    assets: Sequence[str] | None,
+    stac_folder: Path,
+) -> tuple[list[Source], dict[Source, str]]:
+    """Every input of a run: scenes as ``discover_scenes`` finds them, and STAC Items (from documents and
+    API searches) as VRTs in ``stac_folder`` with the ``bands`` chosen; then the scenes refused before any
+    work (an id unsafe or clashing, an Item without the bands), each with its line."""
+    items: list[Any] = []
+    plain: list[str] = []
+    for entry in entries:
+        if isinstance(entry, StacSearch):
+            items += entry.items()
+        elif is_stac_document(str(entry)):
+            items += read_items(str(entry))
+        else:
+            plain.append(str(entry))
+    scenes = discover_scenes(plain, exclude=exclude) if plain else []
+    vrts, unusable = scenes_of_items(items, bands, assets, stac_folder)
+    scenes += vrts
+    refused: dict[Source, str] = {**unusable, **refused_scenes(scenes)}
+    return [scene for scene in scenes if scene not in refused], refused
 
 
 def _listed_rasters(listing: str) -> list[str]:

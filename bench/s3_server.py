@@ -105,3 +105,78 @@ def _wait_until_up(endpoint: str, process: subprocess.Popen[bytes], log: Path) -
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
     raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    ranged: bool  # a GET with a Range header (a part of an object), not the whole of it
+    status: int
+    body_bytes: int  # response body bytes sent to the client
+
+
+class CountingProxy:
+    """A loopback HTTP proxy in front of the S3 server that records every request and the bytes it answered
+    with: what a client costs the store, counted on the server's side of the wire."""
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        upstream = urlparse(target)
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(
+                    upstream.hostname or "127.0.0.1", upstream.port, timeout=60
+                )
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = connection.getresponse()
+                data = b"" if self.command == "HEAD" else answer.read()
+                self.send_response(answer.status, answer.reason)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                length_header = answer.getheader("Content-Length")
+                self.send_header(
+                    "Content-Length",
+                    length_header if self.command == "HEAD" and length_header else str(len(data)),
+                )
+                self.end_headers()
+                if data:
+                    self.wfile.write(data)
+                connection.close()
+                with proxy._lock:
+                    proxy.requests.append(
+                        Request(self.command, self.path, "Range" in self.headers, answer.status, len(data))
+                    )
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reset(self) -> list[Request]:
+        with self._lock:
+            taken, self.requests = self.requests, []
+        return taken
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
