@@ -279,3 +279,29 @@ def test_a_run_killed_while_writing_a_bucket_resumes_and_loses_nothing(
     report = json.loads(objects.get_bytes(f"{out}/{STEMS[0]}/report.json"))
     assert report["tiles"]["resumed"] == 2 and report["tiles"]["computed"] == 2
     assert ".lock.json" not in objects.list_tree(out)
+
+
+def test_a_slide_from_a_bucket_into_a_bucket_from_the_command_line(
+    s3: object, cmu_slide: Path, tiny_slide_model: Path, tmp_path: Path
+) -> None:
+    """The CLI, a slide read in place and published with its probabilities to the bucket: the pixels of the
+    same run on the local file."""
+    from pipeline.cli.parser import main
+
+    url = s3.upload(s3.bucket, "slides/CMU-1-Small-Region.svs", cmu_slide)  # type: ignore[attr-defined]
+    out = f"s3://{s3.bucket}/slides-out"  # type: ignore[attr-defined]
+    flags = ["--model", str(tiny_slide_model), "--engine", "local", "--no-crf", "--probabilities"]
+    assert main(["segment", url, "--out", out, "--scratch", str(tmp_path / "s"), *flags]) == 0
+    assert main(["segment", str(cmu_slide), "--out", str(tmp_path / "local"), *flags]) == 0
+    scene = "CMU-1-Small-Region"
+    local = sorted(p.name for p in (tmp_path / "local" / scene).iterdir() if p.is_file())
+    published = objects.list_tree(out)
+    assert {f"{scene}/{name}" for name in local} <= set(published)
+    for name in ("mask.ome.tif", "probabilities.ome.tif"):
+        far = tmp_path / f"far-{name}"
+        far.write_bytes(objects.get_bytes(f"{out}/{scene}/{name}"))
+        with rasterio.open(far) as ours, rasterio.open(tmp_path / "local" / scene / name) as theirs:
+            assert np.array_equal(ours.read(), theirs.read())
+    assert main(["segment", url, "--out", out, "--scratch", str(tmp_path / "t"), *flags]) == 0  # skipped
+    runs = json.loads(objects.get_bytes(f"{out}/manifest.json"))["runs"]
+    assert [scene["outcome"] for scene in runs[-1]["scenes"]] == ["skipped"]
