@@ -165,7 +165,8 @@ def main() -> None:
         "",
         f"## A nightly re-run over {night['scenes']} unchanged objects",
         "",
-        "| run | requests | per scene | by method | object bytes read | listing bytes | whole-object GETs | seconds |",
+        "| run | requests | per scene | by method | object bytes read | listing bytes | whole-object GETs "
+        "| seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("first_run", "unchanged_rerun"):
@@ -176,9 +177,10 @@ def main() -> None:
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     lines += [
         "",
-        f"The re-run read {rerun['object_bytes_read']:,} bytes of objects and {rerun['listing_bytes']:,} bytes "
-        f"of the prefix's listing, with {rerun['requests_per_scene']} requests a scene (the listing included) and "
-        f"{rerun['whole_object_gets']} GET of a whole object: scenes are known by their ETag and size.",
+        f"The re-run read {rerun['object_bytes_read']:,} bytes of objects and {rerun['listing_bytes']:,} "
+        f"bytes of the prefix's listing, with {rerun['requests_per_scene']} requests a scene (the listing "
+        f"included) and {rerun['whole_object_gets']} GET of a whole object: scenes are known by their ETag "
+        "and size.",
         "",
         f"## Staging a {large['size_px']}² COG ({large['object_bytes']:,} bytes) in place",
         "",
