@@ -130,6 +130,21 @@ def test_a_search_of_a_stac_api_gives_the_masks_of_the_stacked_files(
         (link,) = item.get_links("derived_from")
         with urllib.request.urlopen(link.href, timeout=10) as answer:  # it resolves, to the source Item
             assert json.loads(answer.read())["id"] == stem
+    # the Items came from one Collection: the output catalog is a Collection of theirs, spanning them
+    collection = pystac.Collection.from_file(str(out / "catalog.json"))
+    assert collection.id == f"{COLLECTION}-deeplab" and collection.license == "CC-BY-4.0"
+    assert sorted(link.target for link in collection.get_item_links()) == [f"./{s}/item.json" for s in STEMS]
+    (box,) = collection.extent.spatial.bboxes
+    boxes = [json.loads((out / stem / "item.json").read_text())["bbox"] for stem in STEMS]
+    assert box == [
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    ]
+    from stac_pydantic import Collection as CollectionModel
+
+    CollectionModel.model_validate(json.loads((out / "catalog.json").read_text()))
     # a nightly re-run: every Item unchanged (the VRT and each band's ETag), so skipped
     again = run_batch(search, tiny_buildings_model, out, LOCAL)
     assert [r.outcome for r in again.records] == ["skipped", "skipped"]
@@ -173,6 +188,7 @@ def test_stac_files_are_inputs_and_a_changed_band_is_redone(
     out = tmp_path / "out"
     batch = run_batch(str(listed), tiny_buildings_model, out, LOCAL)
     assert [r.outcome for r in batch.records] == ["done", "done"]
+    assert json.loads((out / "catalog.json").read_text())["type"] == "Catalog"  # no Collection was given
     with rasterio.open(out / STEMS[0] / "mask.tif") as mask:
         assert np.array_equal(mask.read(), expected[STEMS[0]])
     # one band of one Item re-uploaded with other pixels: that Item is redone, the other skipped

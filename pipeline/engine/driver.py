@@ -39,11 +39,11 @@ from pipeline.engine.publish import PublishedScene, publish_scene
 from pipeline.engine.scenes import ComputedScene, PlannedScene, StagedScene
 from pipeline.engine.space import check_fits
 from pipeline.engine.stage import stage_scene
-from pipeline.io.discover import discover_inputs
+from pipeline.io.discover import Discovered, discover_inputs
 from pipeline.io.index_page import write_index_page
 from pipeline.io.readers import describe
 from pipeline.io.sources import Source, local_file_problem, scene_id_problem, source_id
-from pipeline.io.stac import write_catalog
+from pipeline.io.stac import SourceCollection, write_catalog
 from pipeline.io.stac_input import StacSearch
 
 CATALOG_TITLE = "deeplab-pipeline outputs"
@@ -122,6 +122,7 @@ class Batch:
         self.options = _for_output_folder(options, self.work_dir)
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir, self.output.exists)
+        self.collection: SourceCollection | None = None  # the STAC Collection the inputs came from
 
     @contextmanager
     def hold(self) -> Iterator[Batch]:
@@ -144,7 +145,9 @@ class Batch:
         runner = runner or StageRunner(self.progress)
         started, clock = now_iso(), time.perf_counter()
         with self.hold():
-            found, refused = runner.stage("discover", self._folder_name, lambda _: self.discover(inputs))
+            inputs_found = runner.stage("discover", self._folder_name, lambda _: self.discover(inputs))
+            found, refused = inputs_found.scenes, inputs_found.refused
+            self.collection = self.manifest.source_collection(inputs_found.collection)
             records = {source: self.refused(source, line) for source, line in refused.items()}
             planned: list[PlannedScene] = []
             for source, checked in zip(
@@ -179,10 +182,10 @@ class Batch:
             return self._plan(inputs, Path(stac_folder))
 
     def _plan(self, inputs: Inputs, stac_folder: Path) -> list[PlannedScene | SceneRecord]:
-        found, refused = self.discover(inputs, stac_folder)
+        found = self.discover(inputs, stac_folder)
         runner = StageRunner(self.progress)
-        checked = [self._checked(source, runner, dry_run=True) for source in found]
-        return [self.refused(source, line) for source, line in refused.items()] + checked
+        checked = [self._checked(source, runner, dry_run=True) for source in found.scenes]
+        return [self.refused(source, line) for source, line in found.refused.items()] + checked
 
     def run_scene(self, planned: PlannedScene, compute: Compute, runner: StageRunner) -> SceneOutcome:
         """One planned scene through stage -> compute -> publish; any failure is the scene's record."""
@@ -200,9 +203,7 @@ class Batch:
         except Exception as error:
             return SceneOutcome(record=self.failed(planned.source, stage, error))
 
-    def discover(
-        self, inputs: Inputs, stac_folder: Path | None = None
-    ) -> tuple[list[Source], dict[Source, str]]:
+    def discover(self, inputs: Inputs, stac_folder: Path | None = None) -> Discovered:
         """The scenes to run, and those refused before any work (unsafe or clashing ids, STAC Items without
         the model's bands) with their line. STAC Items become VRTs in ``stac_folder`` (the work folder's)."""
         entries = [inputs] if isinstance(inputs, str | Path | StacSearch) else list(inputs)
@@ -300,7 +301,7 @@ class Batch:
             finished=now_iso(),
         )
         self.manifest.record_scene(record)
-        write_catalog(self.out_dir, CATALOG_TITLE)  # links only: a glob of the folder, no file read
+        write_catalog(self.out_dir, CATALOG_TITLE, self._folder_name, self.collection)
         self.output.scene_published(planned.name, list(outputs.values()))
         return SceneOutcome(record=record, published=published)
 
@@ -352,7 +353,7 @@ class Batch:
         }
         self.manifest.record_run(run, records)
         self.output.before_pages()
-        write_catalog(self.out_dir, CATALOG_TITLE)
+        write_catalog(self.out_dir, CATALOG_TITLE, self._folder_name, self.collection)
         write_index_page(self.out_dir, CATALOG_TITLE)
         self.output.run_recorded()
         return run

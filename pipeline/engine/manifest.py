@@ -33,6 +33,7 @@ from pipeline.io.sources import (
     source_sha256,
     vrt_sources,
 )
+from pipeline.io.stac import SourceCollection
 
 MANIFEST_NAME = "manifest.json"
 
@@ -171,6 +172,16 @@ class Manifest:
 
     def _outputs_exist(self, record: SceneRecord) -> bool:
         return bool(record.outputs) and all(self._exists(path) for path in (record.outputs or {}).values())
+
+    def source_collection(self, found: SourceCollection | None) -> SourceCollection | None:
+        """The STAC Collection the folder's scenes come from: ``found`` (this run's inputs), recorded for the
+        runs after it, else the one recorded by an earlier run."""
+        if found is None:
+            recorded = self.read().get("collection")
+            return SourceCollection(**recorded) if recorded else None
+        with self._locked() as data:
+            data["collection"] = asdict(found)
+        return found
 
     def record_scene(self, record: SceneRecord) -> None:
         """Remember a scene's successful result (failures live in the run records only)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -12,6 +13,7 @@ from deeplab_common.errors import DataError
 from pipeline.io.objects import is_listing, is_object_url, list_objects
 from pipeline.io.slides import SLIDE_SUFFIXES
 from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
+from pipeline.io.stac import SourceCollection
 from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
@@ -61,30 +63,44 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
     return sorted(unique, key=str)
 
 
+@dataclass(frozen=True)
+class Discovered:
+    """A run's inputs: the scenes to run, those refused before any work with their line, and the STAC
+    Collection they came from (when one was given, or searched alone)."""
+
+    scenes: list[Source]
+    refused: dict[Source, str]
+    collection: SourceCollection | None = None
+
+
 def discover_inputs(
     entries: Sequence[str | Path | StacSearch],
     exclude: Path | None,
     bands: Sequence[str],
     assets: Sequence[str] | None,
     stac_folder: Path,
-) -> tuple[list[Source], dict[Source, str]]:
+) -> Discovered:
     """Every input of a run: scenes as ``discover_scenes`` finds them, and STAC Items (from documents and
     API searches) as VRTs in ``stac_folder`` with the ``bands`` chosen; then the scenes refused before any
     work (an id unsafe or clashing, an Item without the bands), each with its line."""
     items: list[Any] = []
     plain: list[str] = []
+    collection: SourceCollection | None = None
     for entry in entries:
         if isinstance(entry, StacSearch):
             items += entry.items()
+            collection = collection or entry.collection()
         elif is_stac_document(str(entry)):
-            items += read_items(str(entry))
+            found, of = read_items(str(entry))
+            items += found
+            collection = collection or of
         else:
             plain.append(str(entry))
     scenes = discover_scenes(plain, exclude=exclude) if plain else []
     vrts, unusable = scenes_of_items(items, bands, assets, stac_folder)
     scenes += vrts
     refused: dict[Source, str] = {**unusable, **refused_scenes(scenes)}
-    return [scene for scene in scenes if scene not in refused], refused
+    return Discovered([scene for scene in scenes if scene not in refused], refused, collection)
 
 
 def _listed_rasters(listing: str) -> list[str]:

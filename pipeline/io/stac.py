@@ -124,15 +124,35 @@ def write_item(item: pystac.Item, path: Path) -> None:
     write_text_atomically(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_catalog(out_dir: Path, title: str) -> Path:
-    """``catalog.json`` of the output folder: one item link per scene folder that holds an Item; rewritten
-    whole (atomically) each time a scene publishes, so it never lists a scene that is gone."""
-    catalog = pystac.Catalog(
-        id=out_dir.resolve().name or "deeplab-output",
-        description=f"{title}: DeepLab class masks, one Item per scene",
-        title=title,
-    )
-    for item_path in sorted(Path(out_dir).glob(f"*/{ITEM_NAME}")):
+@dataclass(frozen=True)
+class SourceCollection:
+    """The STAC Collection a run's Items came from: the output catalog is then a Collection too."""
+
+    id: str
+    description: str
+    license: str = "other"
+    title: str | None = None
+
+
+def write_catalog(out_dir: Path, title: str, name: str, collection: SourceCollection | None = None) -> Path:
+    """``catalog.json`` of the output folder (named ``name``): one item link per scene folder that holds an
+    Item; rewritten whole (atomically) each time a scene publishes, so it never lists a scene that is gone.
+    When the input was a Collection, a Collection of the outputs (``<its id>-deeplab``), its extent that of
+    the Items (each Item's bbox and time are read)."""
+    items = sorted(Path(out_dir).glob(f"*/{ITEM_NAME}"))
+    description = f"{title}: DeepLab class masks, one Item per scene"
+    catalog: pystac.Catalog
+    if collection is None:
+        catalog = pystac.Catalog(id=name or "deeplab-output", description=description, title=title)
+    else:
+        catalog = pystac.Collection(
+            id=f"{collection.id}-deeplab",
+            description=f"{description}, of the Collection {collection.id}: {collection.description}",
+            extent=_extent(items),
+            license=collection.license,
+            title=f"{collection.title or collection.id}: {title}",
+        )
+    for item_path in items:
         target = f"./{item_path.parent.name}/{ITEM_NAME}"
         catalog.add_link(
             pystac.Link(pystac.RelType.ITEM, target, pystac.MediaType.JSON, item_path.parent.name)
@@ -142,6 +162,29 @@ def write_catalog(out_dir: Path, title: str) -> Path:
     path = Path(out_dir) / CATALOG_NAME
     write_text_atomically(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def _extent(items: list[Path]) -> pystac.Extent:
+    """The Items' bounding box (WGS84) and time span; a slide's Items have neither."""
+    boxes, times = [], []
+    for path in items:
+        document = json.loads(path.read_text())
+        if document.get("bbox"):
+            boxes.append(document["bbox"][:4])
+        if moment := document.get("properties", {}).get("datetime"):
+            times.append(datetime.fromisoformat(moment.replace("Z", "+00:00")))
+    bbox = (
+        [
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[2] for b in boxes),
+            max(b[3] for b in boxes),
+        ]
+        if boxes
+        else [-180.0, -90.0, 180.0, 90.0]
+    )
+    interval: list[datetime | None] = [min(times), max(times)] if times else [None, None]
+    return pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([interval]))
 
 
 def _add_asset(item: pystac.Item, name: str, path: Path, media_type: str, facts: ItemFacts) -> None:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deeplab_common.atomic import write_text_atomically
 from deeplab_common.errors import DataError, SceneError
 from pipeline.io.sources import Source, as_source, gdal_path, is_remote, open_raster
+from pipeline.io.stac import SourceCollection
 
 STAC_ITEM_TAG = "DEEPLAB_STAC_ITEM"  # in a scene VRT: the href of the Item it was made from
 VISUAL = "visual"
@@ -71,6 +72,19 @@ class StacSearch(BaseModel):
             "+00:00", "Z"
         )
 
+    def collection(self) -> SourceCollection | None:
+        """The Collection searched, when the search names exactly one (the output is then a Collection)."""
+        if not self.collections or len(self.collections) != 1:
+            return None
+        from pystac_client import Client
+
+        try:
+            found = Client.open(self.url).get_collection(self.collections[0])
+        except Exception as error:
+            said = " ".join(str(error).split())[:300]
+            raise DataError(f"{self.url}: collection {self.collections[0]}: {said}") from None
+        return source_collection(found) if isinstance(found, pystac.Collection) else None
+
     def items(self) -> Iterator[pystac.Item]:
         from pystac_client import Client
         from pystac_client.exceptions import APIError
@@ -98,8 +112,9 @@ def is_stac_document(entry: str) -> bool:
     return entry.split("?", 1)[0].lower().endswith(".json")
 
 
-def read_items(entry: str) -> list[pystac.Item]:
-    """The Items of a STAC document: an Item, an ItemCollection, or every Item under a Catalog/Collection."""
+def read_items(entry: str) -> tuple[list[pystac.Item], SourceCollection | None]:
+    """The Items of a STAC document: an Item, an ItemCollection, or every Item under a Catalog/Collection;
+    and the Collection, when the document is one."""
     try:
         document = json.loads(_read_text(entry))
     except (OSError, ValueError) as error:
@@ -107,16 +122,26 @@ def read_items(entry: str) -> list[pystac.Item]:
     kind = document.get("type")
     try:
         if kind == "Feature":
-            return [pystac.Item.from_dict(document, href=entry)]
+            return [pystac.Item.from_dict(document, href=entry)], None
         if kind == "FeatureCollection":
-            return list(pystac.ItemCollection.from_dict(document))
+            return list(pystac.ItemCollection.from_dict(document)), None
         if kind in ("Catalog", "Collection"):
             root = pystac.read_file(entry)
             assert isinstance(root, pystac.Catalog)
-            return list(root.get_items(recursive=True))
+            of = source_collection(root) if isinstance(root, pystac.Collection) else None
+            return list(root.get_items(recursive=True)), of
     except Exception as error:
         raise DataError(f"{entry}: not a valid STAC {kind} ({' '.join(str(error).split())[:300]})") from None
     raise DataError(f"{entry}: not a STAC Item, ItemCollection, Catalog or Collection (type {kind!r})")
+
+
+def source_collection(collection: pystac.Collection) -> SourceCollection:
+    return SourceCollection(
+        id=collection.id,
+        description=collection.description,
+        license=collection.license or "other",
+        title=collection.title,
+    )
 
 
 def _read_text(entry: str) -> str:
