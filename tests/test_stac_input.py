@@ -225,3 +225,27 @@ def test_assets_are_chosen_by_what_the_model_needs(published: list[pystac.Item],
     with pytest.raises(Exception, match=r"v: no assets give the model's bands red, nir") as refused:
         choose_assets(visual, ["red", "nir"], None)
     assert "\n" not in str(refused.value) and "--assets" in str(refused.value)
+
+
+def test_an_assets_file_checksum_is_its_identity(
+    s3: Any, published: list[pystac.Item], kampala: Path, tmp_path: Path
+) -> None:
+    """Assets that declare ``file:checksum`` are known by it, with no request: a re-upload the catalog does
+    not declare goes unseen (the catalog is trusted, as documented), a new declared checksum is seen."""
+    from pipeline.engine.manifest import Manifest
+    from pipeline.io.stac_input import scene_vrt
+
+    item = published[0]
+    for key, asset in item.assets.items():
+        asset.extra_fields["file:checksum"] = f"1220{key:0>64}"[:68]
+    manifest = Manifest(tmp_path / "out")
+    vrt = scene_vrt(item, ["red", "green", "blue"], None, tmp_path / "stac")
+    first = manifest.input_identity(vrt)
+    other = _band_cogs(kampala_chip(kampala, "OAM-1238448-1046528-21")[0], tmp_path / "other")
+    s3.upload(s3.bucket, f"stac/{item.id}/B04.tif", other["B04"])
+    assert manifest.input_identity(vrt) == first  # the declared checksums stand for the assets
+    assert manifest.input_identity(vrt, verify=True) != first  # --verify-inputs reads them
+    item.assets["B04"].extra_fields["file:checksum"] = "1220" + "f" * 64
+    assert (
+        manifest.input_identity(scene_vrt(item, ["red", "green", "blue"], None, tmp_path / "stac")) != first
+    )

@@ -31,6 +31,7 @@ from pipeline.io.sources import (
     content_identity,
     source_identity,
     source_sha256,
+    vrt_declared_checksums,
     vrt_sources,
 )
 from pipeline.io.stac import SourceCollection
@@ -122,7 +123,13 @@ class Manifest:
         if not isinstance(source, Path):
             return source_identity(source, verify=verify)
         if source.suffix.lower() == ".vrt":  # a VRT is what it reads: each source's identity counts
-            parts = [self.input_identity(part, keep, verify) for part in vrt_sources(source)]
+            declared = {} if verify else vrt_declared_checksums(source)  # STAC's file:checksum, if given
+            parts = [
+                f"multihash:{declared[str(part)]}"
+                if str(part) in declared
+                else self.input_identity(part, keep, verify)
+                for part in vrt_sources(source)
+            ]
             return combined_identity(self._file_identity(source, keep, verify), parts)
         return self._file_identity(source, keep, verify)
 

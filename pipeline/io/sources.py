@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
@@ -125,6 +126,28 @@ def vrt_sources(path: Path) -> list[Source]:
             source = path.parent / source
         found[source] = None
     return list(found)
+
+
+SOURCE_CHECKSUMS_TAG = "DEEPLAB_SOURCE_CHECKSUMS"  # in a scene VRT: its sources' STAC file:checksum, by path
+
+
+def vrt_declared_checksums(path: Path) -> dict[str, str]:
+    """The checksums a VRT declares for its sources (``file:checksum`` multihashes of the STAC assets it was
+    made from, by the source's path as written): they identify those sources without a request."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return {}
+    for item in root.iter("MDI"):
+        if item.get("key") == SOURCE_CHECKSUMS_TAG:
+            try:
+                declared = json.loads(item.text or "{}")
+            except ValueError:
+                return {}
+            return {str(k): str(v) for k, v in declared.items()} if isinstance(declared, dict) else {}
+    return {}
 
 
 def combined_identity(own: str, parts: list[str]) -> str:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deeplab_common.atomic import write_text_atomically
 from deeplab_common.errors import DataError, SceneError
-from pipeline.io.sources import Source, as_source, gdal_path, is_remote, open_raster
+from pipeline.io.sources import SOURCE_CHECKSUMS_TAG, Source, as_source, gdal_path, is_remote, open_raster
 from pipeline.io.stac import SourceCollection
 
 STAC_ITEM_TAG = "DEEPLAB_STAC_ITEM"  # in a scene VRT: the href of the Item it was made from
@@ -236,6 +236,7 @@ def scene_vrt(item: pystac.Item, bands: Sequence[str], named: Sequence[str] | No
         + "</GeoTransform>",
         "  <Metadata>",
         f"    <MDI key={quoteattr(STAC_ITEM_TAG)}>{escape(item_href(item) or item.id)}</MDI>",
+        *_declared_checksums(item, chosen),
         "  </Metadata>",
     ]
     for number, ((key, band), name) in enumerate(zip(chosen, bands, strict=True), start=1):
@@ -265,6 +266,21 @@ def scene_vrt(item: pystac.Item, bands: Sequence[str], named: Sequence[str] | No
     path = folder / f"{item.id}.vrt"
     write_text_atomically(path, "\n".join(lines) + "\n")
     return path
+
+
+def _declared_checksums(item: pystac.Item, chosen: list[tuple[str, int]]) -> list[str]:
+    """The metadata line with each chosen asset's ``file:checksum`` by its GDAL path, when it has one."""
+    declared = {}
+    for key, _ in chosen:
+        asset = item.assets[key]
+        if checksum := asset.extra_fields.get("file:checksum"):
+            href = asset.get_absolute_href() or asset.href
+            declared[str(gdal_path(as_source(href)))] = str(checksum)
+    if not declared:
+        return []
+    return [
+        f"    <MDI key={quoteattr(SOURCE_CHECKSUMS_TAG)}>{escape(json.dumps(declared, sort_keys=True))}</MDI>"
+    ]
 
 
 def scenes_of_items(
