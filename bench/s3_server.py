@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +120,9 @@ class CountingProxy:
     """A loopback HTTP proxy in front of the S3 server that records every request and the bytes it answered
     with: what a client costs the store, counted on the server's side of the wire."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, die_when: Callable[[str, str], bool] | None = None) -> None:
+        """``die_when(method, path)``: the proxy stops listening at the first request it holds true for, and
+        drops that request unanswered, as a store that dies mid-run does (the tests' "server dies" case)."""
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,6 +137,10 @@ class CountingProxy:
             protocol_version = "HTTP/1.1"
 
             def _forward(self) -> None:
+                if die_when is not None and die_when(self.command, self.path):
+                    self.close_connection = True
+                    threading.Thread(target=proxy.close, daemon=True).start()
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 connection = http.client.HTTPConnection(

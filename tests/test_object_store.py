@@ -305,3 +305,43 @@ def test_a_slide_from_a_bucket_into_a_bucket_from_the_command_line(
     assert main(["segment", url, "--out", out, "--scratch", str(tmp_path / "t"), *flags]) == 0  # skipped
     runs = json.loads(objects.get_bytes(f"{out}/manifest.json"))["runs"]
     assert [scene["outcome"] for scene in runs[-1]["scenes"]] == ["skipped"]
+
+
+def test_a_store_that_dies_mid_run_fails_the_scenes_left_in_one_line_each(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store stops answering after the first scene is published (a proxy in front of it dies at the
+    second scene's first request after its preflight): the first scene is kept, the second fails with one
+    line naming it, and the next run, with the store back, publishes it and skips the first."""
+    from bench.s3_server import CountingProxy
+    from pipeline.engine.driver import Batch
+    from pipeline.engine.options import SegmentOptions as Options
+
+    first_url, second_url = _upload_chips(s3, kampala, "in/")
+    second_key = "/" + second_url.removeprefix("s3://")
+    counting = CountingProxy(s3.endpoint)  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", counting.endpoint)
+    from models.checkpoint import checkpoint_info
+
+    Batch(tmp_path / "out", checkpoint_info(tiny_buildings_model), Options(engine="local")).plan(
+        f"s3://{s3.bucket}/in/"  # type: ignore[attr-defined]
+    )  # the dry run: the requests preflight makes for the second scene
+    before_staging = sum(1 for r in counting.reset() if r.path.startswith(second_key))
+    counting.close()
+    seen: list[str] = []
+
+    def dies(method: str, path: str) -> bool:
+        seen.extend([path] if path.startswith(second_key) else [])
+        return len(seen) > before_staging
+
+    dying = CountingProxy(s3.endpoint, die_when=dies)  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dying.endpoint)
+    batch = run_batch(f"s3://{s3.bucket}/in/", tiny_buildings_model, tmp_path / "out", LOCAL)  # type: ignore[attr-defined]
+    dying.close()
+    outcome = {r.source: r for r in batch.records}
+    assert outcome[first_url].outcome == "done" and outcome[second_url].outcome == "failed"
+    line = outcome[second_url].message.split(" (details:")[0]
+    assert line.startswith(second_url) and "did not answer" in line and "\n" not in line
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # type: ignore[attr-defined]
+    again = run_batch(f"s3://{s3.bucket}/in/", tiny_buildings_model, tmp_path / "out", LOCAL)  # type: ignore[attr-defined]
+    assert {r.source: r.outcome for r in again.records} == {first_url: "skipped", second_url: "done"}
