@@ -208,6 +208,12 @@ def test_outputs_in_a_bucket_are_published_whole_and_resume_from_any_machine(
         assert np.array_equal(a.read(), b.read())
     assert local.records[0].outcome == "done"
 
+    from models.checkpoint import checkpoint_info
+    from pipeline.engine.driver import Batch
+
+    dry = LOCAL.model_copy(update={"scratch": str(tmp_path / "dry")})
+    planned = Batch(out, checkpoint_info(tiny_buildings_model), dry).plan(f"{bucket}/in/")
+    assert [getattr(p, "outcome", None) for p in planned] == ["skipped", "skipped"]  # the dry run knows too
     elsewhere = LOCAL.model_copy(update={"scratch": str(tmp_path / "c")})
     again = run_batch(f"{bucket}/in/", tiny_buildings_model, out, elsewhere)
     assert [r.outcome for r in again.records] == ["skipped", "skipped"]

@@ -182,6 +182,7 @@ class Batch:
             return self._plan(inputs, Path(stac_folder))
 
     def _plan(self, inputs: Inputs, stac_folder: Path) -> list[PlannedScene | SceneRecord]:
+        self.output.look()  # a bucket's manifest and listing: what a run would skip
         found = self.discover(inputs, stac_folder)
         runner = StageRunner(self.progress)
         checked = [self._checked(source, runner, dry_run=True) for source in found.scenes]

@@ -48,6 +48,11 @@ class Output(ABC):
     def hold(self, wait: bool, on_wait: Callable[[str], None]) -> AbstractContextManager[None]:
         """This run's hold on ``--out`` (another run's waits for it, or is refused with ``wait`` False)."""
 
+    def look(self) -> None:
+        """Learn what is published, without holding ``--out`` (a dry run); a local folder is looked at
+        directly."""
+        return None
+
     @abstractmethod
     def exists(self, relative: str) -> bool:
         """Whether the published output ``relative`` (to ``--out``) is there."""
@@ -100,12 +105,15 @@ class BucketOutput(Output):
     def hold(self, wait: bool, on_wait: Callable[[str], None]) -> Iterator[None]:
         try:
             with self.lease.hold(wait, on_wait), output_lock(self.folder, wait, on_wait):
-                listing = objects.list_tree(self.prefix)
-                self._published = {key: info.etag for key, info in listing.items()}
-                self._pull_manifest()
+                self.look()
                 yield
         except UnreachableObject as error:
             raise OutputFolderError(f"--out {self.prefix}: {error}") from None
+
+    def look(self) -> None:
+        listing = objects.list_tree(self.prefix)
+        self._published = {key: info.etag for key, info in listing.items()}
+        self._pull_manifest()
 
     def exists(self, relative: str) -> bool:
         return relative in self._published
