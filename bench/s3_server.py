@@ -83,7 +83,7 @@ def s3_server(log: Path, unauthenticated_actions: int | None = None) -> Iterator
         )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(endpoint, process, log)
+        wait_until_answers(f"{endpoint}/moto-api/", process, log)
         yield S3Server(endpoint, process)
     finally:
         process.terminate()
@@ -94,17 +94,18 @@ def s3_server(log: Path, unauthenticated_actions: int | None = None) -> Iterator
             process.wait()
 
 
-def _wait_until_up(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
+def wait_until_answers(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 60) -> None:
+    """Until a server this test started answers ``url``; its log's end if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{process.args!r} exited: {log.read_text()[-2000:]}")
         try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            urllib.request.urlopen(url, timeout=2).close()
             return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
-    raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s")
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s: {log.read_text()[-2000:]}")
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.s3_server import free_port
+from bench.s3_server import free_port, wait_until_answers
 
 POSTGIS_HINT = "apt-get install postgresql postgresql-postgis (.ci/run does)"
 
@@ -120,7 +117,7 @@ def stac_api(log_folder: Path) -> Iterator[StacApi]:
                 env=environment,
             )
         url = f"http://127.0.0.1:{api_port}"
-        _wait_for(url, server, log_folder / "stac-fastapi.log")
+        wait_until_answers(f"{url}/_mgmt/ping", server, log_folder / "stac-fastapi.log")
         yield StacApi(url, dsn)
     finally:
         if server is not None:
@@ -131,16 +128,3 @@ def stac_api(log_folder: Path) -> Iterator[StacApi]:
             capture_output=True,
         )
         shutil.rmtree(data, ignore_errors=True)
-
-
-def _wait_for(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"stac-fastapi-pgstac exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/_mgmt/ping", timeout=2).close()
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    raise RuntimeError(f"stac-fastapi-pgstac did not answer on {url} within 60 s")
