@@ -196,7 +196,8 @@ class LocalRayCluster:
         return not node.gone and node.process.poll() is None and node.raylet_pid() is not None
 
     def stop_node(self, name: str, grace: float = 20.0) -> None:
-        node = next(n for n in self.nodes if n.name == name)
+        """Stop the node last started under ``name`` (a name may be used again once its node is stopped)."""
+        node = next(n for n in reversed(self.nodes) if n.name == name and not n.gone)
         node.gone = True
         _signal_group(node.pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
