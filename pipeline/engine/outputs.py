@@ -99,7 +99,7 @@ class BucketOutput(Output):
         self.location = self.prefix
         self.folder = output_folder(scratch)
         self.lease = PrefixLease(self.prefix)
-        self._published: dict[str, str | None] = {}  # relative key -> ETag (None: uploaded by this run)
+        self._published: dict[str, str | None] = {}  # relative key -> its ETag, as listed or uploaded
 
     @contextmanager
     def hold(self, wait: bool, on_wait: Callable[[str], None]) -> Iterator[None]:
@@ -160,10 +160,9 @@ class BucketOutput(Output):
         return path
 
     def _upload(self, key: str) -> None:
-        objects.put_file(f"{self.prefix}/{key}", self.folder / key)
-        self._published[key] = None
+        etag = objects.put_file(f"{self.prefix}/{key}", self.folder / key)
+        self._published[key] = etag
         if key == MANIFEST_NAME:
-            etag = objects.head(f"{self.prefix}/{key}").etag
             (self.folder / _MANIFEST_ETAG).write_text(etag or "")
 
     def _pull_manifest(self) -> None:

@@ -368,14 +368,15 @@ def get_bytes(text: str) -> bytes:
         raise _unreachable(text, error) from None
 
 
-def put_file(text: str, path: Path) -> None:
-    """Upload a local file (multipart when large: obstore splits it)."""
+def put_file(text: str, path: Path) -> str | None:
+    """Upload a local file (multipart when large: obstore splits it); its new ETag."""
     url = ObjectUrl.parse(text)
     try:
         with open(path, "rb") as handle:
-            obstore.put(store_for(url), url.key, handle)
+            result = obstore.put(store_for(url), url.key, handle)
     except Exception as error:
         raise _unreachable(text, error) from None
+    return result.get("e_tag")
 
 
 def delete(text: str) -> None:
