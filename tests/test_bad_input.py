@@ -1,8 +1,15 @@
-"""Bad input: one error line naming the file and the problem, a non-zero exit, nothing half-written."""
+"""Bad input: one error line naming the file and the problem, a non-zero exit, nothing half-written.
+
+The commands run in this process (``pipeline.cli.parser.main``, what the ``deeplab`` entry point calls) with
+their output captured: an exception that escapes the CLI's handling fails the test with its traceback.
+``test_missing_path`` runs the real entry point in a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +25,24 @@ DEEPLAB = [sys.executable, "-m", "pipeline.cli"]
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``deeplab ARGS`` in this process, from ``cwd``: its exit code and what it printed."""
+    from pipeline.cli.parser import main
+
+    out, err, before = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit:  # argparse's usage errors
+                code = int(exit.code or 0)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["deeplab", *args], code, out.getvalue(), err.getvalue())
+
+
+def _run_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``deeplab ARGS`` through the real entry point, in a process of its own."""
     return subprocess.run([*DEEPLAB, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=None)
 
 
@@ -95,7 +120,7 @@ def test_mask_values_above_the_declared_classes(kampala: Path, tmp_path: Path) -
 
 def test_missing_path(buildings_model: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-folder"
-    result = _run(
+    result = _run_process(
         "evaluate",
         "--model",
         str(buildings_model),
@@ -134,7 +159,7 @@ def test_a_checkpoint_that_is_not_one(kampala: Path, tmp_path: Path) -> None:
 
 
 def test_band_count_that_does_not_match_the_checkpoint(
-    kampala: Path, buildings_model: Path, tmp_path: Path
+    kampala: Path, tiny_buildings_model: Path, tmp_path: Path
 ) -> None:
     image, mask = kampala_chip(kampala)
     four_band = tmp_path / "rgbn.tif"
@@ -142,7 +167,7 @@ def test_band_count_that_does_not_match_the_checkpoint(
         rgb = dataset.read()
     _write_like(image, four_band, np.concatenate([rgb, rgb[:1]]))
     out = tmp_path / "out"
-    result = _run("segment", str(four_band), "--model", str(buildings_model), "--out", str(out), cwd=tmp_path)
+    result = _run("segment", str(four_band), "--model", str(tiny_buildings_model), "--out", str(out), cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0
     assert any(str(four_band) in line and "4 band(s)" in line and "expects 3" in line for line in lines)
@@ -153,7 +178,7 @@ def test_band_count_that_does_not_match_the_checkpoint(
     result = _run(
         "evaluate",
         "--model",
-        str(buildings_model),
+        str(tiny_buildings_model),
         "--images",
         str(four_band),
         "--masks",
