@@ -167,7 +167,9 @@ def test_band_count_that_does_not_match_the_checkpoint(
         rgb = dataset.read()
     _write_like(image, four_band, np.concatenate([rgb, rgb[:1]]))
     out = tmp_path / "out"
-    result = _run("segment", str(four_band), "--model", str(tiny_buildings_model), "--out", str(out), cwd=tmp_path)
+    result = _run(
+        "segment", str(four_band), "--model", str(tiny_buildings_model), "--out", str(out), cwd=tmp_path
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0
     assert any(str(four_band) in line and "4 band(s)" in line and "expects 3" in line for line in lines)
