@@ -270,7 +270,7 @@ def test_a_run_killed_while_writing_a_bucket_resumes_and_loses_nothing(
 
     (url, _) = _upload_chips(s3, kampala, "in/")
     out = f"s3://{s3.bucket}/killed"  # type: ignore[attr-defined]
-    monkeypatch.setenv(LEASE_ENV, "2")
+    monkeypatch.setenv(LEASE_ENV, "1")
     scratch = tmp_path / "scratch"
     command = [sys.executable, "-m", "pipeline.cli", "segment", url, "--model", str(tiny_buildings_model)]
     command += ["--out", out, "--engine", "local", "--no-crf", "--tile", "128", "--scratch", str(scratch)]
