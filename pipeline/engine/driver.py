@@ -122,6 +122,7 @@ class Batch:
         self.options = _for_output_folder(options, self.work_dir)
         self.progress = progress or Silent()
         self.manifest = Manifest(self.out_dir, self.output.exists)
+        self.options_hash = config_hash(self.options)  # the options as given: a record's, and the run's
         self.collection: SourceCollection | None = None  # the STAC Collection the inputs came from
 
     @contextmanager
@@ -227,9 +228,10 @@ class Batch:
         if isinstance(source, Path) and (problem := local_file_problem(source)):
             raise UnreadableScene(f"{source}: {problem}")
         identity = self.manifest.input_identity(source, keep=keep_identity, verify=self.options.verify_inputs)
-        requested = config_hash(self.options)
         if (
-            previous := self.manifest.unchanged(str(source), identity, self.checkpoint.sha256, requested)
+            previous := self.manifest.unchanged(
+                str(source), identity, self.checkpoint.sha256, self.options_hash
+            )
         ) is not None:
             return self.skipped(source, previous, progress)
         scene = describe(source, self.options.mpp)
@@ -262,9 +264,8 @@ class Batch:
         check_fits(
             planned.source, plan.shape, scene.bands, scene.dtype, self.out_dir, self.options.probabilities
         )
-        inside(
-            self.out_dir, self.work_dir / planned.name
-        )  # a symlinked work folder must not carry writes away
+        # a symlinked work folder must not carry writes away
+        inside(self.out_dir, self.work_dir / planned.name)
         progress.stage(planned.name, "stage")
         stores = stage_scene(scene, self.work_dir, plan.tiling.tile, planned.input_identity, plan.check.scale)
         ledger = Ledger(
@@ -295,7 +296,7 @@ class Batch:
             scene_id=planned.name,
             outcome="done",
             key=planned.key,
-            options=config_hash(self.options),
+            options=self.options_hash,
             outputs=outputs,
             tiles=report.tiles.model_dump(),
             seconds=report.total_seconds,
@@ -349,7 +350,7 @@ class Batch:
             "seconds": round(seconds, 3),
             "checkpoint": str(self.checkpoint.path),
             "checkpoint_sha256": self.checkpoint.sha256,
-            "config": config_hash(self.options),
+            "config": self.options_hash,
             "outcome": "failed" if failed else "completed",
         }
         self.manifest.record_run(run, records)

@@ -130,7 +130,9 @@ class Manifest:
                 else self.input_identity(part, keep, verify)
                 for part in vrt_sources(source)
             ]
-            return combined_identity(self._file_identity(source, keep, verify), parts)
+            # its own text is hashed as it is, not cached: a run rewrites its STAC VRTs, and a cache entry
+            # per VRT would rewrite the whole manifest once per scene and run
+            return combined_identity(content_identity(source_sha256(source)), parts)
         return self._file_identity(source, keep, verify)
 
     def _file_identity(self, source: Path, keep: bool, verify: bool) -> str:

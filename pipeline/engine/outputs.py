@@ -120,16 +120,7 @@ class BucketOutput(Output):
 
     def scene_published(self, scene: str, outputs: list[str]) -> None:
         self.lease.check()
-        files = sorted(
-            path.relative_to(self.folder).as_posix()
-            for output in outputs
-            for path in (
-                [self.folder / output]
-                if (self.folder / output).is_file()
-                else (self.folder / output).rglob("*")
-            )
-            if path.is_file()
-        )
+        files = sorted(key for output in outputs for key in self._files(output))
         body = [name for name in files if Path(name).name not in LAST]
         last = [f"{scene}/{name}" for name in LAST if f"{scene}/{name}" in files]
         stale = [key for key in self._published if key.startswith(f"{scene}/") and key not in files]
@@ -141,6 +132,12 @@ class BucketOutput(Output):
         for key in last:
             self._upload(key)
         self._upload(MANIFEST_NAME)
+
+    def _files(self, output: str) -> list[str]:
+        """An output's files by key: the file itself, or every file under an output folder (OME-Zarr)."""
+        path = self.folder / output
+        found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return [p.relative_to(self.folder).as_posix() for p in found]
 
     def before_pages(self) -> None:
         for key in self._published:

@@ -96,15 +96,18 @@ class ObjectUrl:
         return ObjectUrl(self.scheme, self.bucket, key)
 
 
-def is_object_url(text: object) -> bool:
-    """Whether ``text`` names an object in a store (not a local path, nor a GDAL path such as /vsizip/)."""
+def object_url(text: object) -> ObjectUrl | None:
+    """The object ``text`` names; None for a local path, or a GDAL path such as ``/vsizip/``."""
     if not isinstance(text, str):
-        return False
+        return None
     try:
-        ObjectUrl.parse(text)
+        return ObjectUrl.parse(text)
     except ConfigError:
-        return False
-    return True
+        return None
+
+
+def is_object_url(text: object) -> bool:
+    return object_url(text) is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,8 +238,13 @@ def head(text: str) -> ObjectInfo:
         meta = obstore.head(store_for(url), url.key)
     except Exception as error:
         raise _unreachable(text, error) from None
+    return _info(text, meta)
+
+
+def _info(url: str, meta: Any) -> ObjectInfo:
+    """A HEAD's or a listing's metadata of the object at ``url``."""
     return ObjectInfo(
-        url=text,
+        url=url,
         size=int(meta["size"]),
         etag=meta.get("e_tag"),
         version=meta.get("version"),
@@ -348,13 +356,7 @@ def list_tree(text: str) -> dict[str, ObjectInfo]:
     try:
         for batch in obstore.list(store_for(url), prefix=prefix or None):
             for meta in batch:
-                found[meta["path"][len(prefix) :]] = ObjectInfo(
-                    url=url.child(meta["path"]).url,
-                    size=int(meta["size"]),
-                    etag=meta.get("e_tag"),
-                    version=meta.get("version"),
-                    last_modified=meta["last_modified"].isoformat(),
-                )
+                found[meta["path"][len(prefix) :]] = _info(url.child(meta["path"]).url, meta)
     except Exception as error:
         raise _unreachable(text, error) from None
     return found

@@ -31,7 +31,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from deeplab_common.digest import file_sha256
-from deeplab_common.errors import ConfigError, DataError, UnreadableScene
+from deeplab_common.errors import DataError, UnreadableScene
 from models.data import ground_pixel_size
 from pipeline.io import objects
 from pipeline.io.slides import SlideInfo
@@ -76,12 +76,7 @@ def scene_id_problem(source: Source) -> str | None:
 
 def object_url(source: Source) -> objects.ObjectUrl | None:
     """The object a remote source names (None for a local path, or a GDAL path such as ``/vsizip/``)."""
-    if not is_remote(source):
-        return None
-    try:
-        return objects.ObjectUrl.parse(str(source))
-    except ConfigError:
-        return None
+    return objects.object_url(str(source)) if is_remote(source) else None
 
 
 def source_sha256(source: Source) -> str:
