@@ -43,7 +43,9 @@ def render_card(path: Path, attribution: str) -> str:
         f"({metadata.training.get('data', {}).get('train_images')} training images, "
         f"{metadata.training.get('data', {}).get('val_images')} held out).",
         "",
+        *_label_lines(metadata.training.get("data", {})),
         *_stage_lines(metadata.training.get("initialised_from")),
+        *_before_after_lines(metadata),
         "## Held-out results",
         "",
     ]
@@ -93,6 +95,78 @@ def _stage_lines(source: dict[str, Any] | None) -> list[str]:
         "",
     ]
     return lines + _stage_lines(source.get("initialised_from"))
+
+
+def _label_lines(data: dict[str, Any]) -> list[str]:
+    """Models trained on vector labels: each label source, the area of interest and the split by ground."""
+    if not data.get("labels"):
+        return []
+    lines = [
+        "Labels (vector, rasterised on each scene's grid crop by crop):",
+        "",
+        "| file | sha256 | features | CRS | classes | repaired | left out |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label in data["labels"]:
+        classes = ", ".join(f"{name} {count}" for name, count in label["classes"].items())
+        lines.append(
+            f"| {label['file']} | `{label['sha256'][:16]}…` | {label['features']} | {label['crs']} "
+            f"| {classes} | {label['repaired']} | {label['skipped']} |"
+        )
+    aoi = data.get("aoi", {})
+    where = {
+        "extent": "all of each scene",
+        "file": f"the polygons of {aoi.get('file')}",
+        "labels buffered": f"within {aoi.get('buffer_m')} m of a label",
+        "annotated regions": "the annotated regions",
+    }.get(str(aoi.get("kind")), "?")
+    split = data.get("split", {})
+    held = (
+        f"the {split.get('block_size')} px ground blocks centred in {split.get('val_bbox')}"
+        if split.get("val_bbox")
+        else f"a seeded {split.get('val_fraction')} of the {split.get('block_size')} px ground blocks "
+        f"(seed {split.get('seed')})"
+    )
+    return [
+        *lines,
+        "",
+        f"Area of interest: {where} (pixels outside it are ignored, not background). Held out: {held}: "
+        f"{data.get('val_images')} blocks, {data.get('train_images')} train; the blocks are listed in the "
+        "checkpoint (`deeplab info --full`).",
+        "",
+    ]
+
+
+def _before_after_lines(metadata: CheckpointMetadata) -> list[str]:
+    """Fine-tuned models: the model it started from and this one on the same held-out images."""
+    history = metadata.metrics.get("history", [])
+    after = metadata.metrics.get("val")
+    if not history or history[0].get("epoch") != 0 or not after:
+        return []
+    before = history[0]["val"]
+    rows = [
+        ("mIoU", before["miou"], after["miou"]),
+        ("boundary F1", before["boundary_f1"], after["boundary_f1"]),
+    ]
+    for name, value in after["per_class_iou"].items():
+        rows.append((f"IoU {name}", before["per_class_iou"].get(name), value))
+    for name, scores in after.get("objects", {}).items():
+        rows.append((f"object F1 {name}", before.get("objects", {}).get(name, {}).get("f1"), scores["f1"]))
+    adapted = (metadata.training.get("initialised_from") or {}).get("adapted", [])
+    return [
+        f"Before and after fine-tuning, on the same {after.get('images')} held-out images:",
+        "",
+        "| metric | before | after |",
+        "| --- | --- | --- |",
+        *(f"| {label} | {_number(old)} | {_number(new)} |" for label, old, new in rows),
+        "",
+        *(f"Adapted from the starting checkpoint: {line}." for line in adapted),
+        *([""] if adapted else []),
+    ]
+
+
+def _number(value: object) -> str:
+    return "–" if value is None else f"{float(value):.4f}"  # type: ignore[arg-type]
 
 
 def _args(metadata: CheckpointMetadata) -> str:

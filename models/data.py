@@ -170,6 +170,12 @@ def read_pair(pair: Pair, num_classes: int, ignore_index: int | None) -> tuple[n
     return image, mask
 
 
+def raster_shape(path: Path) -> tuple[int, int]:
+    """(height, width) from the header."""
+    with _open(path) as dataset:
+        return dataset.height, dataset.width
+
+
 def pixel_size_m(path: Path) -> float | None:
     """Ground sample distance in metres of a raster file, or None when it is not georeferenced."""
     with _open(path) as dataset:

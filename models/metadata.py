@@ -56,30 +56,34 @@ class CRFParams(BaseModel):
 
 
 class CRFVerdict(BaseModel):
-    """Whether the tuned CRF helped on held-out images (``deeplab tune-crf``): the scores with and without
-    it. Where it did not help on both mIoU and boundary F1, the engine runs the model without the CRF
-    unless told otherwise."""
+    """Whether the tuned CRF helps on held-out images (``deeplab tune-crf``): the scores with and without it,
+    and how sure the gain is (a paired bootstrap over the images). The engine runs the CRF only where the
+    mIoU gain is clear of the noise between images: the lower end of its 95% interval above zero."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     miou_without: float
     miou_with: float
     boundary_f1_without: float
     boundary_f1_with: float
+    miou_gain_interval: tuple[float, float] = Field(
+        description="95% paired-bootstrap interval of the mIoU gain (with - without) over the images"
+    )
+    boundary_f1_gain_interval: tuple[float, float] = Field(description="the same for boundary F1")
+    resamples: int = Field(ge=1, description="bootstrap resamples")
     images: int = Field(ge=1, description="held-out images the verdict was measured on")
     source: str = Field("", description="which images, e.g. the globs and the held-out share")
 
     @property
     def helps(self) -> bool:
-        """The CRF helps unless it lowers mIoU without raising boundary F1, or lowers boundary F1 without
-        raising mIoU (a trade is the user's to make: the CRF stays on, as DeepLab runs it)."""
-        miou = self.miou_with - self.miou_without
-        boundary = self.boundary_f1_with - self.boundary_f1_without
-        return not ((miou < 0 and boundary <= 0) or (boundary < 0 and miou <= 0))
+        """The mIoU gain's interval lies above zero: a gain that images chosen otherwise would not undo."""
+        return self.miou_gain_interval[0] > 0
 
     def describe(self) -> str:
+        low, high = self.miou_gain_interval
         return (
-            f"with the tuned CRF mIoU {self.miou_without:.3f} -> {self.miou_with:.3f}, boundary F1 "
-            f"{self.boundary_f1_without:.3f} -> {self.boundary_f1_with:.3f} on {self.images} held-out images"
+            f"with the tuned CRF mIoU {self.miou_without:.3f} -> {self.miou_with:.3f} (gain 95% interval "
+            f"{low:+.3f} to {high:+.3f}), boundary F1 {self.boundary_f1_without:.3f} -> "
+            f"{self.boundary_f1_with:.3f} on {self.images} held-out images"
         )
 
 

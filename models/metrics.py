@@ -49,29 +49,19 @@ class SegmentationMetrics:
         self.images += 1
 
     def per_class_iou(self) -> dict[str, float | None]:
-        tp = np.diag(self.confusion).astype(np.float64)
-        union = self.confusion.sum(0) + self.confusion.sum(1) - tp
-        return {
-            name: (float(tp[i] / union[i]) if union[i] > 0 else None)
-            for i, name in enumerate(self.class_names)
-        }
+        return dict(zip(self.class_names, class_ious(self.confusion), strict=True))
 
     def miou(self, classes: list[str] | None = None) -> float:
         """Mean IoU over classes present in truth or prediction (optionally only the named ones)."""
-        ious = self.per_class_iou()
-        chosen = [ious[name] for name in (classes or self.class_names)]
-        present = [v for v in chosen if v is not None]
-        return float(np.mean(present)) if present else float("nan")
+        chosen = [self.class_names.index(name) for name in classes or self.class_names]
+        return mean_iou(self.confusion, chosen)
 
     def pixel_accuracy(self) -> float:
         total = self.confusion.sum()
         return float(np.diag(self.confusion).sum() / total) if total else float("nan")
 
     def boundary_f1(self) -> float:
-        matched_pred, total_pred, matched_truth, total_truth = self.boundary_counts
-        precision = matched_pred / total_pred if total_pred else 1.0
-        recall = matched_truth / total_truth if total_truth else 1.0
-        return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+        return boundary_f1_of(self.boundary_counts)
 
     def summary(self, miou_classes: list[str] | None = None) -> dict[str, object]:
         return {
@@ -82,6 +72,65 @@ class SegmentationMetrics:
             "boundary_tolerance_px": self.tolerance_px,
             "images": self.images,
         }
+
+
+def class_ious(confusion: np.ndarray) -> list[float | None]:
+    """IoU per class of a (truth, prediction) confusion matrix; None for a class in neither."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return [float(tp[i] / union[i]) if union[i] > 0 else None for i in range(len(tp))]
+
+
+def mean_iou(confusion: np.ndarray, classes: list[int]) -> float:
+    ious = class_ious(confusion)
+    present = [iou for iou in (ious[i] for i in classes) if iou is not None]
+    return float(np.mean(present)) if present else float("nan")
+
+
+def boundary_f1_of(counts: np.ndarray) -> float:
+    matched_pred, total_pred, matched_truth, total_truth = counts
+    precision = matched_pred / total_pred if total_pred else 1.0
+    recall = matched_truth / total_truth if total_truth else 1.0
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
+@dataclass(frozen=True)
+class PairedBootstrap:
+    """How sure a gain is: images resampled with replacement, the same images for both sides each time
+    (paired), the gain recomputed from the resample's summed counts; the 2.5th and 97.5th percentiles."""
+
+    resamples: int = 2000
+    seed: int = 0
+
+    def intervals(
+        self, without: list[SegmentationMetrics], with_: list[SegmentationMetrics], classes: list[int]
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(mIoU gain interval, boundary-F1 gain interval); ``without`` and ``with_`` hold one entry per
+        image, in the same order."""
+        if len(without) != len(with_) or not without:
+            raise ValueError("a paired bootstrap needs the same images on both sides")
+        rng = np.random.default_rng(self.seed)
+        confusion = np.stack([m.confusion for m in without]), np.stack([m.confusion for m in with_])
+        boundary = (
+            np.stack([m.boundary_counts for m in without]),
+            np.stack([m.boundary_counts for m in with_]),
+        )
+        miou_gains, boundary_gains = [], []
+        for _ in range(self.resamples):
+            chosen = rng.integers(0, len(without), len(without))
+            miou_gains.append(
+                mean_iou(confusion[1][chosen].sum(0), classes)
+                - mean_iou(confusion[0][chosen].sum(0), classes)
+            )
+            boundary_gains.append(
+                boundary_f1_of(boundary[1][chosen].sum(0)) - boundary_f1_of(boundary[0][chosen].sum(0))
+            )
+        return _percentiles(miou_gains), _percentiles(boundary_gains)
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    low, high = np.nanpercentile(np.asarray(values), [2.5, 97.5])
+    return (round(float(low), 5), round(float(high), 5))
 
 
 def _boundary_counts(

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from deeplab_common.atomic import atomic_output
-from deeplab_common.errors import ConfigError, DataError
-from models.augment import AugmentSettings, random_crop
-from models.checkpoint import file_sha256, load_checkpoint, read_metadata, save_checkpoint
-from models.data import Pair, pixel_size_m, read_pair
-from models.inference import autocast_for, normalise, pick_device, predict_probabilities
+from deeplab_common.errors import ConfigError
+from models.adapt import Adaptation, adapt_weights, adapted_bands
+from models.checkpoint import file_sha256, load_checkpoint, read_metadata
+from models.inference import pick_device
 from models.metadata import BandInfo, CheckpointMetadata, ClassInfo, default_classes, with_roles
-from models.metrics import SegmentationMetrics
 from models.registry import build_model, get_architecture
+from models.train_loop import FileSink, Session, run_epochs
+from models.training_images import (
+    TrainingImage,
+    band_statistics,
+    image_bands,
+    median_frequency_weights,
+    source_dtype,
+    statistics_step,
+    training_pixel_size,
+)
 
 
 class TrainConfig(BaseModel):
@@ -36,6 +38,9 @@ class TrainConfig(BaseModel):
     colors: list[tuple[int, int, int]] | None = None
     background_classes: list[str] = Field(default_factory=list, description="marked as background")
     object_classes: list[str] = Field(default_factory=list, description="marked as small objects")
+    object_f1_classes: list[str] | None = Field(
+        None, description="classes validated by object F1 (SpaceNet's); None: the small-object classes"
+    )
     ignore_index: int = 255
     class_weights: list[float] | Literal["auto"] | None = None
     band_names: list[str] | None = None
@@ -67,95 +72,26 @@ class TrainConfig(BaseModel):
         return value
 
 
-@dataclass
-class LoadedPair:
-    pair: Pair
-    image: torch.Tensor  # raw values, (bands, H, W)
-    mask: torch.Tensor  # int64 (H, W)
-
-
-def state_path_for(out: Path) -> Path:
-    return out.with_name(out.name + ".train-state.pt")
-
-
-def load_pairs(pairs: list[Pair], num_classes: int, ignore_index: int) -> list[LoadedPair]:
-    loaded = []
-    bands: int | None = None
-    for pair in pairs:
-        image, mask = read_pair(pair, num_classes, ignore_index)
-        if bands is not None and image.shape[0] != bands:
-            raise DataError(f"{pair.image}: has {image.shape[0]} bands, the other images have {bands}")
-        bands = image.shape[0]
-        loaded.append(LoadedPair(pair, torch.from_numpy(image), torch.from_numpy(mask)))
-    return loaded
-
-
-def band_statistics(data: list[LoadedPair]) -> tuple[list[float], list[float]]:
-    total = torch.zeros(data[0].image.shape[0], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    count = 0
-    for item in data:
-        values = item.image.double().flatten(1)
-        total += values.sum(1)
-        squares += (values**2).sum(1)
-        count += values.shape[1]
-    mean = total / count
-    std = torch.sqrt(torch.clamp(squares / count - mean**2, min=1e-6))
-    return mean.tolist(), std.tolist()
-
-
-def median_frequency_weights(data: list[LoadedPair], num_classes: int) -> list[float]:
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for item in data:
-        valid = item.mask[(item.mask >= 0) & (item.mask < num_classes)]
-        counts += torch.bincount(valid, minlength=num_classes).double()
-    frequency = counts / counts.sum()
-    present = frequency[frequency > 0]
-    median = present.median() if present.numel() else torch.tensor(1.0)
-    return [float(median / f) if f > 0 else 0.0 for f in frequency]
-
-
-def epoch_samples(data: list[LoadedPair], crop: int, rng: np.random.Generator) -> list[int]:
-    """One entry per crop: larger images give proportionally more crops per epoch."""
-    entries = []
-    for index, item in enumerate(data):
-        height, width = item.mask.shape
-        entries += [index] * max(1, round(height * width / (crop * crop)))
-    return [int(i) for i in rng.permutation(entries)]
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    return base * (1 - min(step, total) / total) ** power
-
-
-def evaluate_model(
-    model: nn.Module, data: list[LoadedPair], bands: list[BandInfo], classes: list[str], ignore_index: int
-) -> dict[str, Any]:
-    metrics = SegmentationMetrics(classes, ignore_index)
-    model.eval()
-    for item in data:
-        probabilities = predict_probabilities(model, normalise(item.image.numpy(), bands)[None])
-        metrics.update(probabilities.argmax(1)[0].cpu().numpy(), item.mask.numpy())
-    return metrics.summary()
-
-
-def train(
+def start_session(
     config: TrainConfig,
-    train_pairs: list[Pair],
-    val_pairs: list[Pair],
-    out: Path,
+    train_data: list[TrainingImage],
+    val_data: list[TrainingImage],
     data_description: dict[str, Any],
-    console: Console | None = None,
-    stop_after: int | None = None,
-    command: str = "",
-) -> CheckpointMetadata:
-    """Train and write ``out`` (checkpoint) after every epoch, with a resumable state file beside it.
-
-    ``stop_after`` ends this run after that many epochs in total; running again resumes from there.
-    """
-    console = console or Console(stderr=True)
-    if not train_pairs:
-        raise ConfigError("no training pairs left after the validation split")
+    command: str,
+    console: Console,
+    device: torch.device | None = None,
+) -> Session:
+    """Check the settings, then build the model (from ImageNet, or adapted from ``init_from``), its
+    optimiser and the checkpoint's metadata; ``device``: where this process trains (default: the
+    config's)."""
+    if not train_data:
+        raise ConfigError("no training images left after the validation split")
+    object_f1 = config.object_classes if config.object_f1_classes is None else config.object_f1_classes
+    unknown = [name for name in object_f1 if name not in config.classes]
+    if unknown:
+        raise ConfigError(
+            f"--object-f1: {unknown[0]!r} is not one of the classes ({', '.join(config.classes)})"
+        )
     if config.colors is not None and len(config.colors) != len(config.classes):
         raise ConfigError(f"{len(config.colors)} colours given for {len(config.classes)} classes")
     try:  # the class roles are checked now, not after the training they are written at the end of
@@ -167,135 +103,47 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    device = device or pick_device(config.device)
     num_classes = len(config.classes)
-    train_data = load_pairs(train_pairs, num_classes, config.ignore_index)
-    val_data = load_pairs(val_pairs, num_classes, config.ignore_index)
-    num_bands = train_data[0].image.shape[0]
+    num_bands = image_bands(train_data[0])
     bands = _band_infos(config, train_data, num_bands)
     model = build_model(config.architecture, num_classes, num_bands, config.output_stride, config.pretrained)
+    adaptation = Adaptation(())
     if config.init_from is not None:
-        bands = _initialise_from(model, Path(config.init_from), config, num_bands)
+        bands, adaptation = _initialise_from(model, Path(config.init_from), config, bands, console)
     model = model.to(device)
-    weights = _class_weights(config, train_data, num_classes)
-    optimizer = _optimizer(config, model)
-    start_epoch, history = 0, []
-    state_path = state_path_for(out)
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["config"] != config.model_dump(mode="json"):
-            raise ConfigError(
-                f"{state_path}: a resumable run with other settings exists; delete it or use the same options"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        console.print(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
-    settings = AugmentSettings(config.crop_size, config.scale_range, colour_jitter=config.colour_jitter)
-    steps_per_epoch = math.ceil(
-        len(epoch_samples(train_data, config.crop_size, np.random.default_rng(0))) / config.batch_size
-    )
-    total_steps = steps_per_epoch * config.epochs
     metadata = _metadata(config, bands, data_description, train_data, command)
-    val_summary: dict[str, Any] = history[-1].get("val", {}) if history else {}
-    with _progress(console) as progress:
-        task = progress.add_task(
-            "train",
-            total=total_steps,
-            completed=start_epoch * steps_per_epoch,
-            loss=float("nan"),
-            miou=val_summary.get("miou", float("nan")),
-        )
-        for epoch in range(start_epoch, config.epochs):
-            started = time.perf_counter()
-            rng = np.random.default_rng([config.seed, epoch])  # per-epoch streams make resume exact
-            torch.manual_seed(config.seed * 100_003 + epoch)
-            model.train()
-            order = epoch_samples(train_data, config.crop_size, rng)
-            losses = []
-            for step_in_epoch in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + step_in_epoch
-                for group in optimizer.param_groups:
-                    group["lr"] = poly_lr(config.lr, step, total_steps, config.poly_power)
-                chosen = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
-                if len(chosen) < 2:  # BatchNorm needs two samples; fold a lone leftover into the next epoch
-                    progress.advance(task)
-                    continue
-                crops = [
-                    random_crop(train_data[i].image, train_data[i].mask, settings, rng, config.ignore_index)
-                    for i in chosen
-                ]
-                images = torch.stack([normalise(c[0].numpy(), bands) for c in crops]).to(device)
-                masks = torch.stack([c[1] for c in crops]).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast_for(device, config.amp):
-                    logits = model(images)
-                    loss = F.cross_entropy(
-                        logits.float(), masks, weight=weights.to(device), ignore_index=config.ignore_index
-                    )
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-                progress.update(task, advance=1, loss=float(np.mean(losses[-20:])))
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "loss": float(np.mean(losses)) if losses else None,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            if val_data and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
-                val_summary = evaluate_model(model, val_data, bands, config.classes, config.ignore_index)
-                record["val"] = val_summary
-                progress.update(task, miou=val_summary["miou"])
-            history.append(record)
-            console.print(_epoch_line(record, config.epochs))
-            metadata = metadata.model_copy(update={"metrics": {"val": val_summary, "history": history}})
-            metadata.training["epochs_completed"] = epoch + 1
-            save_checkpoint(out, model, metadata, half=config.half)
-            _save_state(state_path, model, optimizer, epoch + 1, history, config)
-            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < config.epochs:
-                console.print(f"stopping after epoch {epoch + 1}; run the same command again to resume")
-                break
-    return metadata
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  val mIoU {task.fields[miou]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
+    if adaptation.changed:
+        metadata.training["initialised_from"]["adapted"] = list(adaptation.lines)
+    return Session(
+        config=config,
+        train_data=train_data,
+        val_data=val_data,
+        model=model,
+        optimizer=_optimizer(config, model),
+        bands=bands,
+        weights=_class_weights(config, train_data, num_classes),
+        device=device,
+        metadata=metadata,
+        object_f1=list(object_f1),
     )
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    line = f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} ({record['seconds']:.0f} s)"
-    if "val" in record:
-        line += f", val mIoU {record['val']['miou']:.4f}, boundary F1 {record['val']['boundary_f1']:.4f}"
-    return line
-
-
-def _save_state(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    history: list[dict[str, Any]],
+def train(
     config: TrainConfig,
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "config": config.model_dump(mode="json"),
-    }
-    with atomic_output(path) as temp:
-        torch.save(state, temp)
+    train_data: list[TrainingImage],
+    val_data: list[TrainingImage],
+    out: Path,
+    data_description: dict[str, Any],
+    console: Console | None = None,
+    stop_after: int | None = None,
+    command: str = "",
+) -> CheckpointMetadata:
+    """Train in this process and write ``out`` (checkpoint) after every epoch, with a resumable state file
+    beside it. ``stop_after`` ends this run after that many epochs in total; running again resumes."""
+    console = console or Console(stderr=True)
+    session = start_session(config, train_data, val_data, data_description, command, console)
+    return run_epochs(session, FileSink(out), console, stop_after)
 
 
 def initialised_from(path: Path) -> dict[str, Any]:
@@ -313,22 +161,25 @@ def initialised_from(path: Path) -> dict[str, Any]:
     }
 
 
-def _initialise_from(model: nn.Module, path: Path, config: TrainConfig, num_bands: int) -> list[BandInfo]:
-    """Start from a checkpoint's weights; a classifier of another class count is left freshly initialised."""
+def _initialise_from(
+    model: nn.Module, path: Path, config: TrainConfig, fresh_bands: list[BandInfo], console: Console
+) -> tuple[list[BandInfo], Adaptation]:
+    """Start from a checkpoint's weights, adapted where its classes or bands differ (said on the console)."""
     loaded = load_checkpoint(path)
     source = loaded.metadata
-    if source.architecture != config.architecture or source.num_bands != num_bands:
+    if source.architecture != config.architecture:
         raise ConfigError(
-            f"{path}: is a {source.num_bands}-band {source.architecture}; cannot initialise a "
-            f"{num_bands}-band {config.architecture} from it"
+            f"{path}: is a {source.architecture}; cannot initialise a {config.architecture} from it "
+            "(--arch must match the checkpoint's)"
         )
-    own = model.state_dict()
-    fitting = {k: v for k, v in loaded.model.state_dict().items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    return list(source.bands)  # the weights expect the normalisation they were trained with
+    names = [band.name for band in fresh_bands]
+    adaptation = adapt_weights(model, loaded.model, source, config.classes, names, config.output_stride)
+    for line in adaptation.lines:
+        console.print(f"--init-from {path.name}: {line}", highlight=False, soft_wrap=True)
+    return adapted_bands(source, fresh_bands), adaptation
 
 
-def _band_infos(config: TrainConfig, data: list[LoadedPair], num_bands: int) -> list[BandInfo]:
+def _band_infos(config: TrainConfig, data: list[TrainingImage], num_bands: int) -> list[BandInfo]:
     names = config.band_names or (
         ["red", "green", "blue"] if num_bands == 3 else [f"band{i + 1}" for i in range(num_bands)]
     )
@@ -345,15 +196,17 @@ def _band_infos(config: TrainConfig, data: list[LoadedPair], num_bands: int) -> 
             std_list.append(float(np.mean(stds)))
         mean_list, std_list = mean_list[:num_bands], std_list[:num_bands]
     else:
-        mean_list, std_list = band_statistics(data)
+        mean_list, std_list = band_statistics(data, statistics_step(data))
     return [BandInfo(name=n, mean=m, std=s) for n, m, s in zip(names, mean_list, std_list, strict=True)]
 
 
-def _class_weights(config: TrainConfig, data: list[LoadedPair], num_classes: int) -> torch.Tensor:
+def _class_weights(config: TrainConfig, data: list[TrainingImage], num_classes: int) -> torch.Tensor:
     if config.class_weights is None:
         return torch.ones(num_classes)
     if config.class_weights == "auto":
-        return torch.tensor(median_frequency_weights(data, num_classes), dtype=torch.float32)
+        return torch.tensor(
+            median_frequency_weights(data, num_classes, statistics_step(data)), dtype=torch.float32
+        )
     if len(config.class_weights) != num_classes:
         raise ConfigError(f"{len(config.class_weights)} class weights given for {num_classes} classes")
     return torch.tensor(config.class_weights, dtype=torch.float32)
@@ -371,7 +224,7 @@ def _metadata(
     config: TrainConfig,
     bands: list[BandInfo],
     data_description: dict[str, Any],
-    data: list[LoadedPair],
+    data: list[TrainingImage],
     command: str,
 ) -> CheckpointMetadata:
     coloured = (
@@ -380,9 +233,8 @@ def _metadata(
         else [ClassInfo(name=n, color=c) for n, c in zip(config.classes, config.colors, strict=True)]
     )
     classes = with_roles(coloured, config.background_classes, config.object_classes)
-    sizes = [s for s in (pixel_size_m(item.pair.image) for item in data) if s is not None]
-    pixel_size = config.pixel_size_m or (float(np.median(sizes)) if sizes else None)
-    first_dtype = str(data[0].image.numpy().dtype)
+    pixel_size = config.pixel_size_m or training_pixel_size(data)
+    first_dtype = str(source_dtype(data[0]))
     return CheckpointMetadata(
         architecture=config.architecture,
         arch_args={

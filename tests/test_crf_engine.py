@@ -12,6 +12,7 @@ import rasterio
 
 from models.checkpoint import update_metadata
 from models.metadata import CRFVerdict
+from models.metrics import PairedBootstrap, SegmentationMetrics
 from pipeline.cli import main
 from tests.test_driver import _crop
 
@@ -73,7 +74,14 @@ def test_a_checkpoint_whose_crf_did_not_help_runs_without_it_unless_told(
     model = tmp_path / "no-crf.safetensors"
     shutil.copy(buildings_model, model)
     verdict = CRFVerdict(
-        miou_without=0.52, miou_with=0.50, boundary_f1_without=0.36, boundary_f1_with=0.35, images=9
+        miou_without=0.52,
+        miou_with=0.50,
+        boundary_f1_without=0.36,
+        boundary_f1_with=0.35,
+        miou_gain_interval=(-0.04, 0.001),
+        boundary_f1_gain_interval=(-0.02, 0.0),
+        resamples=2000,
+        images=9,
     )
     assert not verdict.helps
     update_metadata(model, crf_verdict=verdict)
@@ -91,22 +99,53 @@ def test_a_checkpoint_whose_crf_did_not_help_runs_without_it_unless_told(
 
 
 @pytest.mark.parametrize(
-    ("miou", "boundary", "helps"),
-    [
-        ((0.5, 0.52), (0.3, 0.31), True),
-        ((0.5, 0.49), (0.3, 0.3), False),
-        ((0.5, 0.5), (0.3, 0.29), False),
-        ((0.5, 0.49), (0.3, 0.33), True),
-    ],
+    ("interval", "helps"),
+    [((0.01, 0.06), True), ((-0.002, 0.03), False), ((-0.03, -0.01), False)],
 )
-def test_the_verdict_keeps_the_crf_where_it_trades_one_score_for_the_other(
-    miou: tuple[float, float], boundary: tuple[float, float], helps: bool
+def test_the_crf_runs_only_where_its_gain_is_clear_of_the_noise_between_images(
+    interval: tuple[float, float], helps: bool
 ) -> None:
+    """A mean gain is not enough: the lower end of the gain's 95% interval must be above zero."""
     verdict = CRFVerdict(
-        miou_without=miou[0],
-        miou_with=miou[1],
-        boundary_f1_without=boundary[0],
-        boundary_f1_with=boundary[1],
-        images=4,
+        miou_without=0.5,
+        miou_with=0.5 + sum(interval) / 2,
+        boundary_f1_without=0.3,
+        boundary_f1_with=0.33,
+        miou_gain_interval=interval,
+        boundary_f1_gain_interval=(0.01, 0.05),
+        resamples=2000,
+        images=8,
     )
     assert verdict.helps is helps
+    assert f"gain 95% interval {interval[0]:+.3f} to {interval[1]:+.3f}" in verdict.describe()
+
+
+def test_the_paired_bootstrap_separates_a_steady_gain_from_a_gain_of_one_image() -> None:
+    """Eight images: a CRF that adds a little everywhere is clear of the noise; one that adds a lot on one
+    image and takes a little from each of the others is not: which images were held out decides its sign."""
+    truth = np.zeros((8, 20, 20), dtype=np.int64)
+    truth[:, 5:15, 5:15] = 1
+
+    def metrics(predictions: list[np.ndarray]) -> list[SegmentationMetrics]:
+        out = []
+        for prediction, target in zip(predictions, truth, strict=True):
+            one = SegmentationMetrics(["background", "object"], 255)
+            one.update(prediction, target)
+            out.append(one)
+        return out
+
+    base = [t.copy() for t in truth]
+    for prediction in base:
+        prediction[5:15, 5:8] = 0  # each image misses a strip of its object
+    steady = [t.copy() for t in truth]
+    for prediction in steady:
+        prediction[5:15, 5:7] = 0  # the CRF recovers one column of it everywhere
+    lucky = [p.copy() for p in base]
+    lucky[0] = truth[0].copy()  # all of one image recovered
+    for prediction in lucky[1:]:
+        prediction[5:15, 8] = 0  # a column lost on each of the others
+    bootstrap = PairedBootstrap(resamples=500, seed=1)
+    steady_interval, _ = bootstrap.intervals(metrics(base), metrics(steady), [0, 1])
+    lucky_interval, _ = bootstrap.intervals(metrics(base), metrics(lucky), [0, 1])
+    assert steady_interval[0] > 0
+    assert lucky_interval[0] < 0 < lucky_interval[1]

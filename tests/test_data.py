@@ -8,7 +8,8 @@ import torch
 
 from deeplab_common.errors import DataError
 from models.augment import AugmentSettings, random_crop
-from models.data import pairs_from_csv, pairs_from_folders, pixel_size_m, split_pairs
+from models.data import Pair, pairs_from_csv, pairs_from_folders, pixel_size_m, split_pairs
+from models.training_images import LoadedPair
 
 HELD_OUT_CELL = (32.595062255859375, 0.35018702872728885, 32.59574890136719, 0.3508736613849764)
 
@@ -51,8 +52,9 @@ def test_random_crop_is_seeded_and_pads_with_ignore() -> None:
     image = torch.arange(3 * 50 * 60, dtype=torch.float32).reshape(3, 50, 60)
     mask = torch.ones(50, 60, dtype=torch.int64)
     settings = AugmentSettings(crop_size=96, scale_range=(0.9, 1.1))
-    a = random_crop(image, mask, settings, np.random.default_rng(5), ignore_index=255)
-    b = random_crop(image, mask, settings, np.random.default_rng(5), ignore_index=255)
+    source = LoadedPair(Pair("synthetic", Path("synthetic.tif"), Path("synthetic-mask.tif")), image, mask)
+    a = random_crop(source, settings, np.random.default_rng(5), ignore_index=255)
+    b = random_crop(source, settings, np.random.default_rng(5), ignore_index=255)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].shape == (3, 96, 96) and a[1].shape == (96, 96)
     assert set(a[1].unique().tolist()) == {1, 255}  # the crop is larger than the image: padding is ignored

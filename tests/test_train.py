@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -120,3 +121,75 @@ def test_init_from_a_checkpoint_of_another_architecture_is_refused(kampala: Path
     args[args.index("--arch") + 1] = "deeplabv3plus_efficientnet_lite0"
     assert main([*args, "--init-from", str(first)]) == 2
     assert not (tmp_path / "other.safetensors").exists()
+
+
+def _four_band_chips(images: Path, target: Path) -> Path:
+    """The chips with a fourth band (a stand-in for near infrared: the mean of red and green)."""
+    target.mkdir()
+    for chip in sorted(images.glob("*.tif")):
+        with rasterio.open(chip) as source:
+            pixels = source.read()
+            profile = source.profile | {"count": 4}
+        extra = ((pixels[0].astype(np.uint16) + pixels[1]) // 2).astype(np.uint8)
+        with rasterio.open(target / chip.name, "w", **profile) as sink:
+            sink.write(np.concatenate([pixels, extra[None]]))
+    return target
+
+
+def test_init_from_adapts_a_checkpoint_to_other_classes_and_bands(
+    kampala: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 2-class RGB model becomes a 3-class RGB+NIR one: the shared classes' classifier rows move to their
+    new ids by name, the RGB stem channels are kept and the new band starts from their mean."""
+    images, masks = _four_chips(kampala, tmp_path)
+    first = tmp_path / "rgb.safetensors"
+    args = _train_args(images, masks, first, epochs=1)
+    args[args.index("--arch") + 1] = "deeplabv2_tiny"
+    assert main([*args, "--pretrained", "none"]) == 0
+    four = _four_band_chips(images, tmp_path / "four")
+    second = tmp_path / "rgbn.safetensors"
+    args = _train_args(four, masks, second, epochs=1)
+    args[args.index("--arch") + 1] = "deeplabv2_tiny"
+    args[args.index("--classes") + 1] = "building,background,road"
+    capsys.readouterr()
+    code = main(
+        [*args, "--pretrained", "none", "--band-names", "red,green,blue,nir", "--init-from", str(first)]
+    )
+    assert code == 0
+    said = capsys.readouterr().err
+    assert "classifier: 2 of 3 classes kept by name (building, background); started fresh: road" in said
+    assert "stem: 3 of 4 bands kept by name; new (nir) start from the mean" in said
+    adapted = load_checkpoint(second).metadata
+    recorded = adapted.training["initialised_from"]["adapted"]
+    assert len(recorded) == 2 and recorded[0].startswith("classifier:") and recorded[1].startswith("stem:")
+    assert [b.name for b in adapted.bands] == ["red", "green", "blue", "nir"]
+    source = load_checkpoint(first).metadata
+    assert adapted.bands[0].mean == source.bands[0].mean  # a kept band keeps its weights' normalisation
+
+
+def test_adapt_weights_moves_rows_and_channels_by_name(kampala: Path, tmp_path: Path) -> None:
+    from models.adapt import adapt_weights
+
+    images, masks = _four_chips(kampala, tmp_path)
+    first = tmp_path / "rgb.safetensors"
+    args = _train_args(images, masks, first, epochs=1)
+    args[args.index("--arch") + 1] = "deeplabv2_tiny"
+    assert main([*args, "--pretrained", "none"]) == 0
+    source = load_checkpoint(first)
+    target = build_model("deeplabv2_tiny", 3, 4, 16, "none")
+    adapt_weights(
+        target,
+        source.model,
+        source.metadata,
+        ["building", "road", "background"],
+        ["nir", "red", "green", "blue"],
+        16,
+    )
+    theirs, ours = source.model.state_dict(), target.state_dict()
+    stem = next(k for k, v in theirs.items() if v.ndim == 4 and v.shape[1] == 3)
+    assert torch.equal(ours[stem][:, 1:], theirs[stem])  # red, green, blue moved by name
+    assert torch.allclose(ours[stem][:, 0], theirs[stem].mean(dim=1))  # nir: their mean
+    head = [k for k, v in theirs.items() if v.shape[:1] == (2,) and ours[k].shape[:1] == (3,)]
+    assert head
+    for key in head:
+        assert torch.equal(ours[key][0], theirs[key][1]) and torch.equal(ours[key][2], theirs[key][0])

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console
+from pipeline.cli.evaluation import add_evaluate_command
 from pipeline.cli.flags import flag_of
 from pipeline.cli.segment import add_segment_command
 from pipeline.cli.training import add_model_commands
@@ -27,6 +28,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_model_commands(commands)
+    add_evaluate_command(commands)
     add_tuning_commands(commands)
     add_segment_command(commands)
     if extend is not None:

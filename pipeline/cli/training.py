@@ -12,17 +12,11 @@ from rich.table import Table
 
 from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console, table_console
+from pipeline.cli.label_flags import add_label_flags, bbox, scene_spec
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _bbox(text: str) -> tuple[float, float, float, float]:
-    values = _floats(text)
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError("expected minx,miny,maxx,maxy")
-    return (values[0], values[1], values[2], values[3])
 
 
 def _names(text: str | None) -> list[str]:
@@ -52,17 +46,58 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _training_data(
+    args: argparse.Namespace, classes: list[str]
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(train, val, description): scenes with vector labels, or image/mask pairs."""
+    from models.checkpoint import read_metadata
     from models.data import pairs_from_csv, pairs_from_folders, split_pairs
-    from models.train import TrainConfig, train
+    from models.scene_training import scene_training_data
+    from models.training_images import load_pairs
 
+    if args.scenes or args.slides:
+        from pipeline.tools.slide_training import slide_training_data
+
+        pixel_size = args.pixel_size
+        if pixel_size is None and args.init_from:  # chips at the pixel size the weights were trained at
+            pixel_size = read_metadata(args.init_from).pixel_size_m
+        background = (_names(args.background_classes) or classes)[0]
+        spec = scene_spec(args, classes, background, pixel_size)
+        data = slide_training_data(spec, tuple(args.slides)) if args.slides else scene_training_data(spec)
+        for line in data.lines:
+            console.print(line, highlight=False, soft_wrap=True)
+        return list(data.train), list(data.val), data.description
+    if args.labels:
+        raise DeepLabError("--labels goes with --scenes (vector labels) or --slides (QuPath annotations)")
     if args.csv:
         pairs = pairs_from_csv(args.csv)
     elif args.images and args.masks:
         pairs = pairs_from_folders(args.images, args.masks)
     else:
-        raise DeepLabError("give --csv FILE, or --images and --masks")
+        raise DeepLabError("give --scenes and --labels, --csv FILE, or --images and --masks")
     train_pairs, val_pairs = split_pairs(pairs, args.val_list, args.val_pattern, args.val_bbox)
+    description = {
+        "source": str(args.csv or args.images),
+        "masks": str(args.masks) if args.masks else None,
+        "train_images": len(train_pairs),
+        "val_images": len(val_pairs),
+        "val_stems": [p.stem for p in val_pairs],
+        "split": {
+            "val_list": str(args.val_list) if args.val_list else None,
+            "val_pattern": args.val_pattern,
+            "val_bbox": args.val_bbox,
+        },
+    }
+    train = load_pairs(train_pairs, len(classes), args.ignore_index)
+    val = load_pairs(val_pairs, len(classes), args.ignore_index)
+    return list(train), list(val), description
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    classes = args.classes.split(",")
+    train_data, val_data, description = _training_data(args, classes)
     colors = None
     if args.colors:
         colors = [
@@ -72,10 +107,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         architecture=args.arch,
         pretrained=args.pretrained,
         output_stride=args.output_stride,
-        classes=args.classes.split(","),
+        classes=classes,
         colors=colors,
+        band_names=_names(args.band_names) or None,
         background_classes=_names(args.background_classes),
         object_classes=_names(args.object_classes),
+        object_f1_classes=None if args.object_f1 is None else _names(args.object_f1),
         ignore_index=args.ignore_index,
         class_weights=(
             "auto"
@@ -100,29 +137,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pixel_size_m=args.pixel_size,
         init_from=str(args.init_from) if args.init_from else None,
     )
-    description = {
-        "source": str(args.csv or args.images),
-        "masks": str(args.masks) if args.masks else None,
-        "train_images": len(train_pairs),
-        "val_images": len(val_pairs),
-        "val_stems": [p.stem for p in val_pairs],
-        "split": {
-            "val_list": str(args.val_list) if args.val_list else None,
-            "val_pattern": args.val_pattern,
-            "val_bbox": args.val_bbox,
-        },
-    }
-    console.print(f"training {args.arch} on {len(train_pairs)} pairs, validating on {len(val_pairs)}")
-    metadata = train(
-        config,
-        train_pairs,
-        val_pairs,
-        args.out,
-        description,
-        console,
-        stop_after=args.stop_after,
-        command=args.command_line,
-    )
+    console.print(f"training {args.arch} on {len(train_data)} images, validating on {len(val_data)}")
+    if args.workers or args.ray_address:
+        from pipeline.ray.training import train_on_ray
+
+        metadata = train_on_ray(
+            config,
+            train_data,
+            val_data,
+            args.out,
+            description,
+            console,
+            workers=args.workers or 2,
+            ray_address=args.ray_address,
+            storage=args.train_storage,
+            stop_after=args.stop_after,
+            command=args.command_line,
+        )
+    else:
+        metadata = train(
+            config,
+            train_data,
+            val_data,
+            args.out,
+            description,
+            console,
+            stop_after=args.stop_after,
+            command=args.command_line,
+        )
     console.print(
         f"wrote {args.out} (val mIoU {metadata.metrics.get('val', {}).get('miou', float('nan')):.4f})"
     )
@@ -208,9 +250,22 @@ def add_model_commands(commands: Any) -> None:
     source.add_argument("--csv", type=Path, help="CSV whose first two columns are image and mask paths")
     source.add_argument("--val-list", type=Path, help="file of stems (or names) that form the validation set")
     source.add_argument("--val-pattern", action="append", help="glob on stems for the validation set")
-    source.add_argument("--val-bbox", type=_bbox, help="validation = chips centred in minx,miny,maxx,maxy")
+    source.add_argument(
+        "--val-bbox", type=bbox, help="validation = chips or ground blocks centred in minx,miny,maxx,maxy"
+    )
+    add_label_flags(train.add_argument_group("scenes with vector labels"))
+    train.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of ground blocks held out (seeded), without --val-bbox",
+    )
+    train.add_argument("--block-size", type=int, default=512, help="ground blocks of the split, in pixels")
     train.add_argument("--classes", required=True, help="comma-separated class names, in id order")
     train.add_argument("--colors", help="comma-separated #rrggbb colours, one per class")
+    train.add_argument(
+        "--band-names", help="comma-separated names of the input bands (default: red,green,blue or band1..)"
+    )
     train.add_argument(
         "--background-classes", help="comma-separated classes that are background (no polygons by default)"
     )
@@ -218,6 +273,10 @@ def add_model_commands(commands: Any) -> None:
         "--object-classes", help="comma-separated classes of small objects, e.g. nuclei (QuPath detections)"
     )
     train.add_argument("--ignore-index", type=int, default=255)
+    train.add_argument(
+        "--object-f1",
+        help="classes validated by object F1 (SpaceNet's), comma-separated; default: the --object-classes",
+    )
     train.add_argument("--class-weights", help="comma-separated weights, or 'auto' (median frequency)")
     train.add_argument("--arch", default="deeplabv3plus_efficientnet_lite0")
     train.add_argument("--pretrained", choices=["none", "imagenet"], default="imagenet")
@@ -245,6 +304,16 @@ def add_model_commands(commands: Any) -> None:
     train.add_argument("--pixel-size", type=float, help="training pixel size in metres (default: from data)")
     train.add_argument("--init-from", type=Path, help="fine-tune from this checkpoint's weights")
     train.add_argument("--stop-after", type=int, help="end this run after N epochs (run again to resume)")
+    cluster = train.add_argument_group("training on a Ray cluster (Ray Train, data-parallel)")
+    cluster.add_argument(
+        "--ray-address", help="the cluster to train on (default with --workers: a local one)"
+    )
+    cluster.add_argument("--workers", type=int, help="Ray Train workers (default 2 with --ray-address)")
+    cluster.add_argument(
+        "--train-storage",
+        help="where the run's checkpoints are kept: a path every node sees, or s3://... "
+        "(default: beside --out)",
+    )
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     train.set_defaults(handler=_cmd_train)
 

@@ -140,13 +140,15 @@ def ray_session(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     worker_env: dict[str, str] | None = None,
+    log_to_driver: bool = False,
 ) -> Iterator[Any]:
     """Join a cluster or start a local one; a local one is shut down again on exit.
 
     A local cluster binds to loopback only (every Ray server listens on the node IP, 127.0.0.1) and uses
     token authentication; its temp dir is this run's own and is removed at the end.
     ``worker_env`` is set in every worker and actor of this job (a cluster's workers do not inherit the
-    driver's environment).
+    driver's environment). ``log_to_driver``: the workers' output is printed here too (training's epoch
+    lines); the engine's runs keep their own progress lines instead.
     """
     import ray
 
@@ -160,7 +162,9 @@ def ray_session(
     runtime_env = {"env_vars": dict(worker_env)} if worker_env else None
     if address:
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+            ray.init(
+                address=address, log_to_driver=log_to_driver, configure_logging=False, runtime_env=runtime_env
+            )
         except ray.exceptions.AuthenticationError as exc:
             raise ClusterError(
                 f"the Ray cluster at {address} refused this client: {str(exc).splitlines()[0]} "
@@ -174,7 +178,7 @@ def ray_session(
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
-                log_to_driver=False,
+                log_to_driver=log_to_driver,
                 configure_logging=False,
                 _temp_dir=temp_dir,
                 _node_ip_address=LOOPBACK,

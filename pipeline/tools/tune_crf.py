@@ -20,9 +20,9 @@ from typing import Any, Literal
 import numpy as np
 
 from models.checkpoint import LoadedModel
-from models.data import Pair
 from models.metadata import CRFParams, CRFVerdict
-from models.metrics import SegmentationMetrics
+from models.metrics import PairedBootstrap, SegmentationMetrics
+from models.training_images import TrainingImage
 from pipeline.crf import refine_labels
 from pipeline.tools.evaluate import centre_crop, evaluation_halo, predictions
 
@@ -52,7 +52,7 @@ class Trial:
     boundary_f1: float
 
 
-def collect_samples(loaded: LoadedModel, pairs: list[Pair], crop: int) -> list[Sample]:
+def collect_samples(loaded: LoadedModel, pairs: list[TrainingImage], crop: int) -> list[Sample]:
     """Model probabilities once per image (on the checkpoint's tiling and test-time views where it records
     them, as the engine runs it), cut to a centre crop to bound the CRF's cost. The model runs only on the
     crop and its context (the halo, or ``WHOLE_IMAGE_CONTEXT``), not on the whole image."""
@@ -112,7 +112,7 @@ def fine_grid(best: CRFParams, iterations: int) -> list[CRFParams]:
 
 def tune(
     loaded: LoadedModel,
-    pairs: list[Pair],
+    pairs: list[TrainingImage],
     objective: Objective = "miou",
     crop: int = 512,
     iterations: int = 10,
@@ -169,16 +169,16 @@ def tune(
     }
 
 
-def hold_out(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+def hold_out(pairs: list[TrainingImage]) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """(search images, verdict images): every ``HOLD_OUT_EVERY``-th image in name order is held out."""
-    ordered = sorted(pairs, key=lambda p: p.stem)
+    ordered = sorted(pairs, key=lambda p: p.name)
     held = ordered[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
     return [p for p in ordered if p not in held], held
 
 
 def crf_verdict(
     loaded: LoadedModel,
-    pairs: list[Pair],
+    pairs: list[TrainingImage],
     params: CRFParams,
     crop: int,
     miou_classes: list[str] | None,
@@ -190,15 +190,42 @@ def crf_verdict(
     names = [c.name for c in metadata.classes]
     chosen = miou_classes or names
     samples = collect_samples(loaded, pairs, crop)
-    plain = SegmentationMetrics(names, metadata.ignore_index)
-    for sample in samples:
+    without, with_ = [], []
+    for sample in samples:  # one metrics object per image: the bootstrap resamples images
+        plain = SegmentationMetrics(names, metadata.ignore_index)
         plain.update(sample.probabilities.argmax(0), sample.truth)
-    miou, boundary = score(samples, params, names, metadata.ignore_index, metadata.input_max, chosen)
+        refined = SegmentationMetrics(names, metadata.ignore_index)
+        refined.update(
+            refine_labels(sample.probabilities, sample.image, params, metadata.input_max), sample.truth
+        )
+        without.append(plain)
+        with_.append(refined)
+    bootstrap = PairedBootstrap()
+    indices = [names.index(name) for name in chosen]
+    miou_interval, boundary_interval = bootstrap.intervals(without, with_, indices)
+    total_without, total_with = (
+        _summed(without, names, metadata.ignore_index),
+        _summed(with_, names, metadata.ignore_index),
+    )
     return CRFVerdict(
-        miou_without=round(plain.miou(chosen), 4),
-        miou_with=round(miou, 4),
-        boundary_f1_without=round(plain.boundary_f1(), 4),
-        boundary_f1_with=round(boundary, 4),
+        miou_without=round(total_without.miou(chosen), 4),
+        miou_with=round(total_with.miou(chosen), 4),
+        boundary_f1_without=round(total_without.boundary_f1(), 4),
+        boundary_f1_with=round(total_with.boundary_f1(), 4),
+        miou_gain_interval=miou_interval,
+        boundary_f1_gain_interval=boundary_interval,
+        resamples=bootstrap.resamples,
         images=len(samples),
         source=source,
     )
+
+
+def _summed(
+    per_image: list[SegmentationMetrics], names: list[str], ignore_index: int | None
+) -> SegmentationMetrics:
+    total = SegmentationMetrics(names, ignore_index)
+    for metrics in per_image:
+        total.confusion += metrics.confusion
+        total.boundary_counts += metrics.boundary_counts
+        total.images += metrics.images
+    return total

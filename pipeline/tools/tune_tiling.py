@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.checkpoint import LoadedModel
-from models.data import Pair
 from models.inference import tta_views
 from models.metadata import TTA_PHRASES, InputScales, Tiling
+from models.training_images import TrainingImage
 from pipeline.tools.evaluate import evaluate
 
 
@@ -54,7 +54,7 @@ class TilingTrial:
 
 def tune_tiling(
     loaded: LoadedModel,
-    pairs: list[Pair],
+    pairs: list[TrainingImage],
     tiles: Iterable[int],
     cores_per_window: int,
     exclude_classes: list[str] | None = None,
