@@ -10,7 +10,7 @@ measure the held-out ground before and after.
    that was corrected (where the labels can be trusted), and validate on the zoo's held-out cell.
 5. Score both models on the held-out cell against the footprints: IoU and object F1 (`deeplab evaluate`).
 
-    python bench/label_loop.py            # about 10 minutes on 2 cores; bench/reports/label-loop.{json,md}
+    python -m bench.label_loop            # about 10 minutes on 2 cores; bench/reports/label-loop.{json,md}
 """
 
 from __future__ import annotations

@@ -16,10 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 import shapely
 import shapely.geometry
-from rasterio.features import shapes
+from rasterio.features import shapes, sieve
 from rasterio.transform import Affine
 
 SPACENET_IOU = 0.5
+# DeepLab-v3+ decodes at a quarter of the input's resolution: a region smaller than one 4x4 cell of that grid
+# is below what the model resolves. Published polygons merge such regions into their neighbour (the
+# vectorizer's sieve), and so does the object count here, so that speckle is not counted as objects.
+MIN_REGION_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ class ObjectTally:
     scores: dict[str, ObjectScores] = field(default_factory=dict)
 
     def update(self, item: ObjectSource, labels: np.ndarray, truth: np.ndarray) -> None:
-        """Objects predicted where the truth is ignored are not counted (they would be false positives)."""
+        """Predicted regions are sieved as published polygons are (``MIN_REGION_PIXELS``); objects predicted
+        where the truth is ignored are not counted (they would be false positives)."""
+        raster = labels.astype(np.uint8)
+        labels = sieve(raster, MIN_REGION_PIXELS, mask=raster != 255, connectivity=4).astype(np.int64)
         if self.ignore_index is not None:
             labels = np.where(truth == self.ignore_index, self.ignore_index, labels)
         for name, class_id in self.classes.items():

@@ -38,6 +38,10 @@ def test_hand_drawn_annotations_become_masks_inside_the_annotated_regions_only(c
     labels = read_labels(ANNOTATIONS, LabelRules(CLASSES))
     assert labels.crs is None and labels.count == 16
     assert labels.record(CLASSES)["classes"] == {"background": 5, "stroma": 6, "epithelium": 5}
+    fewer = read_labels(
+        ANNOTATIONS, LabelRules(("background", "stroma", "nuclei"), class_map={"epithelium": "ignore"})
+    )
+    assert fewer.count == 11 and len(fewer.skipped) == 5 and "mapped to ignore" in fewer.skipped[0]
     slide = open_annotated_slide(cmu_slide, [labels], _spec(), None)  # at level 0: 0.499 µm/px
     assert slide.grid_shape == (2967, 2220) and slide.pixel_size_m == pytest.approx(0.499e-6, rel=1e-3)
     image, mask = slide.read(1800, 1130, 100, 100)  # inside the epithelium region drawn at x 1130-1290
@@ -85,11 +89,12 @@ def test_train_and_evaluate_on_a_slide_and_its_annotations(
     out = tmp_path / "annotated.safetensors"
     args = ["train", "--slides", str(cmu_slide), "--labels", str(ANNOTATIONS), "--val-bbox", HELD_OUT]
     args += ["--classes", ",".join(CLASSES), "--background-classes", "background", "--block-size", "256"]
-    args += ["--init-from", str(tiny_slide_model), "--arch", read_metadata(tiny_slide_model).architecture]
+    args += ["--init-from", str(tiny_slide_model)]  # its architecture, as no --arch is given
     args += ["--pretrained", "none", "--epochs", "1", "--batch-size", "4", "--crop-size", "96"]
     args += ["--out", str(out)]
     assert main(args) == 0
     metadata = read_metadata(out)
+    assert metadata.architecture == read_metadata(tiny_slide_model).architecture
     data = metadata.training["data"]
     assert data["source"] == "slides+QuPath annotations" and data["aoi"] == {"kind": "annotated regions"}
     assert data["labels"][0]["classes"] == {"background": 5, "stroma": 6, "epithelium": 5}

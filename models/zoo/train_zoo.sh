@@ -49,15 +49,16 @@ kampala_osm() {
   # The Kampala scene and the OpenStreetMap footprints as published (vector labels, rasterised crop by crop),
   # with the zoo model's architecture and budget (25 epochs from ImageNet, then 10 class-weighted ones) and
   # its held-out ground: the zoom-19 cell below, here the four 512 px ground blocks centred in it.
+  local name="${KAMPALA_OSM_NAME:-buildings-kampala-osm}"
   local common=(--scenes "$data/kampala-buildings/scene/kampala_z21_rgb.tif"
-    --labels "building=$data/kampala-buildings/labels/osm-buildings.geojson"
+    --labels "building=$data/kampala-buildings/labels/osm-buildings.geojson" --scale-range ${KAMPALA_OSM_SCALES:-0.75 1.25}
     --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764
     --classes background,building --colors '#000000,#e31a1c' --background-classes background
     --arch deeplabv3plus_efficientnet_lite2 --batch-size 8 --crop-size 256 --threads "$threads")
   "$deeplab" train "${common[@]}" --pretrained imagenet --epochs 25 --lr 0.01 --seed 0 \
-    --out "$stages/buildings-kampala-osm.stage1.safetensors"
-  "$deeplab" train "${common[@]}" --init-from "$stages/buildings-kampala-osm.stage1.safetensors" \
-    --class-weights 1,2 --epochs 10 --lr 0.005 --seed 1 --out "$stages/buildings-kampala-osm.safetensors"
+    --out "$stages/$name.stage1.safetensors"
+  "$deeplab" train "${common[@]}" --init-from "$stages/$name.stage1.safetensors" \
+    --class-weights 1,2 --epochs 10 --lr 0.005 --seed 1 --out "$stages/$name.safetensors"
 }
 
 dubai() {

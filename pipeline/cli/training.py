@@ -14,6 +14,8 @@ from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console, table_console
 from pipeline.cli.label_flags import add_label_flags, bbox, scene_spec
 
+DEFAULT_ARCHITECTURE = "deeplabv3plus_efficientnet_lite0"
+
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
@@ -94,9 +96,12 @@ def _training_data(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from models.checkpoint import read_metadata
     from models.train import TrainConfig, train
 
     classes = args.classes.split(",")
+    starting = read_metadata(args.init_from).architecture if args.init_from else None
+    architecture = args.arch or starting or DEFAULT_ARCHITECTURE
     train_data, val_data, description = _training_data(args, classes)
     colors = None
     if args.colors:
@@ -104,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             tuple(int(c[i : i + 2], 16) for i in (0, 2, 4)) for c in args.colors.lstrip("#").split(",#")
         ]
     config = TrainConfig(
-        architecture=args.arch,
+        architecture=architecture,
         pretrained=args.pretrained,
         output_stride=args.output_stride,
         classes=classes,
@@ -137,34 +142,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pixel_size_m=args.pixel_size,
         init_from=str(args.init_from) if args.init_from else None,
     )
-    console.print(f"training {args.arch} on {len(train_data)} images, validating on {len(val_data)}")
-    if args.workers or args.ray_address:
+    console.print(f"training {architecture} on {len(train_data)} images, validating on {len(val_data)}")
+    data = (config, train_data, val_data, args.out, description, console)
+    if args.workers or args.ray_address:  # the same loop in Ray Train workers
         from pipeline.ray.training import train_on_ray
 
-        metadata = train_on_ray(
-            config,
-            train_data,
-            val_data,
-            args.out,
-            description,
-            console,
-            workers=args.workers or 2,
-            ray_address=args.ray_address,
-            storage=args.train_storage,
-            stop_after=args.stop_after,
-            command=args.command_line,
-        )
+        cluster = {
+            "workers": args.workers or 2,
+            "ray_address": args.ray_address,
+            "storage": args.train_storage,
+        }
+        metadata = train_on_ray(*data, **cluster, stop_after=args.stop_after, command=args.command_line)
     else:
-        metadata = train(
-            config,
-            train_data,
-            val_data,
-            args.out,
-            description,
-            console,
-            stop_after=args.stop_after,
-            command=args.command_line,
-        )
+        metadata = train(*data, stop_after=args.stop_after, command=args.command_line)
     console.print(
         f"wrote {args.out} (val mIoU {metadata.metrics.get('val', {}).get('miou', float('nan')):.4f})"
     )
@@ -278,7 +268,9 @@ def add_model_commands(commands: Any) -> None:
         help="classes validated by object F1 (SpaceNet's), comma-separated; default: the --object-classes",
     )
     train.add_argument("--class-weights", help="comma-separated weights, or 'auto' (median frequency)")
-    train.add_argument("--arch", default="deeplabv3plus_efficientnet_lite0")
+    train.add_argument(
+        "--arch", help=f"the architecture (default: --init-from's, else {DEFAULT_ARCHITECTURE})"
+    )
     train.add_argument("--pretrained", choices=["none", "imagenet"], default="imagenet")
     train.add_argument("--output-stride", type=int, choices=[8, 16])
     train.add_argument("--crop-size", type=int, default=256)

@@ -30,13 +30,12 @@ from rasterio.transform import Affine
 
 from deeplab_common.atomic import atomic_output
 from models.metadata import ClassInfo
+from models.object_metrics import MIN_REGION_PIXELS
 from pipeline.io.labels import NODATA_LABEL
 
 LAYER = "classes"
 FLUSH_EVERY = 5000  # polygons buffered before an append to the GeoPackage
-# DeepLab-v3+ decodes at a quarter of the input's resolution: a region smaller than one 4x4 cell of that grid
-# is below what the model resolves, so it is merged into its neighbour unless a minimum area is given.
-DEFAULT_MIN_PIXELS = 16
+DEFAULT_MIN_PIXELS = MIN_REGION_PIXELS  # merged into their neighbour unless a minimum area is given
 # Outlines move by at most about a pixel: the staircase of pixel edges becomes the line through it.
 SIMPLIFY_PX = 0.75
 
