@@ -7,7 +7,8 @@ measure the held-out ground before and after.
    there are deleted and the OpenStreetMap footprints drawn instead (written as a GeoPackage with the same
    `class_name` attribute); elsewhere the polygons are left as predicted.
 4. Retrain with `--init-from` the weak model on the corrected polygons, the area of interest being the block
-   that was corrected (where the labels can be trusted), and validate on the zoo's held-out cell.
+   that was corrected (where the labels can be trusted), and validate on the zoo's held-out cell against the
+   footprints there (`--val-labels`): the card's before-and-after table.
 5. Score both models on the held-out cell against the footprints: IoU and object F1 (`deeplab evaluate`).
 
     python -m bench.label_loop            # about 10 minutes on 2 cores; bench/reports/label-loop.{json,md}
@@ -107,6 +108,8 @@ def main() -> int:
             "class_name",
             "--aoi",
             str(aoi),
+            "--val-labels",  # the held-out ground is scored against the footprints, not the model's polygons
+            f"building={footprints}",
         ]
         again += [
             "--init-from",

@@ -28,6 +28,7 @@ from models.training_images import TrainingImage
 from models.vector_labels import LabelSet, default_aoi, rasterise_labels, read_aoi
 
 METRES_PER_DEGREE = 111_320.0
+SLIVER = 0.001  # a block sharing less of its area than this with a box only touches it (rounding of edges)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,10 @@ class SceneBlock(TrainingImage):
     def transform(self) -> Affine:
         return self.scene.grid_transform(self.top, self.left)
 
+    @property
+    def where(self) -> str:
+        return f"{self.scene.path} (the block at row {self.top}, column {self.left})"
+
     def truth_objects(self, truth: np.ndarray, class_id: int) -> list[shapely.Geometry]:
         """The label polygons of ``class_id`` mostly inside this block and its area of interest."""
         labels = self.scene.labels
@@ -300,7 +305,7 @@ def ground_blocks(scene: LabelledImage, size: int) -> list[SceneBlock]:
         for left in range(0, cols, size):
             block = SceneBlock(scene, top, left, min(size, rows - top), min(size, cols - left))
             ground = shapely.box(*scene.bounds_of(top, left, block.rows, block.cols))
-            if scene.aoi is None or scene.aoi.intersects(ground):
+            if scene.aoi is None or scene.aoi.intersection(ground).area > SLIVER * ground.area:
                 blocks.append(block)
     return blocks
 
@@ -322,7 +327,7 @@ def split_blocks(
             box = shapely.box(*bounds)
             if area.contains(box.centroid):
                 val.append(block)
-            elif box.intersection(area).area > 0.001 * box.area:  # more than a rounding error's sliver
+            elif box.intersection(area).area > SLIVER * box.area:
                 left_out += 1
             else:
                 train.append(block)

@@ -5,7 +5,7 @@ split."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class SceneTrainingSpec:
     seed: int = 0
     pixel_size_m: float | None = None
     invalid: InvalidPolicy = "repair"
+    val_labels: tuple[str, ...] = ()  # other labels for the held-out blocks (default: --labels)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,16 @@ def scene_training_data(spec: SceneTrainingSpec) -> SceneTrainingData:
     images = [{"file": Path(p).name, "sha256": file_sha256(Path(p))} for p in spec.scenes]
     source = {"source": "scenes+vector labels", "scenes": images}
     default_aoi = {"kind": "labels buffered", "buffer_m": spec.aoi_buffer_m}
-    return training_blocks(spec, labels, scenes, source, default_aoi)
+    validation = labelled_scenes(validation_spec(spec)) if spec.val_labels else None
+    return training_blocks(spec, labels, scenes, source, default_aoi, validation)
+
+
+def validation_spec(spec: SceneTrainingSpec) -> SceneTrainingSpec:
+    """``--val-labels``: the held-out blocks are labelled by other files (where they are trusted), with their
+    own area of interest (the default: around those labels)."""
+    if spec.val_bbox is None:
+        raise ConfigError("--val-labels needs --val-bbox: the held-out ground they label")
+    return replace(spec, labels=spec.val_labels, aoi=None, class_field=None, class_map=(), val_labels=())
 
 
 def training_blocks(
@@ -136,8 +146,10 @@ def training_blocks(
     images: Sequence[LabelledImage],
     source: dict[str, Any],
     default_aoi: dict[str, Any],
+    validation: tuple[list[LabelSet], Sequence[LabelledImage]] | None = None,
 ) -> SceneTrainingData:
-    """Labelled images (scenes or slides) cut into ground blocks and split; the record of how."""
+    """Labelled images (scenes or slides) cut into ground blocks and split; the record of how.
+    ``validation``: the same images with other labels, whose blocks in ``spec.val_bbox`` are held out."""
     if not 0 <= spec.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), not {spec.val_fraction}")
     blocks = [block for image in images for block in ground_blocks(image, spec.block_size)]
@@ -145,11 +157,15 @@ def training_blocks(
         names = ", ".join(str(image.path) for image in images)
         raise DataError(f"{names}: no ground block reaches the area of interest")
     train, val, left_out = split_blocks(blocks, spec.val_bbox, spec.val_fraction, spec.seed)
+    if validation is not None:
+        held = [block for image in validation[1] for block in ground_blocks(image, spec.block_size)]
+        _, val, _ = split_blocks(held, spec.val_bbox, spec.val_fraction, spec.seed)
     if spec.val_bbox is not None and not val:
         raise DataError(f"--val-bbox {spec.val_bbox}: no block is centred in it (in the labels' coordinates)")
     description = {
         **source,
         "labels": [label.record(spec.classes) for label in labels],
+        **({"val_labels": [label.record(spec.classes) for label in validation[0]]} if validation else {}),
         "class_rules": {
             "class_field": spec.class_field,
             "class_map": dict(spec.class_map),

@@ -45,6 +45,11 @@ class TrainingImage(ABC):
         return {"name": self.name}
 
     @property
+    def where(self) -> str:
+        """What a message names: the file (and the block of it)."""
+        return self.name
+
+    @property
     def transform(self) -> Affine:
         """Where ``whole()``'s pixels lie: pixel coordinates, or a scene's CRS."""
         return Affine.identity()
@@ -68,6 +73,10 @@ class LoadedPair(TrainingImage):
 
     def __post_init__(self) -> None:
         self.name = self.pair.stem
+
+    @property
+    def where(self) -> str:
+        return str(self.pair.image)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -102,6 +111,10 @@ class PairOnDisk(TrainingImage):
 
     def __post_init__(self) -> None:
         self.name = self.pair.stem
+
+    @property
+    def where(self) -> str:
+        return str(self.pair.image)
 
     @property
     def shape(self) -> tuple[int, int]:

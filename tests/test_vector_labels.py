@@ -247,3 +247,47 @@ def test_train_on_the_scene_and_its_footprints_records_its_sources(
     assert splits.count("val") == 4 and splits.count("train") == data["train_images"] == 20
     assert metadata.pixel_size_m == pytest.approx(0.0746, abs=1e-3)
     assert "val" in metadata.metrics and metadata.metrics["val"]["images"] == 4
+
+
+def test_held_out_blocks_can_be_labelled_by_other_files(
+    scene: Path, footprints: Path, tmp_path: Path
+) -> None:
+    """The loop's case: training labels trusted only in one corrected area, the held-out ground scored against
+    the footprints (`--val-labels`)."""
+    area = shapely.box(32.594375610351562, 0.35018702872728885, 32.595062255859375, 0.3508736613849764)
+    labels = read_labels(footprints, LabelRules(CLASSES, file_class="building"))
+    inside = [g for g in labels.geometries if g.centroid.within(area)]
+    corrected = _write(
+        tmp_path / "corrected.gpkg", inside, "EPSG:4326", class_name=["building"] * len(inside)
+    )
+    aoi = _write(tmp_path / "area.gpkg", [area], "EPSG:4326", name=["corrected"])
+    out = tmp_path / "loop.safetensors"
+    args = ["train", "--scenes", str(scene), "--labels", str(corrected), "--class-field", "class_name"]
+    args += ["--aoi", str(aoi), "--val-labels", f"building={footprints}", "--val-bbox", HELD_OUT]
+    args += [
+        "--classes",
+        "background,building",
+        "--background-classes",
+        "background",
+        "--arch",
+        "deeplabv2_tiny",
+    ]
+    args += [
+        "--pretrained",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--crop-size",
+        "128",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    data = read_metadata(out).training["data"]
+    assert (
+        data["train_images"] == 4 and data["val_images"] == 4
+    )  # the corrected cell trains, the held-out one scores
+    assert data["labels"][0]["features"] == len(inside) and data["val_labels"][0]["features"] == 108
+    assert read_metadata(out).metrics["val"]["per_class_iou"]["building"] is not None

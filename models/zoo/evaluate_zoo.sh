@@ -49,18 +49,16 @@ kampala() {  # $1: the model's name (buildings-kampala, the reference; buildings
 # The model trained from the scene and the OpenStreetMap footprints (train_zoo.sh kampala-osm), evaluated as the
 # reference is, and on the held-out cell of the scene against the footprints themselves (object F1 too).
 if [[ "$which" == kampala-osm ]]; then  # not shipped: copied from train_zoo.sh's stages (git-ignored)
-  cp "$here/stages/buildings-kampala-osm.safetensors" "$here/buildings-kampala-osm.safetensors"
-  kampala buildings-kampala-osm
-  "$deeplab" evaluate --model "$here/buildings-kampala-osm.safetensors" --crf --objects building \
-    --scenes "$data/kampala-buildings/scene/kampala_z21_rgb.tif" \
-    --labels "building=$data/kampala-buildings/labels/osm-buildings.geojson" \
-    --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764 \
-    --report "$here/reports/buildings-kampala-osm.scene-held-out.json" --record-as held_out_scene_cell
-  "$deeplab" evaluate --model "$here/buildings-kampala.safetensors" --crf --objects building \
-    --scenes "$data/kampala-buildings/scene/kampala_z21_rgb.tif" \
-    --labels "building=$data/kampala-buildings/labels/osm-buildings.geojson" \
-    --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764 \
-    --report "$here/reports/buildings-kampala.scene-held-out.json"
+  name="${KAMPALA_OSM_NAME:-buildings-kampala-osm}"
+  cp "$here/stages/$name.safetensors" "$here/$name.safetensors"
+  kampala "$name"
+  for model in "$name" buildings-kampala; do
+    "$deeplab" evaluate --model "$here/$model.safetensors" --crf --objects building \
+      --scenes "$data/kampala-buildings/scene/kampala_z21_rgb.tif" \
+      --labels "building=$data/kampala-buildings/labels/osm-buildings.geojson" \
+      --val-bbox 32.595062255859375,0.35018702872728885,32.59574890136719,0.3508736613849764 \
+      --report "$here/reports/$model.scene-held-out.json"
+  done
 fi
 if [[ "$which" == kampala-v2 || "$which" == all ]]; then
   # The seam reference (DeepLab-v2 ASPP): evaluated without CRF tuning, on the same held-out chips.

@@ -82,4 +82,5 @@ def scene_spec(
         seed=getattr(args, "seed", 0),
         pixel_size_m=pixel_size,
         invalid=args.invalid_labels,
+        val_labels=tuple(getattr(args, "val_labels", None) or ()),
     )

@@ -102,7 +102,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     classes = args.classes.split(",")
     starting = read_metadata(args.init_from).architecture if args.init_from else None
     architecture = args.arch or starting or DEFAULT_ARCHITECTURE
-    train_data, val_data, description = _training_data(args, classes)
     colors = None
     if args.colors:
         colors = [
@@ -141,7 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         pixel_size_m=args.pixel_size,
         init_from=str(args.init_from) if args.init_from else None,
-    )
+    )  # the options are checked before any data is read
+    train_data, val_data, description = _training_data(args, classes)
     console.print(f"training {architecture} on {len(train_data)} images, validating on {len(val_data)}")
     data = (config, train_data, val_data, args.out, description, console)
     if args.workers or args.ray_address:  # the same loop in Ray Train workers
@@ -251,6 +251,11 @@ def add_model_commands(commands: Any) -> None:
         help="share of ground blocks held out (seeded), without --val-bbox",
     )
     train.add_argument("--block-size", type=int, default=512, help="ground blocks of the split, in pixels")
+    train.add_argument(
+        "--val-labels",
+        action="append",
+        help="[CLASS=]FILE: labels for the held-out blocks (in --val-bbox), where --labels are not trusted",
+    )
     train.add_argument("--classes", required=True, help="comma-separated class names, in id order")
     train.add_argument("--colors", help="comma-separated #rrggbb colours, one per class")
     train.add_argument(

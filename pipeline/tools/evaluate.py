@@ -61,7 +61,7 @@ def predictions(
     for item in items:
         image_tensor, truth_tensor = item.whole()
         image, truth = image_tensor.numpy(), truth_tensor.numpy()
-        check_image_fits(item.name, image, metadata)
+        check_image_fits(item.where, image, metadata)
         if cut is not None:
             image, truth = centre_crop(image, cut), centre_crop(truth, cut)
         if tiling is None:

@@ -28,6 +28,7 @@ from models.scene_training import (
     read_label_files,
     scene_rules,
     training_blocks,
+    validation_spec,
 )
 from models.vector_labels import LabelSet
 from pipeline.io.slides import SlideInfo, describe_slide, open_slide, read_working_block
@@ -103,7 +104,8 @@ def slide_training_data(spec: SceneTrainingSpec, slides: tuple[Path, ...]) -> Sc
     seeded fraction, as scenes are."""
     labels, opened = annotated_slides(spec, slides)
     source = {"source": "slides+QuPath annotations", "slides": [{"file": Path(p).name} for p in slides]}
-    return training_blocks(spec, labels, opened, source, {"kind": "annotated regions"})
+    validation = annotated_slides(validation_spec(spec), slides) if spec.val_labels else None
+    return training_blocks(spec, labels, opened, source, {"kind": "annotated regions"}, validation)
 
 
 def slide_evaluation_blocks(
