@@ -64,12 +64,10 @@ class TrainingImage(ABC):
 
 
 @dataclass
-class LoadedPair(TrainingImage):
-    """An image/mask pair read into memory once."""
+class PairImage(TrainingImage, ABC):
+    """An image/mask pair of files: named by the image's stem, placed by its georeferencing."""
 
     pair: Pair
-    image: torch.Tensor  # raw values, (bands, H, W)
-    mask: torch.Tensor  # int64 (H, W)
 
     def __post_init__(self) -> None:
         self.name = self.pair.stem
@@ -79,12 +77,20 @@ class LoadedPair(TrainingImage):
         return str(self.pair.image)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.mask.shape[0]), int(self.mask.shape[1]))
-
-    @property
     def pixel_size_m(self) -> float | None:
         return pixel_size_m(self.pair.image)
+
+
+@dataclass
+class LoadedPair(PairImage):
+    """An image/mask pair read into memory once."""
+
+    image: torch.Tensor  # raw values, (bands, H, W)
+    mask: torch.Tensor  # int64 (H, W)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.mask.shape[0]), int(self.mask.shape[1]))
 
     def window(self, top: int, left: int, size: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row, col, rows, cols, dst_top, dst_left = clipped(top, left, size, *self.shape)
@@ -102,27 +108,15 @@ class LoadedPair(TrainingImage):
 
 
 @dataclass
-class PairOnDisk(TrainingImage):
+class PairOnDisk(PairImage):
     """An image/mask pair read each time it is asked for: evaluation streams its images one by one."""
 
-    pair: Pair
     num_classes: int
     ignore_index: int | None
-
-    def __post_init__(self) -> None:
-        self.name = self.pair.stem
-
-    @property
-    def where(self) -> str:
-        return str(self.pair.image)
 
     @property
     def shape(self) -> tuple[int, int]:
         return raster_shape(self.pair.image)
-
-    @property
-    def pixel_size_m(self) -> float | None:
-        return pixel_size_m(self.pair.image)
 
     def window(self, top: int, left: int, size: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.whole()

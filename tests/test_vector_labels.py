@@ -92,6 +92,32 @@ def test_the_area_of_interest_ignores_what_the_labels_do_not_cover(scene: Path, 
     assert [b.name for b in seeded[1]] == [b.name for b in again[1]] and len(seeded[1]) == len(blocks) // 4
 
 
+def _one_tiny_epoch(out: Path) -> list[str]:
+    """The rest of a `deeplab train` command: the two classes, the tiny model, one short epoch."""
+    return [
+        *(
+            "--classes",
+            "background,building",
+            "--background-classes",
+            "background",
+            "--arch",
+            "deeplabv2_tiny",
+        ),
+        *(
+            "--pretrained",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--crop-size",
+            "128",
+            "--out",
+            str(out),
+        ),
+    ]
+
+
 def _bad(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
     """Each bad label file, the extra flags it is used with, and what its one line must say."""
     box = shapely.box(32.5945, 0.3505, 32.5946, 0.3506)
@@ -205,27 +231,7 @@ def test_train_on_the_scene_and_its_footprints_records_its_sources(
 ) -> None:
     out = tmp_path / "osm.safetensors"
     args = ["train", "--scenes", str(scene), "--labels", f"building={footprints}", "--val-bbox", HELD_OUT]
-    args += [
-        "--classes",
-        "background,building",
-        "--background-classes",
-        "background",
-        "--arch",
-        "deeplabv2_tiny",
-    ]
-    args += [
-        "--pretrained",
-        "none",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--crop-size",
-        "128",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    assert main([*args, *_one_tiny_epoch(out)]) == 0
     metadata = read_metadata(out)
     data = metadata.training["data"]
     assert data["labels"] == [
@@ -264,30 +270,9 @@ def test_held_out_blocks_can_be_labelled_by_other_files(
     out = tmp_path / "loop.safetensors"
     args = ["train", "--scenes", str(scene), "--labels", str(corrected), "--class-field", "class_name"]
     args += ["--aoi", str(aoi), "--val-labels", f"building={footprints}", "--val-bbox", HELD_OUT]
-    args += [
-        "--classes",
-        "background,building",
-        "--background-classes",
-        "background",
-        "--arch",
-        "deeplabv2_tiny",
-    ]
-    args += [
-        "--pretrained",
-        "none",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--crop-size",
-        "128",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    assert main([*args, *_one_tiny_epoch(out)]) == 0
     data = read_metadata(out).training["data"]
-    assert (
-        data["train_images"] == 4 and data["val_images"] == 4
-    )  # the corrected cell trains, the held-out one scores
+    # the corrected cell trains, the held-out cell scores
+    assert data["train_images"] == 4 and data["val_images"] == 4
     assert data["labels"][0]["features"] == len(inside) and data["val_labels"][0]["features"] == 108
     assert read_metadata(out).metrics["val"]["per_class_iou"]["building"] is not None
