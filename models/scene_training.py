@@ -58,7 +58,7 @@ class SceneTrainingData:
     @property
     def lines(self) -> list[str]:
         """What a user should read about the labels: repairs, features left out, notes."""
-        return [line for label in self.labels for line in (*label.repaired, *label.skipped, *label.notes)]
+        return [line for label in self.labels for line in label.lines]
 
 
 def label_file_and_class(spec: str, classes: tuple[str, ...]) -> tuple[Path, str | None]:

@@ -21,9 +21,8 @@ from models.train_loop import FileSink, Session, run_epochs
 from models.training_images import (
     TrainingImage,
     band_statistics,
-    image_bands,
+    first_pixel,
     median_frequency_weights,
-    source_dtype,
     statistics_step,
     training_pixel_size,
 )
@@ -105,14 +104,16 @@ def start_session(
         torch.set_num_threads(config.threads)
     device = device or pick_device(config.device)
     num_classes = len(config.classes)
-    num_bands = image_bands(train_data[0])
+    sample = first_pixel(train_data[0])  # bands and dtype of the input
+    num_bands = int(sample.shape[0])
     bands = _band_infos(config, train_data, num_bands)
     model = build_model(config.architecture, num_classes, num_bands, config.output_stride, config.pretrained)
     adaptation = Adaptation(())
     if config.init_from is not None:
         bands, adaptation = _initialise_from(model, Path(config.init_from), config, bands, console)
     model = model.to(device)
-    metadata = _metadata(config, bands, data_description, train_data, command)
+    input_dtype = str(sample.numpy().dtype)
+    metadata = _metadata(config, bands, data_description, train_data, command, input_dtype)
     if adaptation.changed:
         metadata.training["initialised_from"]["adapted"] = list(adaptation.lines)
     return Session(
@@ -226,6 +227,7 @@ def _metadata(
     data_description: dict[str, Any],
     data: list[TrainingImage],
     command: str,
+    input_dtype: str,
 ) -> CheckpointMetadata:
     coloured = (
         default_classes(config.classes)
@@ -234,7 +236,6 @@ def _metadata(
     )
     classes = with_roles(coloured, config.background_classes, config.object_classes)
     pixel_size = config.pixel_size_m or training_pixel_size(data)
-    first_dtype = str(source_dtype(data[0]))
     return CheckpointMetadata(
         architecture=config.architecture,
         arch_args={
@@ -245,8 +246,8 @@ def _metadata(
         },
         classes=classes,
         bands=bands,
-        input_dtype=first_dtype,
-        input_max=float(np.iinfo(first_dtype).max) if np.issubdtype(first_dtype, np.integer) else 1.0,
+        input_dtype=input_dtype,
+        input_max=float(np.iinfo(input_dtype).max) if np.issubdtype(input_dtype, np.integer) else 1.0,
         pixel_size_m=pixel_size,
         ignore_index=config.ignore_index,
         training={

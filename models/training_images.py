@@ -177,14 +177,10 @@ def training_pixel_size(data: list[TrainingImage]) -> float | None:
     return float(np.median(sizes)) if sizes else None
 
 
-def source_dtype(item: TrainingImage) -> np.dtype[Any]:
+def first_pixel(item: TrainingImage) -> torch.Tensor:
+    """One pixel of an image, all its bands in its own dtype: what the checkpoint records of its input."""
     image, _ = item.whole(step=max(item.shape))
-    return image.numpy().dtype
-
-
-def image_bands(item: TrainingImage) -> int:
-    image, _ = item.whole(step=max(item.shape))
-    return int(image.shape[0])
+    return image
 
 
 def statistics_step(data: list[TrainingImage], budget: int = 16_000_000) -> int:

@@ -84,6 +84,11 @@ class LabelSet:
     def count(self) -> int:
         return len(self.geometries)
 
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """What a user should read about this file: repairs, features left out, notes."""
+        return (*self.repaired, *self.skipped, *self.notes)
+
     def in_crs(self, crs: CRS | None) -> LabelSet:
         """The same polygons in ``crs`` (pixel-coordinate labels stay as they are)."""
         if self.crs is None or crs is None or self.crs == crs:

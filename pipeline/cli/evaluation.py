@@ -13,7 +13,7 @@ from rich.table import Table
 
 from models.metadata import FUSE_CHOICES, TTA_CHOICES, TTA_PHRASES
 from pipeline.cli.console import console, table_console
-from pipeline.cli.label_flags import add_label_flags, bbox, scene_spec
+from pipeline.cli.label_flags import add_label_flags, bbox, names, scene_spec
 from pipeline.cli.tuning import evaluation_tiling, excluded_classes, progress_bar, scales_asked
 from pipeline.crf import BACKEND_NAMES, CPU_DEFAULT
 
@@ -36,7 +36,7 @@ def _evaluation_images(args: argparse.Namespace, loaded: Any) -> list[Any]:
             labels, blocks = slide_evaluation_blocks(spec, tuple(args.slides))
         else:
             labels, blocks = evaluation_blocks(spec)
-        for line in (line for label in labels for line in (*label.repaired, *label.skipped, *label.notes)):
+        for line in (line for label in labels for line in label.lines):
             console.print(line, highlight=False, soft_wrap=True)
         return list(blocks)
     if args.labels:
@@ -59,7 +59,7 @@ def _cmd_evaluate_mask(args: argparse.Namespace) -> int:
             background,
             None,
         ),
-        _names(args.objects),
+        None if args.objects is None else names(args.objects),
     )
     classes = list(report["mask"]["per_class_iou"])
     table_console().print(_metrics_table(report, classes))
@@ -67,10 +67,6 @@ def _cmd_evaluate_mask(args: argparse.Namespace) -> int:
         write_text_atomically(args.report, json.dumps(report, indent=2))
         console.print(f"wrote {args.report}")
     return 0
-
-
-def _names(text: str | None) -> list[str] | None:
-    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -103,7 +99,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             tiling=tiling,
             tta=args.tta,  # None: the checkpoint's
             crf_backend=args.crf_backend,
-            object_classes=_names(args.objects),
+            object_classes=None if args.objects is None else names(args.objects),
         )
     table_console().print(_metrics_table(report, [c.name for c in loaded.metadata.classes]))
     if args.report:

@@ -10,7 +10,8 @@ from deeplab_common.errors import DeepLabError
 from models.scene_training import SceneTrainingSpec
 
 
-def _names(text: str | None) -> list[str]:
+def names(text: str | None) -> list[str]:
+    """A comma-separated list of names (empty for none)."""
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
@@ -24,7 +25,7 @@ def bbox(text: str) -> tuple[float, float, float, float]:
 
 def _value_pairs(text: str | None) -> tuple[tuple[str, str], ...]:
     pairs = []
-    for item in _names(text):
+    for item in names(text):
         key, sep, value = item.partition("=")
         if not sep:
             raise DeepLabError(f"--class-map {text}: expected VALUE=CLASS pairs, got {item!r}")
@@ -73,7 +74,7 @@ def scene_spec(
         ignore_index=args.ignore_index,
         class_field=args.class_field,
         class_map=_value_pairs(args.class_map),
-        class_priority=tuple(_names(args.class_priority)),
+        class_priority=tuple(names(args.class_priority)),
         aoi=args.aoi,
         aoi_buffer_m=args.aoi_buffer_m,
         block_size=getattr(args, "block_size", 512),

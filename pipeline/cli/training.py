@@ -12,17 +12,13 @@ from rich.table import Table
 
 from deeplab_common.errors import DeepLabError
 from pipeline.cli.console import console, table_console
-from pipeline.cli.label_flags import add_label_flags, bbox, scene_spec
+from pipeline.cli.label_flags import add_label_flags, bbox, names, scene_spec
 
 DEFAULT_ARCHITECTURE = "deeplabv3plus_efficientnet_lite0"
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _names(text: str | None) -> list[str]:
-    return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -63,7 +59,7 @@ def _training_data(
         pixel_size = args.pixel_size
         if pixel_size is None and args.init_from:  # chips at the pixel size the weights were trained at
             pixel_size = read_metadata(args.init_from).pixel_size_m
-        background = (_names(args.background_classes) or classes)[0]
+        background = (names(args.background_classes) or classes)[0]
         spec = scene_spec(args, classes, background, pixel_size)
         data = slide_training_data(spec, tuple(args.slides)) if args.slides else scene_training_data(spec)
         for line in data.lines:
@@ -113,10 +109,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         output_stride=args.output_stride,
         classes=classes,
         colors=colors,
-        band_names=_names(args.band_names) or None,
-        background_classes=_names(args.background_classes),
-        object_classes=_names(args.object_classes),
-        object_f1_classes=None if args.object_f1 is None else _names(args.object_f1),
+        band_names=names(args.band_names) or None,
+        background_classes=names(args.background_classes),
+        object_classes=names(args.object_classes),
+        object_f1_classes=None if args.object_f1 is None else names(args.object_f1),
         ignore_index=args.ignore_index,
         class_weights=(
             "auto"
@@ -194,8 +190,8 @@ def _cmd_classes(args: argparse.Namespace) -> int:
         current = {
             role: [c.name for c in metadata.classes if c.role == role] for role in ("background", "object")
         }
-        background = current["background"] if args.background is None else _names(args.background)
-        objects = current["object"] if args.objects is None else _names(args.objects)
+        background = current["background"] if args.background is None else names(args.background)
+        objects = current["object"] if args.objects is None else names(args.objects)
         try:
             classes = with_roles(metadata.classes, background, objects)
         except ValueError as error:

@@ -58,6 +58,7 @@ def train_on_ray(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage = storage or default_storage(out)
+    name = run_name(out, config)
     with ray_session(out.resolve().parent, ray_address, log_to_driver=True) as ray:
         use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= workers
         trainer = TorchTrainer(
@@ -73,7 +74,7 @@ def train_on_ray(
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(
-                name=run_name(out, config),
+                name=name,
                 storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -81,11 +82,11 @@ def train_on_ray(
         )
         console.print(
             f"training on Ray: {workers} workers ({'NCCL on GPUs' if use_gpu else 'gloo on CPUs'}), "
-            f"checkpoints in {storage}/{run_name(out, config)}"
+            f"checkpoints in {storage}/{name}"
         )
         result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {run_name(out, config)} reported no checkpoint")
+        raise RuntimeError(f"Ray Train run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as folder, atomic_output(out) as temp:
         shutil.copyfile(Path(folder) / CHECKPOINT_FILE, temp)
     return read_metadata(out)

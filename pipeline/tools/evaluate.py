@@ -111,11 +111,17 @@ def evaluation_halo(
     return model_halo(loaded.metadata, sigma_alpha, tiling.tile, min_scale=min_scale)
 
 
+def class_ids(source: object, classes: list[str], names: list[str]) -> dict[str, int]:
+    """``names`` -> their ids among ``classes``; a name that is not a class is an error naming ``source``."""
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise ConfigError(f"{source}: no class named {unknown[0]!r} (classes: {', '.join(classes)})")
+    return {name: classes.index(name) for name in names}
+
+
 def metric_classes(loaded: LoadedModel, exclude: list[str]) -> list[str]:
     names = [c.name for c in loaded.metadata.classes]
-    unknown = [name for name in exclude if name not in names]
-    if unknown:
-        raise ConfigError(f"{loaded.path}: no class named {unknown[0]!r} (classes: {', '.join(names)})")
+    class_ids(loaded.path, names, exclude)
     return [name for name in names if name not in exclude]
 
 
@@ -185,10 +191,7 @@ def object_class_ids(loaded: LoadedModel, names: list[str] | None) -> dict[str, 
     classes = [c.name for c in loaded.metadata.classes]
     if names is None:
         names = [c.name for c in loaded.metadata.classes if c.role == "object"]
-    unknown = [name for name in names if name not in classes]
-    if unknown:
-        raise ConfigError(f"{loaded.path}: no class named {unknown[0]!r} (classes: {', '.join(classes)})")
-    return {name: classes.index(name) for name in names}
+    return class_ids(loaded.path, classes, names)
 
 
 def evaluate_mask(
@@ -202,10 +205,7 @@ def evaluate_mask(
     _, blocks = evaluation_blocks(spec)
     metrics = SegmentationMetrics(classes, NODATA_LABEL)
     names = classes[1:] if object_classes is None else object_classes
-    unknown = [name for name in names if name not in classes]
-    if unknown:
-        raise ConfigError(f"{mask}: no class named {unknown[0]!r} (classes: {', '.join(classes)})")
-    tally = ObjectTally({name: classes.index(name) for name in names}, NODATA_LABEL)
+    tally = ObjectTally(class_ids(mask, classes, names), NODATA_LABEL)
     for block in blocks:
         image, truth = block.whole()
         labels, truth_array = image[0].numpy().astype(np.int64), truth.numpy()
