@@ -17,6 +17,7 @@ from pipeline.cli.flags import add_option_flags, add_search_flags, options_from_
 from pipeline.engine.manifest import MANIFEST_NAME
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outputs import output_for
+from pipeline.engine.run_checks import check_run
 from pipeline.io.sources import as_source
 from pipeline.io.stac_input import StacSearch
 
@@ -58,6 +59,7 @@ def _cmd_run_flow(args: argparse.Namespace) -> int:
     from flows.settings import prefect_environment, prefect_home
 
     options = options_from_args(args)
+    check_run(args.scenes, args.model, args.out, options)  # before any server: a missing model in a second
     api_url = os.environ.get("PREFECT_API_URL")
     config = ServeConfig(work_dir=args.work_dir, port=free_port(), api_url=api_url)
     home = prefect_home(config.work_dir)

@@ -23,9 +23,9 @@ from deeplab_common.errors import ConfigError, DeepLabError
 from flows.artifacts import artifact_key, batch_table, thumbnail_data_url
 from flows.settings import worker_environment
 from flows.stage_tasks import TaskStages
-from models.checkpoint import checkpoint_info
 from pipeline.engine.driver import Batch, BatchResult
 from pipeline.engine.options import SegmentOptions
+from pipeline.engine.run_checks import check_run
 from pipeline.io.report import SceneReport
 from pipeline.io.sources import as_source
 from pipeline.io.stac_input import StacSearch
@@ -61,13 +61,15 @@ def segment_scenes(
     takes them. Scenes unchanged since their last successful result are skipped. A nightly deployment
     searches a window back from its run (``search.datetime`` ``P1D``: the last day's Items).
     """
-    info = checkpoint_info(Path(model).resolve())  # a bad checkpoint fails the run at once, naming it
-    batch = Batch(as_source(output), info, options or SegmentOptions())
-    # one writer per output folder: a second run waits (or is refused, --no-wait); the compute backend starts
-    # in this, the flow's main thread (Ray's signal handlers need it), and only when a scene has work
     entries: list[str | StacSearch] = [input] if isinstance(input, str) else list(input or [])
     if not entries and search is None:
         raise ConfigError("segment-scenes: no input: give input (scenes) or search (a STAC API search)")
+    options = options or SegmentOptions()
+    # a bad checkpoint, --out or input fails the run at once, naming it
+    info = check_run(entries, Path(model), as_source(output), options)
+    batch = Batch(as_source(output), info, options)
+    # one writer per output folder: a second run waits (or is refused, --no-wait); the compute backend starts
+    # in this, the flow's main thread (Ray's signal handlers need it), and only when a scene has work
     result = batch.run(entries + ([search] if search else []), TaskStages(), worker_environment())
     _artifacts(batch, result)
     summary = {

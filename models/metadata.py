@@ -183,7 +183,7 @@ class CheckpointMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="data, command, seed, epochs ...")
     metrics: dict[str, Any] = Field(default_factory=dict)
     software_version: str = ""
-    weights_dtype: str = "float32"
+    weights_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("arch_args")
     @classmethod

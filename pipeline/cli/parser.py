@@ -49,8 +49,9 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         return exc.exit_code
     except ValidationError as exc:  # an option out of range: one line per problem, named as typed
         for problem in exc.errors():
-            option = flag_of(str(problem["loc"][0]))
-            console.print(f"[red]error:[/red] {option}: {problem['msg']}", highlight=False, soft_wrap=True)
+            said = problem["msg"].removeprefix("Value error, ")
+            named = f"{flag_of(str(problem['loc'][0]))}: " if problem["loc"] else ""  # a check of several
+            console.print(f"[red]error:[/red] {named}{said}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

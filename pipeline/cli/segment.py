@@ -59,14 +59,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     """Print each scene's plan (preflight, grid, cores, halo, CRF) as the driver's discovery and preflight
     find it; compute and write nothing."""
-    from models.checkpoint import checkpoint_info
     from pipeline.engine.driver import Batch
     from pipeline.engine.manifest import SceneRecord
     from pipeline.engine.plan import count_nodata_cores
 
     failures = 0
     refusals: set[str] = set()
-    for planned in Batch(out, checkpoint_info(Path(model)), options).plan(scenes):
+    from pipeline.engine.run_checks import check_run
+
+    info = check_run(scenes, model, out, options, dry_run=True)
+    for planned in Batch(out, info, options).plan(scenes):
         if isinstance(planned, SceneRecord) and planned.outcome == "skipped":
             console.print(
                 f"{planned.source}: {planned.message}: a run would skip it", highlight=False, soft_wrap=True

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from deeplab_common.errors import UnreadableScene, UnsafeSceneId
-from models.checkpoint import CheckpointInfo, checkpoint_info
+from models.checkpoint import CheckpointInfo
 from models.runtime import onnx_cache
 from pipeline.engine.compute import Compute, compute_for
 from pipeline.engine.failures import failure_line, log_failure
@@ -36,6 +36,7 @@ from pipeline.engine.outdir import WORK_NAME, clean_debris, inside
 from pipeline.engine.outputs import output_for
 from pipeline.engine.plan import Progress, Silent, as_planned, plan_scene
 from pipeline.engine.publish import PublishedScene, publish_scene
+from pipeline.engine.run_checks import check_run
 from pipeline.engine.scenes import ComputedScene, PlannedScene, StagedScene
 from pipeline.engine.space import check_fits
 from pipeline.engine.stage import stage_scene
@@ -388,8 +389,9 @@ def run_batch(
 
     A bad checkpoint or an input that names nothing raises (a usage error: nothing can run); anything that
     goes wrong with one scene is that scene's failure, and the others go on."""
-    info = model if isinstance(model, CheckpointInfo) else checkpoint_info(Path(model).resolve())
-    return Batch(out_dir, info, options, progress).run(inputs, worker_env=worker_env)
+    entries = [inputs] if isinstance(inputs, str | Path | StacSearch) else list(inputs)
+    info = check_run(entries, model, out_dir, options)
+    return Batch(out_dir, info, options, progress).run(entries, worker_env=worker_env)
 
 
 def _for_output_folder(options: SegmentOptions, work_dir: Path) -> SegmentOptions:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.metadata import TTA, CRFParams, Fuse
+from models.metadata import TTA, CRFParams, Fuse, InputScales
 from pipeline.engine.backends import backend_names
 
 _RUNTIME = "runtime"
@@ -195,6 +195,12 @@ class SegmentOptions(BaseModel):
         if engine not in backend_names():
             raise ValueError(f"no compute backend named {engine!r}; installed: {', '.join(backend_names())}")
         return engine
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_a_model_can_take(cls, scales: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        """The checkpoint's own rule for scales (0.1-4, distinct), checked on the flag before any scene."""
+        return None if scales is None else InputScales(scales=scales).scales
 
     @model_validator(mode="after")
     def _crf_runs_where_its_backend_can(self) -> SegmentOptions:

@@ -5,6 +5,7 @@
   whom) or, with ``--no-wait``, is refused at once (``OutputBusy``, exit code 3).
 - ``clean_debris``: once the lock is held, temporary names no live run can own are a dead run's: partial
   outputs (``.partial-*``), staging folders, Ray session folders. They are removed before any work.
+- ``writable_folder``: ``--out`` created and probed with a temporary file (one line when it cannot be).
 - ``inside``: the path a write goes to, resolved (symlinks followed), must lie under ``--out``.
 """
 
@@ -39,6 +40,25 @@ def output_folder(out_dir: Path | str) -> Path:
     return folder
 
 
+def writable_folder(out_dir: Path | str) -> Path:
+    """``--out`` resolved and created, and checked writable: a read-only filesystem, /proc or /sys is a
+    usage error in one line before any work."""
+    folder = output_folder(out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=PARTIAL_PREFIX):
+            pass
+    except OSError as error:
+        raise _unwritable(out_dir, error) from None
+    return folder
+
+
+def _unwritable(out_dir: Path | str, error: OSError) -> OutputFolderError:
+    return OutputFolderError(
+        f"--out {out_dir}: cannot be written ({error.strerror}): give a folder this user can write"
+    )
+
+
 def inside(out_dir: Path, path: Path) -> Path:
     """``path``, checked to resolve under ``out_dir``: a symlinked scene folder must not carry a write to
     wherever it points."""
@@ -60,10 +80,11 @@ def output_lock(
     out_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> Iterator[Path]:
     """Hold ``out_dir`` for this run; yields the folder."""
-    folder = output_folder(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / LOCK_NAME
-    handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    folder = writable_folder(out_dir)
+    try:
+        handle = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise _unwritable(out_dir, error) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

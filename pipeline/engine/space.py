@@ -1,5 +1,6 @@
 """What a scene needs on the disk under ``--out`` (staging, resume state, outputs), checked against what is
-free before it is staged: a full disk found mid-run fails the scene late and can starve the others.
+free before it is staged: a full disk found mid-run fails the scene late and can starve the others; and what
+one model call needs in memory, checked against the machine's before any scene (``--tile 100000``).
 
 The estimate is an upper bound: the uncompressed bytes of the staged bands, the valid mask, the label (and
 confidence) planes and the published rasters with their overviews. Compression usually leaves much of it
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deeplab_common.errors import OutOfSpace
+from deeplab_common.errors import ConfigError, OutOfSpace
+from models.metadata import CheckpointMetadata
+from pipeline.engine.grid import resolve_tiling
 from pipeline.engine.outdir import WORK_NAME
 from pipeline.io.sources import Source, source_id
 
@@ -65,6 +68,39 @@ def check_fits(
         raise OutOfSpace(
             f"{source}: needs up to {_size(needed)} under {out_dir} to stage and publish its "
             f"{width}x{height} pixels, but {_size(free)} is free: refused before staging"
+        )
+
+
+# floats held per window pixel at least: the bands in, and per class the logits, their fused copy and the
+# probabilities (the model's own feature maps come on top: the bound is low on purpose)
+LOGIT_COPIES = 3
+
+
+def window_memory(tile: int, cores_per_window: int, bands: int, classes: int, batch_size: int) -> int:
+    """A lower bound of the bytes one model call holds: ``batch_size`` windows of at least their cores."""
+    side = tile * cores_per_window
+    return batch_size * side * side * (bands + LOGIT_COPIES * classes) * 4
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_window_memory(
+    metadata: CheckpointMetadata, tile: int | None, cores_per_window: int | None, batch_size: int
+) -> None:
+    """Refuse a tiling whose model calls cannot fit this machine's memory: a usage error before any scene
+    is read, not a ``MemoryError`` once one is staged."""
+    tiling = resolve_tiling(metadata, tile, cores_per_window)
+    needed = window_memory(
+        tiling.tile, tiling.cores_per_window, metadata.num_bands, metadata.num_classes, batch_size
+    )
+    if needed > (memory := machine_memory()):
+        side = tiling.tile * tiling.cores_per_window
+        raise ConfigError(
+            f"--tile {tiling.tile}: one model call holds {batch_size} window(s) of at least {side}x{side} px "
+            f"({metadata.num_bands} bands, {metadata.num_classes} classes), over {_size(needed)} of memory, "
+            f"but this machine has {_size(memory)}: use a smaller --tile, --cores-per-window or --batch-size"
         )
 
 

@@ -98,14 +98,14 @@ def stage_scene(
     image = zarr.create_array(
         store=partial / "image.zarr",
         shape=(scene.bands, height_px, width_px),
-        chunks=(scene.bands, tile, tile),
+        chunks=(scene.bands, min(tile, height_px), min(tile, width_px)),
         dtype=scene.dtype,
         attributes=attributes,
     )
     valid = zarr.create_array(
         store=partial / "valid.zarr",
         shape=(height_px, width_px),
-        chunks=(tile, tile),
+        chunks=(min(tile, height_px), min(tile, width_px)),
         dtype="bool",
         attributes=attributes,
     )

@@ -17,6 +17,7 @@ from pipeline.io.stac import SourceCollection
 from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
+SUFFIXES_SAID = ", ".join(sorted(RASTER_SUFFIXES))  # for the lines that find none
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -44,23 +45,33 @@ def discover_scenes(inputs: str | list[str], exclude: Path | None = None) -> lis
             remote.append(entry)
         elif _GLOB_CHARS & set(entry):
             matches = [Path(p) for p in glob.glob(entry, recursive=True)]
-            found += [p for p in matches if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
+            found += _some(entry, "the glob", [p for p in matches if p.is_file() and _is_raster(p)], excluded)
         elif (path := Path(entry)).is_dir():
             # named as a raster but not a file (a folder, a broken link, a link loop): listed, so that its
             # preflight says what it is instead of the run dropping it in silence
-            found += [
-                p
-                for p in path.iterdir()
-                if not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES
-            ]
-        elif path.exists() or path.suffix.lower() in RASTER_SUFFIXES:
+            listed = [p for p in path.iterdir() if not p.name.startswith(".") and _is_raster(p)]
+            found += _some(entry, "the folder", listed, excluded)
+        elif path.exists() or _is_raster(path):
             named.append(path)  # a listed scene that is missing fails alone, in its preflight
         else:
             raise DataError(f"{entry}: no such file or folder")
-    unique: dict[Source, None] = {_absolute(p): None for p in found if not _inside(p, excluded)}
+    unique: dict[Source, None] = {_absolute(p): None for p in found}
     unique |= {_absolute(p): None for p in named}
     unique |= dict.fromkeys(remote)
     return sorted(unique, key=str)
+
+
+def _is_raster(path: Path) -> bool:
+    return path.suffix.lower() in RASTER_SUFFIXES
+
+
+def _some(entry: str, what: str, paths: list[Path], excluded: Path | None) -> list[Path]:
+    """The scenes a folder or glob names, outside the output folder; none is an error: a nightly run pointed
+    at the wrong place must fail, not record a run of no scenes."""
+    kept = [path for path in paths if not _inside(path, excluded)]
+    if not kept:
+        raise DataError(f"{entry}: {what} names no raster file (by suffix: {SUFFIXES_SAID})")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ def _listed_rasters(listing: str) -> list[str]:
         and not PurePosixPath(url).name.startswith(".")
     ]
     if not found:
-        raise DataError(f"{listing}: no raster objects (by suffix: {', '.join(sorted(RASTER_SUFFIXES))})")
+        raise DataError(f"{listing}: no raster objects (by suffix: {SUFFIXES_SAID})")
     return found
 
 
