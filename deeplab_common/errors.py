@@ -58,6 +58,11 @@ class UnsafeSceneId(SceneError):
     """The scene's id (its file stem) cannot name a folder under ``--out`` (empty, ``..``, a separator)."""
 
 
+class SceneIdTaken(SceneError):
+    """The scene's id holds, in ``--out``, the outputs of another source or another checkpoint: they are
+    not replaced unless the run is told to (``--replace``)."""
+
+
 class SceneRefused(SceneError):
     """Preflight refused the scene against the checkpoint: one line per problem, each naming the file."""
 

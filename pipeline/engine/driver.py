@@ -28,8 +28,8 @@ from models.checkpoint import CheckpointInfo
 from models.runtime import onnx_cache
 from pipeline.engine.compute import Compute, compute_for
 from pipeline.engine.failures import failure_line, log_failure
-from pipeline.engine.grid import PLAN_VERSION, cores_to_compute
-from pipeline.engine.ledger import Ledger, result_key
+from pipeline.engine.grid import cores_to_compute
+from pipeline.engine.ledger import Ledger
 from pipeline.engine.manifest import Manifest, SceneKey, SceneRecord, config_hash, now_iso
 from pipeline.engine.options import SegmentOptions
 from pipeline.engine.outdir import WORK_NAME, clean_debris, inside
@@ -212,7 +212,9 @@ class Batch:
         entries = [inputs] if isinstance(inputs, str | Path | StacSearch) else list(inputs)
         bands = [band.name for band in self.checkpoint.metadata.bands]
         folder = stac_folder or self.work_dir / STAC_FOLDER
-        return discover_inputs(entries, self.out_dir, bands, self.options.assets, folder)
+        return discover_inputs(
+            entries, self.out_dir, bands, self.options.assets, folder, self.options.allow_remote_sources
+        )
 
     def preflight(
         self, source: Source, progress: Progress, keep_identity: bool = True
@@ -228,6 +230,8 @@ class Batch:
             raise UnsafeSceneId(f"{source}: {problem}")
         if isinstance(source, Path) and (problem := local_file_problem(source)):
             raise UnreadableScene(f"{source}: {problem}")
+        if not self.options.replace:
+            self.manifest.check_owner(str(source), source_id(source), self.checkpoint.sha256)
         identity = self.manifest.input_identity(source, keep=keep_identity, verify=self.options.verify_inputs)
         if (
             previous := self.manifest.unchanged(
@@ -271,7 +275,7 @@ class Batch:
         stores = stage_scene(scene, self.work_dir, plan.tiling.tile, planned.input_identity, plan.check.scale)
         ledger = Ledger(
             stores.folder,
-            _ledger_key(planned),
+            planned.ledger_key,
             plan.shape,
             plan.tiling.tile,
             confidence=self.options.probabilities,
@@ -400,21 +404,3 @@ def _for_output_folder(options: SegmentOptions, work_dir: Path) -> SegmentOption
         return options
     return options.model_copy(update={"onnx_cache": str(onnx_cache(work_dir))})
 
-
-def _ledger_key(planned: PlannedScene) -> str:
-    """What makes a core's result: every input of its computation. A change to any starts the ledger over."""
-    plan = planned.plan
-    return result_key(
-        input=planned.input_identity,
-        checkpoint=planned.checkpoint.sha256,
-        tile=plan.tiling.tile,
-        halo=plan.halo,
-        cores_per_window=plan.tiling.cores_per_window,
-        crf=plan.crf_key(),
-        scales=plan.multiscale.scales,
-        fuse=plan.multiscale.fuse,
-        tta=plan.tta,
-        scale=plan.check.scale,
-        plan=PLAN_VERSION,
-        context=plan.scene_context,
-    )

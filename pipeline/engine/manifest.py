@@ -6,6 +6,11 @@ redone. A local input's identity is its sha256, cached by (size, mtime): a night
 unchanged scenes; a remote object's is its ETag (or version id) and size, from one HEAD request.
 ``--verify-inputs`` hashes every input's whole content instead, ignoring the cache.
 
+A scene's id (its folder under ``--out``) belongs to the source and checkpoint that published it: another
+source with that id (``2026-12-01/tile.tif`` then ``2026-12-02/tile.tif``), or another checkpoint, is refused
+with one line unless the run is told to replace (``--replace``); a replaced scene's record goes, so the source
+it held is never taken for unchanged.
+
 The manifest is one JSON file, rewritten atomically under an exclusive lock, so concurrent runs into one
 output folder never lose each other's records.
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deeplab_common.atomic import write_text_atomically
-from deeplab_common.errors import UnreadableManifest
+from deeplab_common.errors import SceneIdTaken, UnreadableManifest
 from pipeline.engine.options import RUNTIME_ONLY_OPTIONS, SegmentOptions, is_added, neutral_value
 from pipeline.io.sources import (
     Source,
@@ -179,6 +184,29 @@ class Manifest:
             return None
         return record if self._outputs_exist(record) else None
 
+    def check_owner(self, source: str, scene_id: str, checkpoint_sha256: str) -> None:
+        """Raise when ``scene_id``'s published outputs came from another source or checkpoint."""
+        held = [
+            SceneRecord.from_json(entry)
+            for entry in self.read()["scenes"].values()
+            if entry["scene_id"] == scene_id
+        ]
+        if not held:
+            return
+        holder = max(held, key=lambda record: record.finished)
+        refusal = "refused, so they are not replaced"
+        if holder.source != source:
+            raise SceneIdTaken(
+                f"{source}: its id '{scene_id}' holds the outputs of {holder.source} in {self.out_dir} "
+                f"(published {holder.finished}): {refusal}; rename one, use another --out, or pass --replace"
+            )
+        if holder.key is not None and holder.key.checkpoint_sha256 != checkpoint_sha256:
+            raise SceneIdTaken(
+                f"{source}: {self.out_dir}/{scene_id} holds the outputs of another checkpoint (sha256 "
+                f"{holder.key.checkpoint_sha256[:12]}, published {holder.finished}): {refusal}; use an --out "
+                "per model, or pass --replace"
+            )
+
     def _outputs_exist(self, record: SceneRecord) -> bool:
         return bool(record.outputs) and all(self._exists(path) for path in (record.outputs or {}).values())
 
@@ -197,6 +225,12 @@ class Manifest:
         if record.outcome != "done":
             return
         with self._locked() as data:
+            # one record per id: a source whose outputs this one replaced is no longer published here
+            data["scenes"] = {
+                source: entry
+                for source, entry in data["scenes"].items()
+                if entry["scene_id"] != record.scene_id
+            }
             data["scenes"][record.source] = record.as_json()
 
     def record_run(self, run: dict[str, Any], scenes: list[SceneRecord]) -> None:

@@ -139,6 +139,16 @@ class SegmentOptions(BaseModel):
         description="with --out in a bucket: the local folder its files are built in before upload, kept for "
         "resuming (default: DEEPLAB_SCRATCH, else <temp>/deeplab-scratch/<hash of --out>)",
     )
+    allow_remote_sources: bool = runtime_field(
+        False,
+        description="let a local VRT given as a scene read remote sources (URLs, /vsicurl/, /vsis3/ ...): "
+        "refused without it, before any request",
+    )
+    replace: bool = runtime_field(
+        False,
+        description="replace the outputs of a scene id that another source or another checkpoint published "
+        "in --out (refused without it: a scene's folder is never replaced in silence)",
+    )
     verify_inputs: bool = runtime_field(
         False,
         description="identify every input by a sha256 of its whole content: local files whatever their size "

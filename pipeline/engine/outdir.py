@@ -122,7 +122,7 @@ def clean_debris(out_dir: Path) -> list[Path]:
     for place in places:
         for entry in list(place.iterdir()) if place.is_dir() else []:
             if _is_debris(entry):
-                _remove(entry)
+                remove_path(entry)
                 removed.append(entry)
     removed += _clean_system_ray_dirs(folder)
     return removed
@@ -136,7 +136,8 @@ def _folders(place: Path) -> list[Path]:
     ]
 
 
-def _remove(entry: Path) -> None:
+def remove_path(entry: Path) -> None:
+    """A file, link or folder, gone (a link itself, never what it points at)."""
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:

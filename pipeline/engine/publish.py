@@ -19,7 +19,7 @@ from models.checkpoint import CheckpointInfo
 from models.metadata import CRFParams
 from pipeline.engine.grid import has_image_pooling
 from pipeline.engine.options import SegmentOptions
-from pipeline.engine.outdir import inside
+from pipeline.engine.outdir import inside, remove_path
 from pipeline.engine.plan import Progress, ScenePlan
 from pipeline.engine.scenes import ComputedScene
 from pipeline.engine.workers import peak_rss_mb
@@ -67,6 +67,11 @@ def publish_scene(
         for built in report_last:
             replace_durably(built, inside(out_dir, folder / built.name))
             faults.passing("publish-rename")
+        # what an earlier run published and this one did not (polygons before --vectorize was dropped): the
+        # folder holds exactly the outputs its report lists
+        published = {built.name for built in report_last}
+        for stale in [entry for entry in folder.iterdir() if entry.name not in published]:
+            remove_path(stale)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     progress.stage(computed.name, "done", f"{report.total_seconds:.1f} s")  # every output in place

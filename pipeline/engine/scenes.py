@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.checkpoint import CheckpointInfo
-from pipeline.engine.grid import PendingCore, count_windows
-from pipeline.engine.ledger import Ledger
+from pipeline.engine.grid import PLAN_VERSION, PendingCore, count_windows
+from pipeline.engine.ledger import Ledger, result_key
 from pipeline.engine.manifest import SceneKey
 from pipeline.engine.plan import ScenePlan
 from pipeline.engine.stage import StagedStores
@@ -32,6 +32,26 @@ class PlannedScene:
     @property
     def name(self) -> str:
         return self.scene.scene_id
+
+    @property
+    def ledger_key(self) -> str:
+        """What makes a core's result: every input of its computation. A change to any starts the ledger
+        over."""
+        plan = self.plan
+        return result_key(
+            input=self.input_identity,
+            checkpoint=self.checkpoint.sha256,
+            tile=plan.tiling.tile,
+            halo=plan.halo,
+            cores_per_window=plan.tiling.cores_per_window,
+            crf=plan.crf_key(),
+            scales=plan.multiscale.scales,
+            fuse=plan.multiscale.fuse,
+            tta=plan.tta,
+            scale=plan.check.scale,
+            plan=PLAN_VERSION,
+            context=plan.scene_context,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,7 @@ from pipeline.io.slides import SLIDE_SUFFIXES
 from pipeline.io.sources import Source, is_remote, scene_id_problem, source_id
 from pipeline.io.stac import SourceCollection
 from pipeline.io.stac_input import StacSearch, is_stac_document, read_items, scenes_of_items
+from pipeline.io.vrt_reach import vrt_problem
 
 RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"}) | SLIDE_SUFFIXES
 SUFFIXES_SAID = ", ".join(sorted(RASTER_SUFFIXES))  # for the lines that find none
@@ -90,10 +91,12 @@ def discover_inputs(
     bands: Sequence[str],
     assets: Sequence[str] | None,
     stac_folder: Path,
+    allow_remote: bool = False,
 ) -> Discovered:
     """Every input of a run: scenes as ``discover_scenes`` finds them, and STAC Items (from documents and
     API searches) as VRTs in ``stac_folder`` with the ``bands`` chosen; then the scenes refused before any
-    work (an id unsafe or clashing, an Item without the bands), each with its line."""
+    work (an id unsafe or clashing, an Item without the bands, a VRT reaching what it may not), each with its
+    line."""
     items: list[Any] = []
     plain: list[str] = []
     collection: SourceCollection | None = None
@@ -108,9 +111,17 @@ def discover_inputs(
         else:
             plain.append(str(entry))
     scenes = discover_scenes(plain, exclude=exclude) if plain else []
+    # a VRT given as a scene may reach only what vrt_reach allows (the STAC Items' VRTs are the engine's own)
+    unreachable = {
+        scene: f"{scene}: {problem}"
+        for scene in scenes
+        if isinstance(scene, Path)
+        and scene.suffix.lower() == ".vrt"
+        and (problem := vrt_problem(scene, allow_remote))
+    }
     vrts, unusable = scenes_of_items(items, bands, assets, stac_folder)
     scenes += vrts
-    refused: dict[Source, str] = {**unusable, **refused_scenes(scenes)}
+    refused: dict[Source, str] = {**unusable, **unreachable, **refused_scenes(scenes)}
     return Discovered([scene for scene in scenes if scene not in refused], refused, collection)
 
 

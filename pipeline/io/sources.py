@@ -58,6 +58,9 @@ def source_id(source: Source) -> str:
 
 
 _UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+# a file name holds at most 255 bytes, and the engine's temporary names (``.partial-<id>``, ``<id>.log``,
+# an atomic write's random suffix) add to a scene's id: ids are kept well under it
+MAX_ID_BYTES = 200
 
 
 def scene_id_problem(source: Source) -> str | None:
@@ -71,6 +74,11 @@ def scene_id_problem(source: Source) -> str | None:
         return f"has the scene id {name!r}, which would write outside the output folder: rename it"
     if _UNSAFE_ID.search(name):
         return f"has the scene id {name!r}, with a path separator or control character: rename it"
+    if (size := len(name.encode())) > MAX_ID_BYTES:
+        return (
+            f"has a scene id of {size} bytes, longer than the {MAX_ID_BYTES} its output folder's names can "
+            "hold: rename it"
+        )
     return None
 
 
@@ -114,7 +122,7 @@ def vrt_sources(path: Path) -> list[Source]:
     except (OSError, ElementTree.ParseError) as error:
         raise UnreadableScene(f"{path}: not a readable VRT ({error})") from None
     found: dict[Source, None] = {}
-    for element in root.iter("SourceFilename"):
+    for element in (*root.iter("SourceFilename"), *root.iter("SourceDataset")):  # SourceDataset: warped
         name = (element.text or "").strip()
         source = as_source(name)
         if isinstance(source, Path) and element.get("relativeToVRT") == "1":
@@ -195,6 +203,9 @@ class Scene:
 # GDAL's block cache defaults to 5% of RAM and fills up over a large scene; a fixed cache keeps the
 # driver's memory independent of the scene's size (reads and writes are streamed block by block anyway).
 GDAL_CACHE_MB = 256
+# GDAL's own switches against hostile VRTs, for the GDALs that have them (raw bands: 3.12 on); the engine
+# checks a scene VRT's recipe itself as well (pipeline.io.vrt_reach), whatever the GDAL
+VRT_HARDENING = {"GDAL_VRT_ENABLE_RAWRASTERBAND": "NO", "GDAL_VRT_ENABLE_PYTHON": "NO"}
 
 
 def gdal_env(source: Source | None = None) -> rasterio.Env:
@@ -203,7 +214,7 @@ def gdal_env(source: Source | None = None) -> rasterio.Env:
     no folder listing on open (a bucket listing per file opened is slow and needless)."""
     listing = source is not None and (is_remote(source) or Path(str(source)).suffix.lower() == ".vrt")
     no_listing = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if listing else {}
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **objects.gdal_options(), **no_listing)
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **objects.gdal_options(), **no_listing, **VRT_HARDENING)
 
 
 def gdal_path(source: Source) -> Source:
