@@ -112,7 +112,7 @@ def discover_inputs(
             plain.append(str(entry))
     scenes = discover_scenes(plain, exclude=exclude) if plain else []
     # a VRT given as a scene may reach only what vrt_reach allows (the STAC Items' VRTs are the engine's own)
-    unreachable = {
+    unreachable: dict[Source, str] = {
         scene: f"{scene}: {problem}"
         for scene in scenes
         if isinstance(scene, Path)
