@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from models.metadata import CheckpointMetadata
 from pipeline.io.slides import level_for_scale, working_scale
 from pipeline.io.sources import Scene
@@ -52,6 +54,8 @@ def check_raster(scene: Scene, metadata: CheckpointMetadata, rules: GridRules) -
     warnings: list[str] = []
     if not scene.georeferenced and not rules.allow_ungeoreferenced:
         problems.append("has no CRS/transform (use --allow-ungeoreferenced to segment it anyway)")
+    elif problem := transform_problem(scene):
+        problems.append(problem)
     problems += sample_range_problems(scene, metadata)
     if not scene.has_mask and scene.nodata is None:
         warnings.append("declares no nodata value, alpha band or mask: every pixel is segmented")
@@ -128,6 +132,18 @@ def check_slide(scene: Scene, metadata: CheckpointMetadata) -> GridCheck:
     return GridCheck(problems=problems, warnings=warnings, scale=scale, mismatches=mismatches)
 
 
+def transform_problem(scene: Scene) -> str | None:
+    """A geotransform no output can be published on: a coefficient not finite, or pixels of no area (a pixel
+    size of 0): refused before the work, not after it at publishing."""
+    coefficients = tuple(scene.transform)[:6]
+    if not all(math.isfinite(value) for value in coefficients):
+        listed = ", ".join(f"{value:g}" for value in coefficients)
+        return f"has a geotransform that is not finite ({listed}): fix its georeferencing"
+    if scene.transform.determinant == 0:
+        return "has pixels of no area (a pixel size of 0 in its geotransform): fix its georeferencing"
+    return None
+
+
 def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[str]:
     """The model's normalisation assumes the value range it was trained on (e.g. 0-255 for 8-bit imagery)."""
     full_scale = scene.full_scale
@@ -135,7 +151,13 @@ def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[st
         return []  # float imagery: taken to be on the model's scale; its range is unknown before reading
     if math.isclose(full_scale, metadata.input_max):
         return []
+    signed = np.dtype(scene.dtype).kind == "i"  # two's complement: as far below zero as above, plus one
+    held = (
+        f"{scene.dtype} samples ({-(full_scale + 1):g} to {full_scale:g})"
+        if signed
+        else (f"{scene.bits}-bit {scene.dtype} samples (0-{full_scale:g})")
+    )
     return [
-        f"has {scene.bits}-bit {scene.dtype} samples (0-{full_scale:g}) but the model was trained on "
+        f"has {held} but the model was trained on "
         f"{metadata.input_dtype} input (0-{metadata.input_max:g}); convert or rescale the scene first"
     ]
