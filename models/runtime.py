@@ -24,6 +24,11 @@ from torch import nn
 from deeplab_common.atomic import atomic_output
 from deeplab_common.errors import ConfigError
 
+# ONNX Runtime's telemetry writes a device id and a SQLite database under ~/.cache/Microsoft/DeveloperTools
+# on every session; a batch writes nothing outside --out, so it is off unless the user turns it on. Read when
+# the library loads: set before any import of it, in every process that may load it (this module's).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
