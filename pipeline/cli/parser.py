@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deeplab_common.errors import DeepLabError
+from deeplab_common.signals import TERMINATED_EXIT, terminate_as_interrupt, was_terminated
 from pipeline.cli.console import console
 from pipeline.cli.evaluation import add_evaluate_command
 from pipeline.cli.flags import flag_of
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["deeplab", *argv])
     handler: Handler = args.handler
+    terminate_as_interrupt()
     try:
         return handler(args)
     except DeepLabError as exc:
@@ -54,6 +56,9 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
             console.print(f"[red]error:[/red] {named}{said}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
+        if was_terminated():
+            console.print("terminated (SIGTERM): stopped; a re-run resumes", highlight=False)
+            return TERMINATED_EXIT
         console.print("interrupted")
         return 130
 

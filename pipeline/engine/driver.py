@@ -135,7 +135,12 @@ class Batch:
             removed = clean_debris(self.out_dir)
             if removed:
                 self.progress.stage(folder, "cleaned", f"{len(removed)} leftover(s) of an interrupted run")
-            yield self
+            try:
+                yield self
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this run's partial outputs go now, not next run
+                removed = clean_debris(self.out_dir)
+                self.progress.stage(folder, "stopped", f"{len(removed)} partial output(s) removed")
+                raise
 
     def run(
         self,

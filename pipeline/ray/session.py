@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplab_common.errors import ClusterError
+from deeplab_common.signals import sigterm_kept
 from pipeline.engine.outdir import RAY_OWNER, RAY_PREFIX
 from pipeline.engine.workers import (
     WindowSpec,
@@ -162,9 +163,13 @@ def ray_session(
     runtime_env = {"env_vars": dict(worker_env)} if worker_env else None
     if address:
         try:
-            ray.init(
-                address=address, log_to_driver=log_to_driver, configure_logging=False, runtime_env=runtime_env
-            )
+            with sigterm_kept():
+                ray.init(
+                    address=address,
+                    log_to_driver=log_to_driver,
+                    configure_logging=False,
+                    runtime_env=runtime_env,
+                )
         except ray.exceptions.AuthenticationError as exc:
             raise ClusterError(
                 f"the Ray cluster at {address} refused this client: {str(exc).splitlines()[0]} "
@@ -174,7 +179,7 @@ def ray_session(
     else:
         temp_dir = ray_temp_dir(work_dir)
         stack.enter_context(token_auth(temp_dir))
-        with loopback_node():
+        with loopback_node(), sigterm_kept():
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
