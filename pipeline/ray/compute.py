@@ -74,6 +74,9 @@ class RayCompute(Compute):
         storage = StorageCheck(self.ray, folder, pools.shipped(), checkpoint.sha256)
         try:
             yield RayPass(self, pools, stats, storage, staged.stores.image())
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the session ends the actors with it
+            actors.abandon()
+            raise
         finally:
             actors.discard_unless_idle(pools)  # a failed scene's windows may still be queued on them
 

@@ -288,6 +288,14 @@ class KeptActors:
         self.kept.clear()
         self.unclaimed.clear()
 
+    def abandon(self) -> None:
+        """Forget every actor without stopping it (an interrupted run): the session's shutdown ends them
+        with the job, whereas a kill each would have Ray print a line per task it was running."""
+        for pools in self.kept.values():
+            pools.members.clear()
+        self.kept.clear()
+        self.unclaimed.clear()
+
 
 @contextmanager
 def kept_actors(ray: Any, keep_warm_s: float = 0.0) -> Iterator[KeptActors]:
