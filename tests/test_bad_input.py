@@ -6,54 +6,19 @@ their output captured: an exception that escapes the CLI's handling fails the te
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 
+from tests.cli_runs import one_line_error as _one_line_error
+from tests.cli_runs import run_cli as _run
+from tests.cli_runs import run_cli_process as _run_process
 from tests.conftest import kampala_chip
-
-DEEPLAB = [sys.executable, "-m", "pipeline.cli"]
-
-
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``deeplab ARGS`` in this process, from ``cwd``: its exit code and what it printed."""
-    from pipeline.cli.parser import main
-
-    out, err, before = io.StringIO(), io.StringIO(), Path.cwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exit:  # argparse's usage errors
-                code = int(exit.code or 0)
-    finally:
-        os.chdir(before)
-    return subprocess.CompletedProcess(["deeplab", *args], code, out.getvalue(), err.getvalue())
-
-
-def _run_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``deeplab ARGS`` through the real entry point, in a process of its own."""
-    return subprocess.run([*DEEPLAB, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=None)
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "failed:"))]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _write_like(source: Path, target: Path, array: np.ndarray) -> None:

@@ -32,8 +32,6 @@ def check_run(
     info = model if isinstance(model, CheckpointInfo) else checkpoint_info(Path(model).resolve())
     check_window_memory(info.metadata, options.tile, options.cores_per_window, options.batch_size)
     local_out = not (isinstance(out, str) and is_object_url(out))
-    if local_out and not dry_run:
-        writable_folder(out)
     # local files, folders and globs only: a bucket listing or a STAC search is a request, made by the run
     local = [
         str(entry)
@@ -42,4 +40,6 @@ def check_run(
     ]
     if local:
         discover_scenes(local, exclude=Path(out).resolve() if local_out else None)
+    if local_out and not dry_run:  # last: a run refused for its inputs leaves no folder behind
+        writable_folder(out)
     return info
