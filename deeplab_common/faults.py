@@ -1,6 +1,7 @@
 """Crashes on purpose, for tests: with ``DEEPLAB_CRASH_AT=POINT:N`` set, this process SIGKILLs itself the
 Nth time it passes ``POINT``, as a power cut or the OOM killer would, so that a test places a kill in each
 stage deterministically instead of at a random time (``bench/chaos.py`` keeps the random ones).
+``POINT:N:TERM`` sends SIGTERM instead, as Kubernetes or Prefect stopping the run would.
 
 The points: ``stage-block`` (a block of the scene written into its zarr store), ``ledger-core`` (a core's
 labels and its ledger line made durable), ``publish-rename`` (one output moved from the partial folder into
@@ -24,9 +25,11 @@ def passing(point: CrashPoint) -> None:
     wanted = os.environ.get(CRASH_ENV)
     if not wanted:
         return
-    name, _, count = wanted.partition(":")
+    name, _, rest = wanted.partition(":")
     if name != point:
         return
+    count, _, sent = rest.partition(":")
     _passes[point] += 1
-    if _passes[point] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)  # this process alone: never the shell's process group
+    if _passes[point] == int(count or 1):  # once: a stopped run may pass the point again while it ends
+        # this process alone: never the shell's process group
+        os.kill(os.getpid(), signal.SIGTERM if sent == "TERM" else signal.SIGKILL)

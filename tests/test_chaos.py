@@ -1,7 +1,8 @@
 """Kills and concurrent runs lose nothing: the driver crashed (SIGKILL) in each of stage, compute and publish,
 at a point placed deterministically (``DEEPLAB_CRASH_AT``), resumes to a mask byte-identical to an
 uninterrupted run's, with no debris left; two runs into one --out at once end one after the other;
---no-wait refuses with exit code 3; a driver killed alone takes its Ray cluster with it. Random kills, as
+--no-wait refuses with exit code 3; a driver killed alone takes its Ray cluster with it; SIGTERM stops a run as
+Ctrl-C does. Random kills, as
 many as anyone wants: ``python -m bench.chaos``."""
 
 from __future__ import annotations
@@ -108,3 +109,34 @@ def test_a_driver_killed_alone_takes_its_ray_cluster_with_it(
     assert not debris(out)
     assert json.loads((out / "scene" / "report.json").read_text())["tiles"]["resumed"] == 5
     assert (out / "scene" / "mask.tif").read_bytes() == expected, "the Ray engine's mask is the local one's"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("engine", "stop_at"), [("local", "stage-block:5:TERM"), ("ray", "ledger-core:5:TERM")]
+)
+def test_sigterm_stops_a_run_as_ctrl_c_does(
+    crash_reference: tuple[Path, bytes], tiny_buildings_model: Path, tmp_path: Path, engine: str, stop_at: str
+) -> None:
+    """SIGTERM (Kubernetes, Prefect, ``timeout``) in staging on the local engine and in compute on Ray: one
+    line, exit 143, the run's partial outputs removed and its lock released, no Ray process of the run left,
+    and the next run resumes to the uninterrupted mask."""
+    from pipeline.ray.local_cluster import processes_mentioning
+
+    scene, expected = crash_reference
+    out = tmp_path / "o"
+    argv = [arg if arg != "local" else engine for arg in segment_argv(scene, tiny_buildings_model, out)]
+    stopped = Watched.start(argv, env={CRASH_ENV: stop_at})
+    assert stopped.process.wait(timeout=300) == 143, stopped.text()
+    printed = stopped.text()
+    assert "Traceback" not in printed and "SIGTERM received" not in printed, printed
+    assert printed.strip().splitlines()[-1] == "terminated (SIGTERM): stopped; a re-run resumes", printed
+    assert "partial output(s) removed" in printed
+    assert not debris(out), "nothing partial is left for the next run to clean"
+    assert not processes_mentioning(str(out)), "no Ray process outlives the run"
+    resumed = subprocess.run([*argv, "--no-wait"], capture_output=True, text=True)  # the lock is free
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "leftover(s)" not in resumed.stdout + resumed.stderr
+    assert (out / "scene" / "mask.tif").read_bytes() == expected
+    if engine == "ray":
+        assert json.loads((out / "scene" / "report.json").read_text())["tiles"]["resumed"] >= 5
