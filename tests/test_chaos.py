@@ -1,9 +1,8 @@
 """Kills and concurrent runs lose nothing: the driver crashed (SIGKILL) in each of stage, compute and publish,
 at a point placed deterministically (``DEEPLAB_CRASH_AT``), resumes to a mask byte-identical to an
 uninterrupted run's, with no debris left; two runs into one --out at once end one after the other;
---no-wait refuses with exit code 3; a driver killed alone takes its Ray cluster with it; SIGTERM stops a run as
-Ctrl-C does. Random kills, as
-many as anyone wants: ``python -m bench.chaos``."""
+--no-wait refuses with exit code 3; a driver killed alone takes its Ray cluster with it; SIGTERM stops a
+run as Ctrl-C does. Random kills, as many as anyone wants: ``python -m bench.chaos``."""
 
 from __future__ import annotations
 
