@@ -13,31 +13,25 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
-import rasterio
-from rasterio.crs import CRS
-from rasterio.enums import ColorInterp
-from rasterio.transform import Affine, from_origin
-from rasterio.windows import Window
+from bench import bad_input_files as files
+from bench.bad_input_files import Corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-KAMPALA = Path("kampala-buildings/scene/kampala_z21_rgb.tif")
-CMU_SLIDE = Path("wsi/CMU-1-Small-Region.svs")
-SIZE = 96  # pixels a side: small, so the whole corpus runs in about a minute on two cores
 FAST = ["--tile", "64", "--halo", "16", "--no-crf", "--engine", "local"]
+LONG_NAME = "long-" + "x" * 205 + ".tif"  # an id of 210 bytes: over what the output folder's names hold
+SHOWN_NAME = 40  # characters of a file name the table shows whole
 TABLE_START, TABLE_END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
 
 Outcome = Literal["published", "refused"]
-Builder = Callable[["Corpus", Path], None]
+Builder = Callable[[Corpus, Path], None]
 
 
 @dataclass(frozen=True)
@@ -50,277 +44,130 @@ class Case:
     model: Literal["buildings", "slide"] = "buildings"
 
 
-class Corpus:
-    """Writes the cases' files from a real scene: Kampala (RGB, EPSG:4326, 0.07 m) cropped to ``SIZE``."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        with rasterio.open(data_dir / KAMPALA) as source:
-            window = Window(1200, 900, SIZE, SIZE)
-            self.pixels = source.read(window=window)  # (3, SIZE, SIZE) uint8
-            self.crs = source.crs
-            self.transform = source.window_transform(window)
-
-    def profile(self, **changes: Any) -> dict[str, Any]:
-        base = {
-            "driver": "GTiff",
-            "height": SIZE,
-            "width": SIZE,
-            "count": 3,
-            "dtype": "uint8",
-            "crs": self.crs,
-            "transform": self.transform,
-        }
-        return base | changes
-
-    def write(self, path: Path, pixels: np.ndarray | None = None, **changes: Any) -> None:
-        pixels = self.pixels if pixels is None else pixels
-        profile = self.profile(count=pixels.shape[0], height=pixels.shape[1], width=pixels.shape[2])
-        profile["dtype"] = str(pixels.dtype)
-        with rasterio.open(path, "w", **(profile | changes)) as sink:
-            sink.write(pixels)
-
-
-def _good(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, tiled=True, blockxsize=64, blockysize=64, compress="deflate")
-
-
-def _bigtiff(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, BIGTIFF="YES")
-
-
-def _jpeg(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, tiled=True, blockxsize=64, blockysize=64, compress="jpeg", photometric="ycbcr")
-
-
-def _alpha(corpus: Corpus, path: Path) -> None:
-    alpha = np.full((1, SIZE, SIZE), 255, np.uint8)
-    alpha[0, :, : SIZE // 2] = 0  # the left half of every row
-    corpus.write(path, np.concatenate([corpus.pixels, alpha]), photometric="rgb")
-    with rasterio.open(path, "r+") as sink:
-        sink.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
-
-
-def _internal_mask(corpus: Corpus, path: Path) -> None:
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **corpus.profile()) as sink:
-        sink.write(corpus.pixels)
-        mask = np.full((SIZE, SIZE), 255, np.uint8)
-        mask[: SIZE // 3] = 0
-        sink.write_mask(mask)
-
-
-def _per_band_nodata(corpus: Corpus, path: Path) -> None:
-    """A VRT whose three bands each declare their own nodata value (GeoTIFF allows only one)."""
-    base = path.with_name("per-band-base.data")  # not a raster suffix: not a scene of the folder
-    corpus.write(base, driver="GTiff")
-    bands = "".join(
-        f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{nodata}</NoDataValue><SimpleSource>'
-        f'<SourceFilename relativeToVRT="1">{base.name}</SourceFilename><SourceBand>{b}</SourceBand>'
-        "</SimpleSource></VRTRasterBand>"
-        for b, nodata in ((1, 0), (2, 1), (3, 2))
-    )
-    gt = ", ".join(repr(v) for v in corpus.transform.to_gdal())
-    path.write_text(
-        f'<VRTDataset rasterXSize="{SIZE}" rasterYSize="{SIZE}"><SRS>{corpus.crs.to_wkt()}</SRS>'
-        f"<GeoTransform>{gt}</GeoTransform>{bands}</VRTDataset>"
-    )
-
-
-def _one_pixel(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, corpus.pixels[:, :1, :1].copy())
-
-
-def _strip(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, corpus.pixels[:, :1, :].copy())
-
-
-def _all_nodata(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, np.zeros_like(corpus.pixels), nodata=0)
-
-
-def _nan(corpus: Corpus, path: Path) -> None:
-    pixels = corpus.pixels.astype(np.float32)
-    pixels[:, 10:40, 10:40] = np.nan
-    pixels[1, 60:70, 60:70] = np.inf
-    corpus.write(path, pixels)
-
-
-def _feet(corpus: Corpus, path: Path) -> None:
-    """New York State Plane in US feet (EPSG:2263), at the scene's 0.07 m (0.23 ft) pixels."""
-    corpus.write(path, crs=CRS.from_epsg(2263), transform=from_origin(980000, 200000, 0.23, 0.23))
-
-
-def _antimeridian(corpus: Corpus, path: Path) -> None:
-    """Geographic, its right edge on 180° E (Fiji), at the scene's 0.07 m pixels."""
-    step = corpus.transform.a
-    corpus.write(path, transform=from_origin(180.0 - SIZE * step, -16.8, step, step))
-
-
-def _ungeoreferenced(corpus: Corpus, path: Path) -> None:
-    with rasterio.open(path, "w", driver="GTiff", height=SIZE, width=SIZE, count=3, dtype="uint8") as sink:
-        sink.write(corpus.pixels)
-
-
-def _rotated(corpus: Corpus, path: Path) -> None:
-    t = corpus.transform
-    corpus.write(path, transform=Affine(t.a, t.a * 0.2, t.c, t.a * 0.2, t.e, t.f))
-
-
-def _palette(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, (corpus.pixels[:1] // 32).copy(), photometric="palette")
-    with rasterio.open(path, "r+") as sink:
-        sink.write_colormap(1, {i: (i * 32, 255 - i * 32, 128, 255) for i in range(8)})
-
-
-def _one_bit(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, (corpus.pixels[:1] > 128).astype(np.uint8), nbits=1)
-
-
-def _twelve_bit(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, corpus.pixels.astype(np.uint16) * 16, nbits=12)
-
-
-def _two_bands(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, corpus.pixels[:2].copy())
-
-
-def _complex(corpus: Corpus, path: Path) -> None:
-    corpus.write(path, corpus.pixels.astype(np.complex64))
-
-
-def _huge_sparse(corpus: Corpus, path: Path) -> None:
-    """Claims 300000 x 300000 pixels and stores none of them (GDAL's sparse tiles)."""
-    profile = corpus.profile(height=300_000, width=300_000, tiled=True, blockxsize=512, blockysize=512)
-    with rasterio.open(path, "w", **profile, BIGTIFF="YES", SPARSE_OK="TRUE"):
-        pass
-
-
-def _empty(corpus: Corpus, path: Path) -> None:
-    path.write_bytes(b"")
-
-
-def _text(corpus: Corpus, path: Path) -> None:
-    path.write_text("not an image\n")
-
-
-def _truncated(corpus: Corpus, path: Path) -> None:
-    _good(corpus, path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _corrupt_tile(corpus: Corpus, path: Path) -> None:
-    """A valid header whose first tile's compressed bytes are garbage."""
-    import tifffile
-
-    _good(corpus, path)
-    with tifffile.TiffFile(path) as tiff:
-        offset = int(tiff.pages.first.dataoffsets[0])
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 200] = os.urandom(200)
-    path.write_bytes(bytes(data))
-
-
-def _png_named_tif(corpus: Corpus, path: Path) -> None:
-    with rasterio.open(path, "w", driver="PNG", height=SIZE, width=SIZE, count=3, dtype="uint8") as sink:
-        sink.write(corpus.pixels)
-
-
-def _folder(corpus: Corpus, path: Path) -> None:
-    path.mkdir()
-
-
-def _link_loop(corpus: Corpus, path: Path) -> None:
-    path.symlink_to(path.name)
-
-
-def _broken_link(corpus: Corpus, path: Path) -> None:
-    path.symlink_to("no-such-scene.tif")
-
-
-def _link_to_good(corpus: Corpus, path: Path) -> None:
-    target = path.parent / "elsewhere" / "target.tif"
-    target.parent.mkdir(exist_ok=True)
-    _good(corpus, target)
-    path.symlink_to(target)
-
-
-def _clash(corpus: Corpus, path: Path) -> None:
-    _good(corpus, path)
-
-
-def _slide_without_mpp(corpus: Corpus, path: Path) -> None:
-    """A tiled pyramid TIFF named .svs, with no µm/px anywhere."""
-    import tifffile
-
-    rgb = np.moveaxis(np.tile(corpus.pixels, (1, 4, 4)), 0, -1)
-    with tifffile.TiffWriter(path) as tiff:
-        tiff.write(rgb, tile=(128, 128), photometric="rgb", description="Aperio Image Library v12\r\n384x384")
-
-
-def _slide_truncated(corpus: Corpus, path: Path) -> None:
-    data = (corpus.data_dir / CMU_SLIDE).read_bytes()
-    path.write_bytes(data[: len(data) // 3])
-
-
-def _slide_broken_level(corpus: Corpus, path: Path) -> None:
-    """The CMU slide with its level-0 tile offsets pointing past the end of the file."""
-    import tifffile
-
-    shutil.copyfile(corpus.data_dir / CMU_SLIDE, path)
-    with tifffile.TiffFile(path, mode="r+") as tiff:
-        offsets = tiff.pages.first.tags["TileOffsets"]
-        offsets.overwrite([path.stat().st_size * 4] * len(offsets.value))
-
-
 CASES: list[Case] = [
-    Case("good.tif", "a plain tiled GeoTIFF (the control)", "published", "", _good),
-    Case("bigtiff.tif", "BigTIFF", "published", "", _bigtiff),
-    Case("jpeg.tif", "JPEG-in-TIFF, YCbCr", "published", "", _jpeg),
-    Case("alpha.tif", "RGBA: an alpha band masking half", "published", "", _alpha),
-    Case("internal-mask.tif", "an internal mask band masking a third", "published", "", _internal_mask),
-    Case("per-band-nodata.vrt", "a VRT with a nodata value per band", "published", "", _per_band_nodata),
-    Case("one-pixel.tif", "1 x 1 pixel", "published", "", _one_pixel),
-    Case("strip.tif", "96 x 1 pixels", "published", "", _strip),
-    Case("all-nodata.tif", "every pixel nodata", "published", "the mask is empty", _all_nodata),
-    Case("nan.tif", "float32 with NaN and Inf samples", "published", "NaN or infinite", _nan),
-    Case("feet.tif", "EPSG:2263, US survey feet", "published", "", _feet),
-    Case("antimeridian.tif", "geographic, on the antimeridian", "published", "", _antimeridian),
-    Case("rotated.tif", "a rotated geotransform", "published", "", _rotated),
+    Case("good.tif", "a plain tiled GeoTIFF (the control)", "published", "", files.make_good),
+    Case("bigtiff.tif", "BigTIFF", "published", "", files.make_bigtiff),
+    Case("jpeg.tif", "JPEG-in-TIFF, YCbCr", "published", "", files.make_jpeg),
+    Case("alpha.tif", "RGBA: an alpha band masking half", "published", "", files.make_alpha),
+    Case(
+        "internal-mask.tif",
+        "an internal mask band masking a third",
+        "published",
+        "",
+        files.make_internal_mask,
+    ),
+    Case(
+        "per-band-nodata.vrt",
+        "a VRT with a nodata value per band",
+        "published",
+        "",
+        files.make_per_band_nodata,
+    ),
+    Case("one-pixel.tif", "1 x 1 pixel", "published", "", files.make_one_pixel),
+    Case("strip.tif", "96 x 1 pixels", "published", "", files.make_strip),
+    Case("all-nodata.tif", "every pixel nodata", "published", "the mask is empty", files.make_all_nodata),
+    Case("nan.tif", "float32 with NaN and Inf samples", "published", "NaN or infinite", files.make_nan),
+    Case("feet.tif", "EPSG:2263, US survey feet", "published", "", files.make_feet),
+    Case("antimeridian.tif", "geographic, on the antimeridian", "published", "", files.make_antimeridian),
+    Case("rotated.tif", "a rotated geotransform", "published", "", files.make_rotated),
     Case(
         "link-to-good.tif",
         "a symbolic link to a good scene (run as its target)",
         "published",
         "",
-        _link_to_good,
+        files.make_link_to_good,
     ),
-    Case("ungeoreferenced.tif", "no CRS, no transform", "refused", "georeferenc", _ungeoreferenced),
-    Case("palette.tif", "1-band palette", "refused", "has 1 band(s) but the model expects 3", _palette),
-    Case("one-bit.tif", "1-bit (NBITS=1)", "refused", "has 1 band(s)", _one_bit),
-    Case("twelve-bit.tif", "uint16 with NBITS=12", "refused", "12-bit", _twelve_bit),
-    Case("two-bands.tif", "2 bands", "refused", "has 2 band(s)", _two_bands),
-    Case("complex.tif", "complex64 samples", "refused", "complex", _complex),
-    Case("huge-sparse.tif", "sparse, claims 300000 x 300000", "refused", "is free: refused", _huge_sparse),
-    Case("empty.tif", "a 0-byte file", "refused", "is empty (0 bytes)", _empty),
-    Case("text.tif", "a text file named .tif", "refused", "not a readable raster", _text),
-    Case("truncated.tif", "the second half cut off", "refused", "truncated.tif", _truncated),
-    Case("corrupt-tile.tif", "a tile of garbage bytes", "refused", "corrupt-tile.tif", _corrupt_tile),
-    Case("png.tif", "a PNG named .tif (no georeferencing)", "refused", "georeferenc", _png_named_tif),
-    Case("folder.tif", "a folder named .tif", "refused", "is a folder, not a raster file", _folder),
-    Case("loop.tif", "a symbolic link to itself", "refused", "is a symbolic link loop", _link_loop),
-    Case("broken-link.tif", "a symbolic link to nothing", "refused", "which does not exist", _broken_link),
-    Case("clash.tif", "two files with one id (clash.tif, clash.tiff)", "refused", "clash", _clash),
-    Case("clash.tiff", "(its twin)", "refused", "clash", _clash),
-    Case("...tif", "id '..' (would write above --out)", "refused", "outside the output folder", _good),
-    Case("..tif", "id '.' (would write into --out itself)", "refused", "outside the output folder", _good),
-    Case("nompp.svs", "a slide without µm/px", "refused", "µm/px", _slide_without_mpp, "slide"),
-    Case("truncated.svs", "a slide cut to a third", "refused", "truncated.svs", _slide_truncated, "slide"),
+    Case("ungeoreferenced.tif", "no CRS, no transform", "refused", "georeferenc", files.make_ungeoreferenced),
+    Case(
+        "palette.tif",
+        "1-band palette",
+        "refused",
+        "has 1 band(s) but the model expects 3",
+        files.make_palette,
+    ),
+    Case("one-bit.tif", "1-bit (NBITS=1)", "refused", "has 1 band(s)", files.make_one_bit),
+    Case("twelve-bit.tif", "uint16 with NBITS=12", "refused", "12-bit", files.make_twelve_bit),
+    Case("two-bands.tif", "2 bands", "refused", "has 2 band(s)", files.make_two_bands),
+    Case("complex.tif", "complex64 samples", "refused", "complex", files.make_complex),
+    Case(
+        "huge-sparse.tif",
+        "sparse, claims 300000 x 300000",
+        "refused",
+        "is free: refused",
+        files.make_huge_sparse,
+    ),
+    Case("empty.tif", "a 0-byte file", "refused", "is empty (0 bytes)", files.make_empty),
+    Case("text.tif", "a text file named .tif", "refused", "not a readable raster", files.make_text),
+    Case("truncated.tif", "the second half cut off", "refused", "truncated.tif", files.make_truncated),
+    Case(
+        "corrupt-tile.tif", "a tile of garbage bytes", "refused", "corrupt-tile.tif", files.make_corrupt_tile
+    ),
+    Case(
+        "png.tif", "a PNG named .tif (no georeferencing)", "refused", "georeferenc", files.make_png_named_tif
+    ),
+    Case("folder.tif", "a folder named .tif", "refused", "is a folder, not a raster file", files.make_folder),
+    Case("loop.tif", "a symbolic link to itself", "refused", "is a symbolic link loop", files.make_link_loop),
+    Case(
+        "broken-link.tif",
+        "a symbolic link to nothing",
+        "refused",
+        "which does not exist",
+        files.make_broken_link,
+    ),
+    Case("clash.tif", "two files with one id (clash.tif, clash.tiff)", "refused", "clash", files.make_clash),
+    Case("clash.tiff", "(its twin)", "refused", "clash", files.make_clash),
+    Case(
+        "...tif", "id '..' (would write above --out)", "refused", "outside the output folder", files.make_good
+    ),
+    Case(
+        "..tif",
+        "id '.' (would write into --out itself)",
+        "refused",
+        "outside the output folder",
+        files.make_good,
+    ),
+    Case(LONG_NAME, "a 214-character file name", "refused", "longer than the 200", files.make_good),
+    Case(
+        "raw-band.vrt",
+        "a VRT whose raw bands read a text file",
+        "refused",
+        "raw VRT bands",
+        files.make_raw_band_vrt,
+    ),
+    Case(
+        "remote-source.vrt",
+        "a local VRT reading a URL",
+        "refused",
+        "before any request",
+        files.make_remote_source_vrt,
+    ),
+    Case(
+        "zero-pixel.tif",
+        "a geotransform with a pixel height of 0",
+        "refused",
+        "no area",
+        files.make_zero_pixel,
+    ),
+    Case("nan-transform.tif", "a NaN in the geotransform", "refused", "not finite", files.make_nan_transform),
+    Case(
+        "reflectance.tif", "float64 of 0-1 for a 0-255 model", "refused", "the scale", files.make_reflectance
+    ),
+    Case("int8.tif", "int8 samples", "refused", "-128 to 127", files.make_int8),
+    Case("nompp.svs", "a slide without µm/px", "refused", "µm/px", files.make_slide_without_mpp, "slide"),
+    Case(
+        "truncated.svs",
+        "a slide cut to a third",
+        "refused",
+        "truncated.svs",
+        files.make_slide_truncated,
+        "slide",
+    ),
     Case(
         "broken-level.svs",
         "a slide whose level 0 points past the file",
         "refused",
         "broken-level.svs",
-        _slide_broken_level,
+        files.make_slide_broken_level,
         "slide",
     ),
 ]
@@ -385,7 +232,11 @@ def table(found: list[Result], folder: Path, out: Path) -> str:
         line = result.line.replace(str(folder / result.case.model) + "/", "").replace(str(out), "OUT")
         line = line.replace("|", "\\|").replace("\n", "<br>")
         line = line.split(" (details: ")[0]
-        rows.append(f"| `{result.case.name}` | {result.case.what} | {result.outcome} | {line or '—'} |")
+        name = result.case.name
+        if len(name) > SHOWN_NAME:  # the long-name case: shown by its ends
+            shown = f"{name[:12]}…{name[-8:]}"
+            name, line = shown, line.replace(name, shown)
+        rows.append(f"| `{name}` | {result.case.what} | {result.outcome} | {line or '—'} |")
     return "\n".join(rows)
 
 
