@@ -65,6 +65,8 @@ def test_one_id_from_two_folders_is_refused_not_replaced(
     code, printed = _segment(first, tiny_buildings_model, out)
     assert code == 1 and "unchanged" not in printed, "a replaced source is never taken for unchanged"
     one_line_error(subprocess_result(code, printed), str(first), "holds the outputs of", str(second))
+    shutil.rmtree(out / "tile")  # the user removed them: the id protects nothing any more
+    assert _segment(first, tiny_buildings_model, out)[0] == 0
 
 
 def test_a_second_checkpoint_into_one_out_is_refused_unless_replace(

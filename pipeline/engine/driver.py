@@ -408,4 +408,3 @@ def _for_output_folder(options: SegmentOptions, work_dir: Path) -> SegmentOption
     if options.onnx_cache is not None:
         return options
     return options.model_copy(update={"onnx_cache": str(onnx_cache(work_dir))})
-

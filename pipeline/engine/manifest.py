@@ -185,11 +185,12 @@ class Manifest:
         return record if self._outputs_exist(record) else None
 
     def check_owner(self, source: str, scene_id: str, checkpoint_sha256: str) -> None:
-        """Raise when ``scene_id``'s published outputs came from another source or checkpoint."""
+        """Raise when ``scene_id``'s published outputs came from another source or checkpoint (outputs since
+        removed protect nothing: their id is free)."""
         held = [
-            SceneRecord.from_json(entry)
+            record
             for entry in self.read()["scenes"].values()
-            if entry["scene_id"] == scene_id
+            if entry["scene_id"] == scene_id and self._outputs_exist(record := SceneRecord.from_json(entry))
         ]
         if not held:
             return
