@@ -42,7 +42,8 @@ def test_discovery_of_folders_globs_and_lists(tmp_path: Path) -> None:
     assert discover_scenes(str(tmp_path / "missing.tif")) == [tmp_path / "missing.tif"], "fails in preflight"
     with pytest.raises(DataError, match="no-such-folder: no such file or folder"):
         discover_scenes(str(tmp_path / "no-such-folder"))
-    assert discover_scenes(f"{tmp_path}/*.jp2") == []
+    with pytest.raises(DataError, match=r"\*\.jp2: the glob names no raster file"):
+        discover_scenes(f"{tmp_path}/*.jp2")  # a nightly pointed at the wrong place fails loudly
 
 
 def test_scenes_with_one_id_are_refused(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_evaluate_saves_its_scales_and_segment_runs_them(
     assert main([*args, "--save-scales"]) == 2
     assert "--save-scales needs" in capsys.readouterr().err
     assert main([*args, "--scales", "0", "1"]) == 2
-    assert "--scales: Value error, scales must lie in 0.1-4" in capsys.readouterr().err
+    assert "--scales: scales must lie in 0.1-4 (got 0, 1)" in capsys.readouterr().err
 
     card = kampala_card(model, tmp_path)
     assert "runs each window at scales 0.75, 1 fused by mean unless told otherwise" in card

@@ -88,6 +88,8 @@ def test_runtime_only_options_are_marked_on_their_fields() -> None:
         "verify_inputs",
         "scratch",
         "assets",
+        "allow_remote_sources",
+        "replace",
     } == RUNTIME_ONLY_OPTIONS
     assert not is_runtime("crf") and is_runtime("device")
     # the manifests written before the options moved keep their key: the nightly run redoes nothing (the
