@@ -33,7 +33,7 @@ def _dated_folders(kampala: Path, root: Path) -> tuple[Path, Path]:
     return scenes[0], scenes[1]
 
 
-def _segment(scene: Path, model: Path, out: Path, *flags: str) -> tuple[int, str]:
+def _segment(scene: Path | str, model: Path, out: Path, *flags: str) -> tuple[int, str]:
     given = ["segment", str(scene), "--model", str(model), "--out", str(out), *FAST, *flags]
     result = run_cli(*given, cwd=out.parent)
     assert "Traceback" not in result.stderr, result.stderr
@@ -231,3 +231,26 @@ def test_a_run_writes_nothing_under_home(kampala: Path, tiny_buildings_model: Pa
 def subprocess_result(code: int, printed: str) -> subprocess.CompletedProcess[str]:
     """A run's exit code and what it printed, as ``one_line_error`` reads them."""
     return subprocess.CompletedProcess(["deeplab"], code, "", printed)
+
+
+def test_a_vrt_in_a_bucket_reads_its_bucket_and_no_local_file(
+    s3: object, kampala: Path, tiny_buildings_model: Path, tmp_path: Path
+) -> None:
+    """A VRT in object storage is fetched and read as a local one is: its sources beside it in the bucket are
+    read, a file of the machine that reads it is refused."""
+    chip = kampala_chip(kampala)[0]
+    bucket = s3.bucket  # type: ignore[attr-defined]
+    s3.upload(bucket, f"in/{chip.name}", chip)  # type: ignore[attr-defined]
+    beside, local = tmp_path / "beside.vrt", tmp_path / "local.vrt"
+    _write_vrt(chip, beside)  # relative to the VRT: the chip beside it in the bucket
+    _write_vrt(chip, local)
+    local.write_text(local.read_text().replace(f'relativeToVRT="1">{chip.name}', f'relativeToVRT="0">{chip}'))
+    s3.upload(bucket, "in/beside.vrt", beside)  # type: ignore[attr-defined]
+    s3.upload(bucket, "in/local.vrt", local)  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    code, printed = _segment(f"s3://{bucket}/in/local.vrt", tiny_buildings_model, out)
+    assert code == 1
+    one_line_error(subprocess_result(code, printed), "local.vrt", f"reads the local file {chip}", "refused")
+    code, printed = _segment(f"s3://{bucket}/in/beside.vrt", tiny_buildings_model, out)
+    assert code == 0, printed
+    assert (out / "beside" / "mask.tif").is_file()

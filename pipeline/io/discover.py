@@ -115,9 +115,7 @@ def discover_inputs(
     unreachable: dict[Source, str] = {
         scene: f"{scene}: {problem}"
         for scene in scenes
-        if isinstance(scene, Path)
-        and scene.suffix.lower() == ".vrt"
-        and (problem := vrt_problem(scene, allow_remote))
+        if str(scene).lower().endswith(".vrt") and (problem := vrt_problem(scene, allow_remote))
     }
     vrts, unusable = scenes_of_items(items, bands, assets, stac_folder)
     scenes += vrts

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import re
 import stat
 import warnings
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import numpy as np
@@ -113,20 +114,29 @@ def source_identity(source: Source, verify: bool = False) -> str:
 
 
 def vrt_sources(path: Path) -> list[Source]:
-    """The files a local VRT reads (its ``SourceFilename`` elements), as sources: local paths resolved
-    against the VRT's folder when relative, GDAL and object paths as written."""
+    """The files a local VRT reads, as sources (``sources_of_vrt``)."""
     import xml.etree.ElementTree as ElementTree
 
     try:
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError) as error:
         raise UnreadableScene(f"{path}: not a readable VRT ({error})") from None
+    return sources_of_vrt(root, path)
+
+
+def sources_of_vrt(root: Any, location: Source) -> list[Source]:
+    """The files the VRT parsed as ``root`` reads (its ``SourceFilename`` elements, and a warped VRT's
+    ``SourceDataset``): paths relative to the VRT resolved against ``location``'s folder (a remote VRT's
+    prefix), GDAL and object paths as written."""
     found: dict[Source, None] = {}
-    for element in (*root.iter("SourceFilename"), *root.iter("SourceDataset")):  # SourceDataset: warped
+    for element in (*root.iter("SourceFilename"), *root.iter("SourceDataset")):
         name = (element.text or "").strip()
         source = as_source(name)
         if isinstance(source, Path) and element.get("relativeToVRT") == "1":
-            source = path.parent / source
+            if is_remote(location):
+                source = posixpath.join(posixpath.dirname(str(location)), name)
+            else:
+                source = Path(location).parent / source
         found[source] = None
     return list(found)
 
@@ -342,7 +352,12 @@ class RasterBlocks:
             raise self._unreadable(top, left, error) from error
 
     def _unreadable(self, top: int, left: int, error: Exception) -> DataError:
+        # rasterio's "Read failed. See previous exception" wraps GDAL's own error: that one says the cause
+        cause = error.__cause__ or error.__context__ or error
+        said = str(cause).splitlines()[0] if str(cause) else str(error).splitlines()[0]
+        if "does not exist" in said or "HTTP" in said:  # a source of a VRT that is missing or unreachable
+            return DataError(f"{self.dataset.name}: a file it reads near row {top}, column {left}: {said}")
         return DataError(
             f"{self.dataset.name}: its pixels near row {top}, column {left} cannot be decoded: the file is "
-            f"truncated or corrupt (GDAL: {str(error).splitlines()[0]})"
+            f"truncated or corrupt (GDAL: {said})"
         )
