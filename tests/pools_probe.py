@@ -16,6 +16,8 @@ from models.metadata import CRFParams
 from pipeline.engine.workers import WindowSpec
 from pipeline.ray.actor_pools import ActorPools
 
+MARK = "pools: "  # the start of the probe's own lines
+
 
 def main(address: str, checkpoint: str) -> None:
     ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -25,7 +27,8 @@ def main(address: str, checkpoint: str) -> None:
             pools.refresh()
             ray.get([m.handle.peak_rss_mb.remote() for m in pools.members], timeout=300)
             nodes = sorted({m.node.node_id for m in pools.members})
-            print(json.dumps({"nodes": nodes, "lost": pools.stats.nodes_lost}), flush=True)
+            # marked: Ray prints its own lines (a lost node's heartbeats) on this process's stdout too
+            print(MARK + json.dumps({"nodes": nodes, "lost": pools.stats.nodes_lost}), flush=True)
     finally:
         pools.close()
         ray.shutdown()

@@ -20,6 +20,7 @@ import pytest
 import rasterio
 
 from pipeline.ray.local_cluster import LocalRayCluster, processes_mentioning
+from tests.pools_probe import MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_ID = "RGB.byte"
@@ -163,7 +164,10 @@ def test_actor_pools_follow_nodes_that_join_and_leave(
         while True:
             probe.stdin.write("refresh\n")
             probe.stdin.flush()
-            seen = json.loads(probe.stdout.readline())
+            line = probe.stdout.readline()
+            while line and not line.startswith(MARK):  # a line of Ray's own, such as a lost node's
+                line = probe.stdout.readline()
+            seen = json.loads(line.removeprefix(MARK))
             if until_nodes in (None, len(seen["nodes"])) or time.monotonic() > deadline:
                 return seen
             time.sleep(2)
