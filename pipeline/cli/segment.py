@@ -62,11 +62,10 @@ def _dry_run(scenes: list[Any], model: Path, out: Path, options: Any) -> int:
     from pipeline.engine.driver import Batch
     from pipeline.engine.manifest import SceneRecord
     from pipeline.engine.plan import count_nodata_cores
+    from pipeline.engine.run_checks import check_run
 
     failures = 0
     refusals: set[str] = set()
-    from pipeline.engine.run_checks import check_run
-
     info = check_run(scenes, model, out, options, dry_run=True)
     for planned in Batch(out, info, options).plan(scenes):
         if isinstance(planned, SceneRecord) and planned.outcome == "skipped":

@@ -155,7 +155,7 @@ def sample_range_problems(scene: Scene, metadata: CheckpointMetadata) -> list[st
     held = (
         f"{scene.dtype} samples ({-(full_scale + 1):g} to {full_scale:g})"
         if signed
-        else (f"{scene.bits}-bit {scene.dtype} samples (0-{full_scale:g})")
+        else f"{scene.bits}-bit {scene.dtype} samples (0-{full_scale:g})"
     )
     return [
         f"has {held} but the model was trained on "
